@@ -1,0 +1,176 @@
+import { parseArgs } from "node:util";
+import { availableParallelism } from "node:os";
+
+/** A problem with how the server was started: printed as one line, exit code 2. */
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+export type GpuChoice = "auto" | "cuda" | "metal" | "vulkan" | "cpu";
+const GPU_CHOICES: readonly GpuChoice[] = ["auto", "cuda", "metal", "vulkan", "cpu"];
+
+export interface CliModel {
+  path: string;
+  id: string;
+}
+
+export interface ServerOptions {
+  configFile: string;
+  /** True when --config/SPINDLE_CONFIG was given: then a missing file is an error. */
+  configExplicit: boolean;
+  models: CliModel[];
+  host: string;
+  port: number;
+  threads: number;
+  gpu: GpuChoice;
+  parallel: number | undefined;
+  ctxSize: number | undefined;
+  maxQueue: number;
+  requestTimeoutSeconds: number;
+  maxBodyBytes: number;
+  logLevel: string;
+}
+
+/**
+ * One compute thread per spare core: the JavaScript thread that drives the batch
+ * loop needs a core of its own. On a 2-core machine that means 1 thread, which the
+ * engine notes measured at ~25x the speed of the library default (4) for small models.
+ */
+export function defaultThreads(): number {
+  return Math.max(1, availableParallelism() - 1);
+}
+
+interface OptionSpec {
+  env: string;
+  arg: string;
+  help: string;
+}
+
+// Every option, its environment variable and its help line, in one table so --help,
+// the README and the parser cannot drift apart.
+const OPTIONS: Record<string, OptionSpec> = {
+  config: { env: "SPINDLE_CONFIG", arg: "FILE", help: "models file (default: models.yaml in the working directory)" },
+  model: { env: "SPINDLE_MODEL", arg: "PATH[=ID]", help: "serve this GGUF file without a models file; repeatable (env: comma-separated)" },
+  host: { env: "SPINDLE_HOST", arg: "ADDR", help: "address to bind (default 127.0.0.1)" },
+  port: { env: "SPINDLE_PORT", arg: "N", help: "port to listen on (default 8080; 0 picks a free port)" },
+  threads: { env: "SPINDLE_THREADS", arg: "N", help: "compute threads per model (default: cores - 1, at least 1)" },
+  gpu: { env: "SPINDLE_GPU", arg: "auto|cuda|metal|vulkan|cpu", help: "compute backend (default auto)" },
+  parallel: { env: "SPINDLE_PARALLEL", arg: "N", help: "concurrent sequences (slots) per model (default 4, or the models file's value)" },
+  "ctx-size": { env: "SPINDLE_CTX_SIZE", arg: "N", help: "context tokens per sequence (default 2048 capped at the model's trained size)" },
+  "max-queue": { env: "SPINDLE_MAX_QUEUE", arg: "N", help: "requests that may wait for a slot per model; beyond it 429 (default 64)" },
+  "request-timeout": { env: "SPINDLE_REQUEST_TIMEOUT", arg: "SECONDS", help: "deadline for a request, queue included (default 600)" },
+  "max-body-bytes": { env: "SPINDLE_MAX_BODY_BYTES", arg: "N", help: "largest accepted request body (default 4194304)" },
+  "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
+};
+
+export function helpText(): string {
+  const lines = [
+    "Usage: npm start -- [options]",
+    "",
+    "Spindle: an OpenAI-compatible LLM server over llama.cpp.",
+    "",
+    "Options (each also settable by the environment variable shown):",
+  ];
+  for (const [name, spec] of Object.entries(OPTIONS)) {
+    const flag = `  --${name} ${spec.arg}`;
+    lines.push(`${flag.padEnd(44)}${spec.help} [${spec.env}]`);
+  }
+  lines.push(`${"  --help".padEnd(44)}print this help`);
+  return lines.join("\n");
+}
+
+function parseInteger(name: string, raw: string, min: number, max: number): number {
+  if (!/^\d+$/.test(raw.trim())) throw new ConfigError(`--${name}: expected an integer, got "${raw}"`);
+  const n = Number(raw);
+  if (n < min || n > max) throw new ConfigError(`--${name}: must be between ${min} and ${max}, got ${n}`);
+  return n;
+}
+
+function parsePositiveNumber(name: string, raw: string): number {
+  const n = Number(raw);
+  if (raw.trim() === "" || !Number.isFinite(n) || n <= 0) throw new ConfigError(`--${name}: expected a positive number, got "${raw}"`);
+  return n;
+}
+
+export function parseModelArg(raw: string): CliModel {
+  const eq = raw.lastIndexOf("=");
+  const path = eq > 0 ? raw.slice(0, eq) : raw;
+  const explicitId = eq > 0 ? raw.slice(eq + 1) : "";
+  if (path === "") throw new ConfigError(`--model: empty path in "${raw}"`);
+  const base = path.split(/[\\/]/).pop() ?? path;
+  const id = explicitId !== "" ? explicitId : base.replace(/\.gguf$/i, "");
+  if (!/^[A-Za-z0-9][A-Za-z0-9._:\-]*$/.test(id)) {
+    throw new ConfigError(`--model: invalid model id "${id}" (letters, digits, '.', '_', ':' and '-')`);
+  }
+  return { path, id };
+}
+
+export type ParseResult = { kind: "help" } | { kind: "run"; options: ServerOptions };
+
+export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = process.env): ParseResult {
+  const optionDefs: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = { help: { type: "boolean" } };
+  for (const name of Object.keys(OPTIONS)) optionDefs[name] = { type: "string", multiple: name === "model" };
+
+  let values: Record<string, string | boolean | (string | boolean)[] | undefined>;
+  try {
+    ({ values } = parseArgs({ args: argv, options: optionDefs, strict: true, allowPositionals: false }));
+  } catch (err) {
+    // node's messages are one line and name the option; drop its internal code prefix.
+    throw new ConfigError((err as Error).message.replace(/^TypeError \[[A-Z_]+\]: /, ""));
+  }
+  if (values.help === true) return { kind: "help" };
+
+  const get = (name: string): string | undefined => {
+    const v = values[name];
+    if (typeof v === "string") return v;
+    const fromEnv = env[OPTIONS[name]!.env];
+    return fromEnv !== undefined && fromEnv !== "" ? fromEnv : undefined;
+  };
+
+  const modelArgs = (values.model as string[] | undefined) ?? env.SPINDLE_MODEL?.split(",").filter((s) => s !== "") ?? [];
+  const models = modelArgs.map(parseModelArg);
+  const ids = new Set<string>();
+  for (const m of models) {
+    if (ids.has(m.id)) throw new ConfigError(`--model: model id "${m.id}" given twice`);
+    ids.add(m.id);
+  }
+
+  const gpuRaw = get("gpu") ?? "auto";
+  if (!GPU_CHOICES.includes(gpuRaw as GpuChoice)) {
+    throw new ConfigError(`--gpu: expected one of ${GPU_CHOICES.join("|")}, got "${gpuRaw}"`);
+  }
+  const logLevel = get("log-level") ?? "info";
+  if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
+    throw new ConfigError(`--log-level: unknown level "${logLevel}"`);
+  }
+  const port = get("port");
+  const threads = get("threads");
+  const parallel = get("parallel");
+  const ctxSize = get("ctx-size");
+  const maxQueue = get("max-queue");
+  const timeout = get("request-timeout");
+  const maxBody = get("max-body-bytes");
+  const config = get("config");
+
+  return {
+    kind: "run",
+    options: {
+      configFile: config ?? "models.yaml",
+      configExplicit: config !== undefined,
+      models,
+      host: get("host") ?? "127.0.0.1",
+      port: port === undefined ? 8080 : parseInteger("port", port, 0, 65535),
+      threads: threads === undefined ? defaultThreads() : parseInteger("threads", threads, 1, 1024),
+      gpu: gpuRaw as GpuChoice,
+      parallel: parallel === undefined ? undefined : parseInteger("parallel", parallel, 1, 256),
+      ctxSize: ctxSize === undefined ? undefined : parseInteger("ctx-size", ctxSize, 16, 1 << 20),
+      maxQueue: maxQueue === undefined ? 64 : parseInteger("max-queue", maxQueue, 0, 1_000_000),
+      requestTimeoutSeconds: timeout === undefined ? 600 : parsePositiveNumber("request-timeout", timeout),
+      maxBodyBytes: maxBody === undefined ? 4 * 1024 * 1024 : parseInteger("max-body-bytes", maxBody, 1024, 1 << 30),
+      logLevel,
+    },
+  };
+}

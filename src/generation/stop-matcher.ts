@@ -1,0 +1,55 @@
+/**
+ * Holds back text that could be the start of a stop string, so that no part of a stop
+ * string ever reaches the client, even when it spans several tokens.
+ */
+export class StopMatcher {
+  private held = "";
+  private readonly maxLen: number;
+
+  constructor(private readonly stops: readonly string[]) {
+    this.maxLen = stops.reduce((m, s) => Math.max(m, s.length), 0);
+  }
+
+  get active(): boolean {
+    return this.stops.length > 0;
+  }
+
+  /**
+   * Feeds text; returns what may be sent now. `stopped` is true once a stop string is
+   * complete: the returned text is everything before it, and nothing more may follow.
+   */
+  push(text: string): { text: string; stopped: boolean } {
+    if (this.maxLen === 0) return { text, stopped: false };
+    const buf = this.held + text;
+    let cut = -1;
+    for (const stop of this.stops) {
+      // Only the new text and the held tail can contain a new match.
+      const at = buf.indexOf(stop);
+      if (at !== -1 && (cut === -1 || at < cut)) cut = at;
+    }
+    if (cut !== -1) {
+      this.held = "";
+      return { text: buf.slice(0, cut), stopped: true };
+    }
+    const keep = this.partialSuffixLength(buf);
+    this.held = keep > 0 ? buf.slice(buf.length - keep) : "";
+    return { text: keep > 0 ? buf.slice(0, buf.length - keep) : buf, stopped: false };
+  }
+
+  /** At the end of generation the held text was not a stop string after all. */
+  flush(): string {
+    const rest = this.held;
+    this.held = "";
+    return rest;
+  }
+
+  /** Length of the longest suffix of `buf` that is a proper prefix of some stop string. */
+  private partialSuffixLength(buf: string): number {
+    const limit = Math.min(buf.length, this.maxLen - 1);
+    for (let len = limit; len > 0; len--) {
+      const tail = buf.slice(buf.length - len);
+      for (const stop of this.stops) if (stop.length > len && stop.startsWith(tail)) return len;
+    }
+    return 0;
+  }
+}

@@ -1,0 +1,106 @@
+import { z } from "zod";
+import { ApiError, invalidRequest } from "../errors.js";
+
+export const LIMITS = {
+  maxStopEntries: 16,
+  maxStopLength: 512,
+  maxLogitBiasEntries: 1024,
+  maxMessages: 4096,
+} as const;
+
+const nullish = <T extends z.ZodType>(t: T) => t.nullable().optional();
+
+/** Sampling and stopping fields shared by chat and completions. */
+export const samplingFields = {
+  model: z.string().min(1, "must not be empty"),
+  max_tokens: nullish(z.number().int().min(1)),
+  temperature: nullish(z.number().min(0).max(2)),
+  top_p: nullish(z.number().min(0).max(1)),
+  seed: nullish(z.number().int().min(-(2 ** 63)).max(2 ** 64)),
+  stop: nullish(
+    z.union([
+      z.string().min(1).max(LIMITS.maxStopLength),
+      z.array(z.string().min(1).max(LIMITS.maxStopLength)).max(LIMITS.maxStopEntries),
+    ]),
+  ),
+  presence_penalty: nullish(z.number().min(-2).max(2)),
+  frequency_penalty: nullish(z.number().min(-2).max(2)),
+  logit_bias: nullish(
+    z.record(z.string().regex(/^\d+$/, "keys must be token ids"), z.number().min(-100).max(100)).refine(
+      (r) => Object.keys(r).length <= LIMITS.maxLogitBiasEntries,
+      `at most ${LIMITS.maxLogitBiasEntries} entries`,
+    ),
+  ),
+  stream: nullish(z.boolean()),
+  stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()) })),
+  user: nullish(z.string().max(256)),
+  // Accepted only at the values that mean "what this server does".
+  n: nullish(z.literal(1, { message: "only n=1 is supported" })),
+};
+
+/** Known OpenAI fields this server does not implement yet: refused by name, never ignored. */
+export const UNSUPPORTED_HINT: Record<string, string> = {
+  tools: "tool calling is not supported yet",
+  tool_choice: "tool calling is not supported yet",
+  functions: "function calling is not supported yet",
+  function_call: "function calling is not supported yet",
+  parallel_tool_calls: "tool calling is not supported yet",
+  logprobs: "logprobs are not supported yet",
+  top_logprobs: "logprobs are not supported yet",
+  response_format: "only the default text response format is supported",
+  audio: "audio output is not supported",
+  modalities: "only text output is supported",
+  prediction: "predicted outputs are not supported",
+  best_of: "best_of is not supported",
+  suffix: "suffix (insertion) is not supported",
+};
+
+function paramPath(path: readonly PropertyKey[]): string | null {
+  if (path.length === 0) return null;
+  let out = "";
+  for (const p of path) out += typeof p === "number" ? `[${p}]` : out === "" ? String(p) : `.${String(p)}`;
+  return out;
+}
+
+/** The first zod issue as an OpenAI-style 400 that names the field. */
+function valueAt(body: unknown, path: readonly PropertyKey[]): unknown {
+  let v: unknown = body;
+  for (const p of path) {
+    if (v === null || typeof v !== "object" || !Object.hasOwn(v, p)) return undefined;
+    v = (v as Record<PropertyKey, unknown>)[p];
+  }
+  return v;
+}
+
+export function zodToApiError(error: z.ZodError, body: unknown): ApiError {
+  const issue = error.issues[0]!;
+  if (issue.code === "unrecognized_keys") {
+    const key = issue.keys[0]!;
+    const parent = paramPath(issue.path);
+    const param = parent ? `${parent}.${key}` : key;
+    const hint = parent === null ? UNSUPPORTED_HINT[key] : undefined;
+    return invalidRequest(`Unsupported parameter: '${param}'${hint ? `: ${hint}` : " is not supported by this server"}.`, param, "unsupported_parameter");
+  }
+  const param = paramPath(issue.path);
+  const value = valueAt(body, issue.path);
+  if (value === undefined) {
+    return invalidRequest(`Missing required parameter: '${param}'.`, param, "missing_required_parameter");
+  }
+  const type = value === null ? "null" : Array.isArray(value) ? "array" : typeof value;
+  const what = issue.code === "invalid_type" ? `expected ${issue.expected}, got ${type}` : issue.message;
+  return invalidRequest(`Invalid value for '${param ?? "body"}': ${what}.`, param, "invalid_value");
+}
+
+export function parseBody<T extends z.ZodType>(schema: T, body: unknown): z.infer<T> {
+  if (body === null || typeof body !== "object" || Array.isArray(body)) {
+    throw invalidRequest("The request body must be a JSON object.", null, "invalid_body");
+  }
+  const result = schema.safeParse(body);
+  if (!result.success) throw zodToApiError(result.error, body);
+  return result.data;
+}
+
+export function stopList(stop: string | string[] | null | undefined): string[] {
+  if (stop === null || stop === undefined) return [];
+  return typeof stop === "string" ? [stop] : stop;
+}

@@ -1,0 +1,393 @@
+import { ApiError } from "../errors.js";
+import type { SamplingParams, StepObserver, Token } from "../engine/llama-engine.js";
+import { StopMatcher } from "../generation/stop-matcher.js";
+import { Utf8Detokenizer } from "../generation/utf8-detokenizer.js";
+import type { FinishReason, GenerationRequest, GenerationSink, Usage } from "./types.js";
+import { WaitingQueue } from "./waiting-queue.js";
+
+/** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
+export interface SlotSequence {
+  readonly index: number;
+  heldTokens(): readonly Token[];
+  truncate(from: number): Promise<void>;
+  prefill(tokens: Token[], priority: number): Promise<void>;
+  generate(tokens: Token[], sampling: SamplingParams, generated: Token[], tokenBias: unknown): AsyncGenerator<Token, void, void>;
+}
+
+export interface SchedulerModel {
+  readonly id: string;
+  readonly sequences: readonly SlotSequence[];
+  detokenize(tokens: readonly Token[], lastTokens?: readonly Token[]): string;
+  makeTokenBias(bias: ReadonlyMap<number, number>): unknown;
+}
+
+export interface SchedulerOptions {
+  maxQueue: number;
+  /** Prompt tokens evaluated per prefill chunk; cancel and deadline are checked between chunks. */
+  prefillChunk?: number;
+}
+
+interface Slot {
+  seq: SlotSequence;
+  busy: boolean;
+  lastUsed: number;
+}
+
+interface Job {
+  req: GenerationRequest;
+  sink: GenerationSink;
+  priority: GenerationRequest["priority"];
+  enqueuedAt: number;
+  timer: NodeJS.Timeout | undefined;
+  onAbort: (() => void) | undefined;
+  started: boolean;
+}
+
+const EVALUATION_PRIORITY = { high: 5, normal: 3, low: 1 } as const;
+
+export interface StepStats {
+  steps: number;
+  /** Sequences that took part in steps, summed. */
+  items: number;
+  /** Sequences that were running at those steps, summed: items / expected is step fullness. */
+  expected: number;
+  tokens: number;
+}
+
+/**
+ * One scheduler per resident model. Slots are the context's sequences, created once;
+ * requests wait in a bounded queue for a free slot; each running request drives its
+ * own token loop and the engine batches the loops' tokens into shared decode steps.
+ */
+export class Scheduler implements StepObserver {
+  private readonly slots: Slot[];
+  private readonly queue = new WaitingQueue<Job>();
+  private readonly maxQueue: number;
+  private readonly prefillChunk: number;
+  /** Token loops between their first step and their end, not paused. */
+  private running = 0;
+  private pauseDepth = 0;
+  private resumeGate: Promise<void> | null = null;
+  private releaseGate: (() => void) | null = null;
+  private readonly completions: number[] = [];
+  private closed = false;
+  private model!: SchedulerModel;
+  readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
+
+  constructor(opts: SchedulerOptions) {
+    this.maxQueue = opts.maxQueue;
+    this.prefillChunk = opts.prefillChunk ?? 256;
+    this.slots = [];
+  }
+
+  /** Binds the model; separate from the constructor because the engine needs the scheduler as its step observer first. */
+  attach(model: SchedulerModel): void {
+    this.model = model;
+    for (const seq of model.sequences) this.slots.push({ seq, busy: false, lastUsed: 0 });
+  }
+
+  // StepObserver: called by the engine's batch strategy.
+  expectedItems(): number {
+    return this.running;
+  }
+
+  onStep(items: number, tokens: number): void {
+    this.stats.steps++;
+    this.stats.items += items;
+    this.stats.expected += Math.max(items, this.running);
+    this.stats.tokens += tokens;
+  }
+
+  get busySlots(): number {
+    let n = 0;
+    for (const s of this.slots) if (s.busy) n++;
+    return n;
+  }
+
+  get totalSlots(): number {
+    return this.slots.length;
+  }
+
+  get waiting(): number {
+    return this.queue.length;
+  }
+
+  /** Requests finished per second, measured over the recent ones; a guess before there are any. */
+  drainRate(): number {
+    const c = this.completions;
+    if (c.length < 2) return Math.max(1, this.slots.length);
+    const span = (c[c.length - 1]! - c[0]!) / 1000;
+    return span > 0 ? (c.length - 1) / span : Math.max(1, this.slots.length);
+  }
+
+  private retryAfterSeconds(): number {
+    return Math.min(60, Math.max(1, Math.ceil((this.queue.length + 1) / this.drainRate())));
+  }
+
+  /**
+   * Admits a request or throws an ApiError at once (queue full, shutting down). The
+   * returned promise settles when the sink got its last event.
+   */
+  submit(req: GenerationRequest, sink: GenerationSink): Promise<void> {
+    if (this.closed) {
+      throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
+    }
+    if (req.signal.aborted) throw new ApiError("cancelled", "The client closed the request.");
+    const hasFreeSlot = this.slots.some((s) => !s.busy) && this.queue.length === 0;
+    if (!hasFreeSlot && this.queue.length >= this.maxQueue) {
+      throw new ApiError("overloaded", `Model "${this.model.id}" is overloaded: ${this.queue.length} requests are waiting. Retry later.`, {
+        code: "queue_full",
+        retryAfter: this.retryAfterSeconds(),
+      });
+    }
+    return new Promise<void>((resolve) => {
+      const job: Job = {
+        req,
+        sink: wrapSink(sink, resolve),
+        priority: req.priority,
+        enqueuedAt: performance.now(),
+        timer: undefined,
+        onAbort: undefined,
+        started: false,
+      };
+      this.queue.push(job);
+      this.pump();
+      if (!job.started) this.watchWhileQueued(job);
+    });
+  }
+
+  /** A queued request leaves the queue when its client goes or its deadline passes. */
+  private watchWhileQueued(job: Job): void {
+    const leave = (err: ApiError) => {
+      if (!this.queue.remove(job)) return;
+      this.unwatch(job);
+      job.sink.onError(err, undefined);
+    };
+    job.onAbort = () => leave(new ApiError("cancelled", "The client closed the request while it was queued."));
+    job.req.signal.addEventListener("abort", job.onAbort, { once: true });
+    const wait = Math.max(0, job.req.deadline - performance.now());
+    job.timer = setTimeout(
+      () => leave(new ApiError("timeout", "The request's deadline passed while it waited in the queue.", { code: "queue_timeout" })),
+      wait,
+    );
+  }
+
+  private unwatch(job: Job): void {
+    if (job.timer !== undefined) clearTimeout(job.timer);
+    if (job.onAbort !== undefined) job.req.signal.removeEventListener("abort", job.onAbort);
+    job.timer = undefined;
+    job.onAbort = undefined;
+  }
+
+  private pump(): void {
+    while (this.queue.length > 0) {
+      const free = this.slots.filter((s) => !s.busy);
+      if (free.length === 0) return;
+      const job = this.queue.shift(performance.now())!;
+      this.unwatch(job);
+      job.started = true;
+      const slot = this.pickSlot(free, job.req.promptTokens);
+      slot.busy = true;
+      void this.run(job, slot);
+    }
+  }
+
+  /** The free slot whose KV shares the longest prefix with the prompt; else the least recently used. */
+  private pickSlot(free: Slot[], prompt: readonly Token[]): Slot {
+    let best = free[0]!;
+    let bestShared = -1;
+    for (const slot of free) {
+      const shared = commonPrefix(slot.seq.heldTokens(), prompt);
+      if (shared > bestShared || (shared === bestShared && slot.lastUsed < best.lastUsed)) {
+        best = slot;
+        bestShared = shared;
+      }
+    }
+    return best;
+  }
+
+  /**
+   * Runs `fn` while every token loop is held before its next step. KV edits take the
+   * context lock, which the batch loop holds while any sequence is generating; without
+   * the pause they would wait until the other requests finished.
+   */
+  private async whilePaused<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.pauseDepth++ === 0) this.resumeGate = new Promise((r) => (this.releaseGate = r));
+    try {
+      return await fn();
+    } finally {
+      if (--this.pauseDepth === 0) {
+        const release = this.releaseGate!;
+        this.resumeGate = null;
+        this.releaseGate = null;
+        release();
+      }
+    }
+  }
+
+  private async waitIfPaused(): Promise<void> {
+    while (this.resumeGate !== null) {
+      this.running--;
+      await this.resumeGate;
+      this.running++;
+    }
+  }
+
+  private async run(job: Job, slot: Slot): Promise<void> {
+    const { req, sink } = job;
+    const prompt = req.promptTokens;
+    let cached = 0;
+    let generatedCount = 0;
+    const usage = (): Usage => ({ promptTokens: prompt.length, completionTokens: generatedCount, cachedTokens: cached });
+    try {
+      sink.onStart();
+      // Reuse the KV of the shared prefix; at least one prompt token must be evaluated to get logits.
+      const held = slot.seq.heldTokens();
+      cached = Math.min(commonPrefix(held, prompt), prompt.length - 1);
+      if (held.length > cached) await this.whilePaused(() => slot.seq.truncate(cached));
+      const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
+      if (outcome instanceof ApiError) sink.onError(outcome, usage());
+      else sink.onDone({ finishReason: outcome, usage: usage() });
+    } catch (err) {
+      sink.onError(new ApiError("model_error", `The model failed while generating: ${(err as Error)?.message ?? err}`, { cause: err }), usage());
+    } finally {
+      slot.busy = false;
+      slot.lastUsed = performance.now();
+      this.recordCompletion();
+      this.pump();
+    }
+  }
+
+  private recordCompletion(): void {
+    this.completions.push(performance.now());
+    if (this.completions.length > 32) this.completions.shift();
+  }
+
+  private checkLive(req: GenerationRequest): ApiError | undefined {
+    if (req.signal.aborted) return new ApiError("cancelled", "The client closed the request.");
+    if (performance.now() > req.deadline) {
+      return new ApiError("timeout", "The request's deadline passed during generation.", { code: "generation_timeout" });
+    }
+    return undefined;
+  }
+
+  /** The token loop. Returns the finish reason, or the error that ended it early. */
+  private async generate(
+    req: GenerationRequest,
+    seq: SlotSequence,
+    input: Token[],
+    sink: GenerationSink,
+    count: (n: number) => void,
+  ): Promise<FinishReason | ApiError> {
+    const priority = EVALUATION_PRIORITY[req.priority];
+    this.running++;
+    let stillRunning = true;
+    const stopRunning = () => {
+      if (stillRunning) this.running--;
+      stillRunning = false;
+    };
+    try {
+      // Long prompts go in chunks so a cancel or deadline is honoured between them.
+      let rest = input;
+      while (rest.length > this.prefillChunk) {
+        await this.waitIfPaused();
+        const dead = this.checkLive(req);
+        if (dead) return dead;
+        await seq.prefill(rest.slice(0, this.prefillChunk), priority);
+        rest = rest.slice(this.prefillChunk);
+      }
+
+      const generated: Token[] = [];
+      const detok = new Utf8Detokenizer((t, last) => this.model.detokenize(t, last));
+      const stopper = new StopMatcher(req.stop);
+      const bias = req.sampling.logitBias ? this.model.makeTokenBias(req.sampling.logitBias) : undefined;
+      const iter = seq.generate(rest, req.sampling, generated, bias);
+      let finish: FinishReason | ApiError = "length";
+      let hitStopString = false;
+      try {
+        for (;;) {
+          if (this.resumeGate !== null) await this.waitIfPaused();
+          const dead = this.checkLive(req);
+          if (dead) {
+            finish = dead;
+            break;
+          }
+          const step = await iter.next();
+          if (step.done === true) {
+            finish = "stop";
+            break;
+          }
+          generated.push(step.value);
+          const text = detok.push(step.value);
+          if (text !== "") {
+            const out = stopper.push(text);
+            if (out.text !== "") sink.onText(out.text);
+            if (out.stopped) {
+              finish = "stop";
+              hitStopString = true;
+              break;
+            }
+          }
+          if (generated.length >= req.maxTokens) break;
+        }
+      } finally {
+        count(generated.length);
+        stopRunning();
+        await iter.return();
+      }
+      if (finish instanceof ApiError || hitStopString) return finish;
+      // A natural end: what the detokenizer held, then what the stop matcher held back.
+      const out = stopper.push(detok.flush());
+      if (out.text !== "") sink.onText(out.text);
+      if (out.stopped) return "stop";
+      const held = stopper.flush();
+      if (held !== "") sink.onText(held);
+      return finish;
+    } finally {
+      stopRunning();
+    }
+  }
+
+  /** Refuses new work and fails what is queued; running generations are left to finish. */
+  close(): void {
+    this.closed = true;
+    for (const job of this.queue.drain()) {
+      this.unwatch(job);
+      job.sink.onError(new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" }), undefined);
+    }
+  }
+}
+
+function commonPrefix(a: readonly Token[], b: readonly Token[]): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
+/** Settles the submit promise after the sink's last event, exactly once. */
+function wrapSink(sink: GenerationSink, settle: () => void): GenerationSink {
+  let ended = false;
+  return {
+    onStart: () => sink.onStart(),
+    onText: (t) => sink.onText(t),
+    onDone: (r) => {
+      if (ended) return;
+      ended = true;
+      try {
+        sink.onDone(r);
+      } finally {
+        settle();
+      }
+    },
+    onError: (e, u) => {
+      if (ended) return;
+      ended = true;
+      try {
+        sink.onError(e, u);
+      } finally {
+        settle();
+      }
+    },
+  };
+}

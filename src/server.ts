@@ -1,0 +1,71 @@
+import type { FastifyInstance } from "fastify";
+import type { ServerOptions } from "./config/cli.js";
+import type { ModelSpec } from "./config/models-file.js";
+import { Engine } from "./engine/llama-engine.js";
+import { buildApp } from "./http/app.js";
+import { ModelRegistry } from "./models/registry.js";
+
+export interface RunningServer {
+  app: FastifyInstance;
+  registry: ModelRegistry;
+  engine: Engine;
+  /** http://host:port */
+  url: string;
+  /** Stops accepting, closes the listener, disposes the models. */
+  close(): Promise<void>;
+}
+
+/**
+ * Wires engine, models and HTTP together, loads every model (throwing on the first
+ * failure) and listens. Shared by the command line and the tests, so both run the
+ * same server.
+ */
+export async function startServer(
+  options: Omit<ServerOptions, "configFile" | "configExplicit" | "models">,
+  specs: ModelSpec[],
+  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean } } = {},
+): Promise<RunningServer> {
+  const engine = await Engine.create(options.gpu);
+  let accepting = true;
+  // The registry logs through the app's logger, which exists only after buildApp.
+  let app: FastifyInstance | undefined;
+  const registry = new ModelRegistry(engine, specs, {
+    threads: options.threads,
+    parallel: options.parallel,
+    ctxSize: options.ctxSize,
+    maxQueue: options.maxQueue,
+    log: (msg) => app?.log.info(msg),
+    progressStream: io.progressStream,
+  });
+  app = buildApp({
+    registry,
+    maxBodyBytes: options.maxBodyBytes,
+    requestTimeoutSeconds: options.requestTimeoutSeconds,
+    logLevel: options.logLevel,
+    isAccepting: () => accepting,
+  });
+  try {
+    await registry.loadAll();
+    await app.listen({ host: options.host, port: options.port });
+  } catch (err) {
+    await registry.dispose();
+    await engine.dispose();
+    throw err;
+  }
+  const a = app.server.address();
+  const port = typeof a === "object" && a !== null ? a.port : options.port;
+  const host = options.host.includes(":") ? `[${options.host}]` : options.host;
+  const running = app;
+  return {
+    app: running,
+    registry,
+    engine,
+    url: `http://${host}:${port}`,
+    async close() {
+      accepting = false;
+      await running.close();
+      await registry.dispose();
+      await engine.dispose();
+    },
+  };
+}
