@@ -21,11 +21,18 @@ export class StopMatcher {
   push(text: string): { text: string; stopped: boolean } {
     if (this.maxLen === 0) return { text, stopped: false };
     const buf = this.held + text;
+    // The stop string that completes first in the stream wins (earliest end, then the
+    // longer one), so the result does not depend on how the text was split into tokens.
     let cut = -1;
+    let cutEnd = Infinity;
     for (const stop of this.stops) {
-      // Only the new text and the held tail can contain a new match.
       const at = buf.indexOf(stop);
-      if (at !== -1 && (cut === -1 || at < cut)) cut = at;
+      if (at === -1) continue;
+      const end = at + stop.length;
+      if (end < cutEnd || (end === cutEnd && at < cut)) {
+        cut = at;
+        cutEnd = end;
+      }
     }
     if (cut !== -1) {
       this.held = "";

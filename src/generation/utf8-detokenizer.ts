@@ -16,7 +16,10 @@ export class Utf8Detokenizer {
   private pending: Token[] = [];
   private context: Token[] = [];
 
-  constructor(private readonly detokenize: Detokenize) {}
+  /** `precedingTokens`: the prompt's tail, so the first token's leading space comes out right. */
+  constructor(private readonly detokenize: Detokenize, precedingTokens: readonly Token[] = []) {
+    this.context = precedingTokens.slice(-CONTEXT);
+  }
 
   /** The text this token completes, possibly "" while a character is incomplete. */
   push(token: Token): string {

@@ -298,7 +298,7 @@ export class Scheduler implements StepObserver {
       }
 
       const generated: Token[] = [];
-      const detok = new Utf8Detokenizer((t, last) => this.model.detokenize(t, last));
+      const detok = new Utf8Detokenizer((t, last) => this.model.detokenize(t, last), req.promptTokens);
       const stopper = new StopMatcher(req.stop);
       const bias = req.sampling.logitBias ? this.model.makeTokenBias(req.sampling.logitBias) : undefined;
       const iter = seq.generate(rest, req.sampling, generated, bias);

@@ -1,0 +1,12 @@
+# A CPU image of the server. GPU images: build on a CUDA base and run with --gpu cuda.
+FROM node:20-bookworm-slim
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+COPY tsconfig.json models.yaml ./
+COPY src ./src
+# Models live in a volume; a missing one is fetched from its sources on start.
+VOLUME /app/models
+ENV SPINDLE_HOST=0.0.0.0 SPINDLE_PORT=8080
+EXPOSE 8080
+CMD ["node", "--import", "tsx", "src/main.ts"]

@@ -1,0 +1,161 @@
+import { createServer, type Server } from "node:http";
+import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Writable } from "node:stream";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ArtifactError, ensureArtifact } from "../src/config/artifact.js";
+import { parseModelsFile } from "../src/config/models-file.js";
+import { startServer } from "../src/server.js";
+import { openaiClient, sharedModel } from "./helpers/server.js";
+
+const STORIES_SHA = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
+const bytes = readFileSync(sharedModel("stories260K.gguf"));
+
+/** A real HTTP server that serves the model: whole, corrupted, cut short once, or honouring Range. */
+let http: Server;
+let base: string;
+const hits: Array<{ path: string; range: string | undefined }> = [];
+let cutOnce = true;
+
+beforeAll(async () => {
+  http = createServer((req, res) => {
+    hits.push({ path: req.url!, range: req.headers.range });
+    if (req.url === "/corrupt.gguf") {
+      const bad = Buffer.from(bytes);
+      bad[bad.length - 10] ^= 0xff;
+      res.writeHead(200, { "content-length": bad.length });
+      res.end(bad);
+      return;
+    }
+    if (req.url === "/missing.gguf") {
+      res.writeHead(404).end();
+      return;
+    }
+    const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
+    if (range) {
+      const start = Number(range[1]);
+      res.writeHead(206, { "content-length": bytes.length - start, "content-range": `bytes ${start}-${bytes.length - 1}/${bytes.length}` });
+      res.end(bytes.subarray(start));
+      return;
+    }
+    res.writeHead(200, { "content-length": bytes.length });
+    if (req.url === "/flaky.gguf" && cutOnce) {
+      // Send 40% and drop the connection, as a failed network would.
+      cutOnce = false;
+      res.write(bytes.subarray(0, Math.floor(bytes.length * 0.4)), () => res.destroy());
+      return;
+    }
+    res.end(bytes);
+  });
+  await new Promise<void>((r) => http.listen(0, "127.0.0.1", r));
+  const addr = http.address();
+  base = `http://127.0.0.1:${typeof addr === "object" && addr ? addr.port : 0}`;
+});
+afterAll(() => http?.close());
+
+const tmp = () => mkdtempSync(join(tmpdir(), "spindle-artifact-"));
+const sink = () => {
+  const lines: string[] = [];
+  const stream = new Writable({
+    write(chunk, _e, cb) {
+      lines.push(String(chunk));
+      cb();
+    },
+  });
+  return { stream, lines };
+};
+
+describe("model artifacts", () => {
+  it("downloads a missing file with progress, checks its hash, moves it into place", async () => {
+    const dir = tmp();
+    const path = join(dir, "models", "stories.gguf");
+    const progress = sink();
+    await ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [`${base}/good.gguf`] }, { progressStream: progress.stream });
+    expect(readFileSync(path).equals(bytes)).toBe(true);
+    expect(existsSync(`${path}.partial`)).toBe(false);
+    expect(progress.lines.some((l) => l.includes("100%"))).toBe(true);
+  });
+
+  it("a hash mismatch is a clear error and leaves no file, partial or whole", async () => {
+    const dir = tmp();
+    const path = join(dir, "stories.gguf");
+    const err = await ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [`${base}/corrupt.gguf`] }).catch((e) => e);
+    expect(err).toBeInstanceOf(ArtifactError);
+    expect(err.message).toMatch(/sha256 mismatch/);
+    expect(existsSync(path)).toBe(false);
+    expect(existsSync(`${path}.partial`)).toBe(false);
+  });
+
+  it("a failed download is a clear error; the next source is tried", async () => {
+    const dir = tmp();
+    const path = join(dir, "stories.gguf");
+    const err = await ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [`${base}/missing.gguf`] }).catch((e) => e);
+    expect(err.message).toMatch(/HTTP 404/);
+    await ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [`${base}/missing.gguf`, `${base}/good.gguf`] });
+    expect(statSync(path).size).toBe(bytes.length);
+  });
+
+  it("an interrupted transfer is never used, and the next start resumes it with a Range request", async () => {
+    const dir = tmp();
+    const path = join(dir, "stories.gguf");
+    const spec = { id: "s", path, sha256: STORIES_SHA, sources: [`${base}/flaky.gguf`] };
+    await expect(ensureArtifact(spec)).rejects.toThrow();
+    expect(existsSync(path)).toBe(false);
+    const kept = statSync(`${path}.partial`).size;
+    expect(kept).toBeGreaterThan(0);
+    expect(kept).toBeLessThan(bytes.length);
+    hits.length = 0;
+    await ensureArtifact(spec);
+    expect(hits[0]!.range).toBe(`bytes=${kept}-`);
+    expect(readFileSync(path).equals(bytes)).toBe(true);
+  });
+
+  it("an existing file with the wrong hash is refused, not used", async () => {
+    const dir = tmp();
+    const path = join(dir, "stories.gguf");
+    writeFileSync(path, "not a model");
+    await expect(ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [] })).rejects.toThrow(/sha256 mismatch/);
+  });
+
+  it("the server starts from a models file whose model must be downloaded, and serves it", async () => {
+    const dir = tmp();
+    const file = join(dir, "models.yaml");
+    writeFileSync(
+      file,
+      `models:\n  - id: dl\n    file: cache/stories.gguf\n    sha256: ${STORIES_SHA}\n    sources: ["${base}/good.gguf"]\n    chat_template: general\n    ctx_size: 256\n    parallel: 2\n`,
+    );
+    const specs = parseModelsFile(readFileSync(file, "utf8"), file);
+    expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
+    const server = await startServer(
+      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, maxQueue: 8, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent" },
+      specs,
+    );
+    try {
+      const res = await openaiClient(server).completions.create({ model: "dl", prompt: "Once upon a time", max_tokens: 4, temperature: 0 });
+      expect(res.choices[0]!.text.length).toBeGreaterThan(0);
+      expect(existsSync(join(dir, "cache/stories.gguf"))).toBe(true);
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe("models.yaml validation", () => {
+  it.each([
+    ["models: []", /models/],
+    ["models:\n  - id: a\n", /model "a", field file/],
+    ["models:\n  - id: a\n    file: a.gguf\n    ctx_size: -5\n", /model "a", field ctx_size/],
+    ["models:\n  - id: a\n    file: a.gguf\n    sha256: xyz\n", /model "a", field sha256/],
+    ["models:\n  - id: a\n    file: a.gguf\n    colour: red\n", /model "a".*colour/],
+    ["models:\n  - id: a\n    file: a.gguf\n  - id: a\n    file: b.gguf\n", /duplicate id/],
+    ["{{{", /not valid YAML/],
+  ])("%j is refused naming the problem", (text, message) => {
+    expect(() => parseModelsFile(text, "/x/models.yaml")).toThrow(message);
+  });
+
+  it("resolves paths against the models file; a bare template name stays a built-in", () => {
+    const [m] = parseModelsFile("models:\n  - id: a\n    file: sub/a.gguf\n    chat_template: chatML\n    sources: [../x.gguf, 'https://h/x.gguf']\n", "/srv/conf/models.yaml");
+    expect(m).toMatchObject({ path: "/srv/conf/sub/a.gguf", chatTemplate: "chatML", sources: ["/srv/x.gguf", "https://h/x.gguf"] });
+  });
+});

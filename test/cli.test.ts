@@ -1,0 +1,114 @@
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { describe, expect, it } from "vitest";
+import { parseCommandLine, ConfigError } from "../src/config/cli.js";
+import { sharedModel } from "./helpers/server.js";
+
+const ROOT = resolve(import.meta.dirname, "..");
+
+function run(args: string[], env: Record<string, string> = {}) {
+  return spawnSync(process.execPath, ["--import", "tsx", "src/main.ts", ...args], {
+    cwd: ROOT,
+    encoding: "utf8",
+    env: { ...process.env, ...env },
+    timeout: 60_000,
+  });
+}
+
+/** Starts the server and resolves with its URL once it prints the listening line. */
+function startProcess(args: string[], env: Record<string, string> = {}) {
+  const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", ...args], { cwd: ROOT, env: { ...process.env, ...env } });
+  let out = "";
+  let err = "";
+  const url = new Promise<string>((resolveUrl, reject) => {
+    child.stdout.on("data", (d: Buffer) => {
+      out += d.toString();
+      const m = /^listening on (http:\/\/\S+)$/m.exec(out);
+      if (m) resolveUrl(m[1]!);
+    });
+    child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    child.on("exit", (code) => reject(new Error(`exited ${code}: ${err}`)));
+  });
+  const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+  return { child, url, exited, output: () => out, errors: () => err };
+}
+
+describe("command line parsing", () => {
+  it("reads options, with environment variables as fallbacks", () => {
+    const r = parseCommandLine(["--port", "0", "--model", "/m/a.gguf", "--model", "/m/b.gguf=bee", "--parallel", "3"], { SPINDLE_CTX_SIZE: "256", SPINDLE_PORT: "9" });
+    expect(r.kind).toBe("run");
+    if (r.kind !== "run") return;
+    expect(r.options.port).toBe(0);
+    expect(r.options.models).toEqual([
+      { path: "/m/a.gguf", id: "a" },
+      { path: "/m/b.gguf", id: "bee" },
+    ]);
+    expect(r.options.parallel).toBe(3);
+    expect(r.options.ctxSize).toBe(256);
+    expect(r.options.threads).toBeGreaterThanOrEqual(1);
+  });
+
+  it.each([
+    [["--bogus"], /bogus/],
+    [["--port", "http"], /--port: expected an integer/],
+    [["--port", "70000"], /--port: must be between/],
+    [["--gpu", "tpu"], /--gpu: expected one of/],
+    [["--threads", "0"], /--threads/],
+    [["--model", "a.gguf", "--model", "b/a.gguf"], /given twice/],
+  ])("refuses %j", (args, message) => {
+    expect(() => parseCommandLine(args as string[], {})).toThrow(ConfigError);
+    expect(() => parseCommandLine(args as string[], {})).toThrow(message);
+  });
+});
+
+describe("the spindle process", () => {
+  it("--help prints every option and exits 0", () => {
+    const r = run(["--help"]);
+    expect(r.status).toBe(0);
+    for (const opt of ["--config", "--model", "--host", "--port", "--threads", "--gpu", "--parallel", "--ctx-size", "SPINDLE_PORT"]) {
+      expect(r.stdout).toContain(opt);
+    }
+  });
+
+  it.each([
+    ["an unknown option", ["--frobnicate"], /frobnicate/],
+    ["a bad value", ["--parallel", "many"], /--parallel/],
+    ["a missing model file", ["--model", "/nonexistent/model.gguf"], /not found/],
+    ["an unloadable model file", ["--model", sharedModel("stories260K-ggufv1-unsupported.gguf")], /cannot load/],
+    ["a missing models file", ["--config", "/nonexistent/models.yaml"], /cannot read models file/],
+  ])("%s: one line naming the problem, exit code 2, no stack trace", (_name, args, message) => {
+    const r = run(args as string[]);
+    expect(r.status).toBe(2);
+    const lines = r.stderr.trim().split("\n").filter((l) => !l.includes("ExperimentalWarning") && !l.includes("--trace-warnings"));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(message as RegExp);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it("a models file error names the model and the field", () => {
+    const dir = mkdtempSync(join(tmpdir(), "spindle-cli-"));
+    const file = join(dir, "models.yaml");
+    writeFileSync(file, "models:\n  - id: good\n    file: a.gguf\n  - id: broken\n    file: b.gguf\n    parallel: lots\n");
+    const r = run(["--config", file]);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/model "broken", field parallel/);
+  });
+
+  it("starts on --model with --port 0, prints its address and answers; SIGTERM exits 0", async () => {
+    const p = startProcess(["--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0"], { SPINDLE_PARALLEL: "2", SPINDLE_LOG_LEVEL: "warn" });
+    const url = await p.url;
+    expect(url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
+    const models = await (await fetch(`${url}/v1/models`)).json();
+    expect(models.data[0]).toMatchObject({ id: "tiny", parallel: 2 });
+    const res = await fetch(`${url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "tiny", prompt: "Once upon a time", max_tokens: 8, temperature: 0 }),
+    });
+    expect(res.status).toBe(200);
+    p.child.kill("SIGTERM");
+    expect(await p.exited).toBe(0);
+  });
+});

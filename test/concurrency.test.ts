@@ -1,0 +1,93 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import { openaiClient, startTestServer, STORIES, waitFor } from "./helpers/server.js";
+
+const user = (content: string) => [{ role: "user" as const, content }];
+
+describe("concurrent streams on one context", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer([STORIES], { parallel: 8 });
+  });
+  afterAll(async () => server?.close());
+
+  it("eight concurrent streams all complete, each identical to its own non-stream answer", async () => {
+    const client = openaiClient(server);
+    const prompts = Array.from({ length: 8 }, (_, i) => `Once upon a time there was a ${["cat", "dog", "boy", "girl", "bird", "fish", "tree", "king"][i]}`);
+    const expected = await Promise.all(
+      prompts.map((p) => client.completions.create({ model: "stories260K", prompt: p, max_tokens: 64, temperature: 0 })),
+    );
+    const scheduler = server.registry.resolve("stories260K").scheduler;
+    let maxBusy = 0;
+    const timer = setInterval(() => (maxBusy = Math.max(maxBusy, scheduler.busySlots)), 1);
+    const streamed = await Promise.all(
+      prompts.map(async (p) => {
+        const stream = await client.completions.create({ model: "stories260K", prompt: p, max_tokens: 64, temperature: 0, stream: true });
+        let text = "";
+        let finish: string | null = null;
+        for await (const c of stream) {
+          text += c.choices[0]?.text ?? "";
+          finish = c.choices[0]?.finish_reason ?? finish;
+        }
+        return { text, finish };
+      }),
+    );
+    clearInterval(timer);
+    streamed.forEach((s, i) => {
+      expect(s.text).toBe(expected[i]!.choices[0]!.text);
+      expect(s.finish).toBe(expected[i]!.choices[0]!.finish_reason);
+    });
+    // They really ran at the same time, batched into shared steps.
+    expect(maxBusy).toBeGreaterThan(1);
+  });
+});
+
+describe("client disconnect", () => {
+  let server: RunningServer;
+  beforeAll(async () => {
+    server = await startTestServer([STORIES], { parallel: 1, ctxSize: 2048 });
+  });
+  afterAll(async () => server?.close());
+
+  it("a disconnected stream frees its only slot, and a new request is served at once", async () => {
+    const scheduler = server.registry.resolve("stories260K").scheduler;
+    const controller = new AbortController();
+    const res = await fetch(`${server.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      // Long enough (2000 tokens, about a second or more) that only a cancel ends it early.
+      body: JSON.stringify({ model: "stories260K", prompt: "Once upon a time", max_tokens: 2000, temperature: 1, stream: true }),
+      signal: controller.signal,
+    });
+    const reader = res.body!.getReader();
+    await reader.read();
+    expect(scheduler.busySlots).toBe(1);
+    const t0 = performance.now();
+    controller.abort();
+    await waitFor(() => scheduler.busySlots === 0, 2000, 1);
+    const freedMs = performance.now() - t0;
+    // A few decode steps at most, not the rest of the 2000 tokens.
+    expect(freedMs).toBeLessThan(250);
+
+    const client = openaiClient(server);
+    const t1 = performance.now();
+    const next = await client.chat.completions.create({ model: "stories260K", messages: user("Hi"), max_tokens: 8, temperature: 0 });
+    expect(next.choices[0]!.finish_reason).toBeDefined();
+    expect(performance.now() - t1).toBeLessThan(1000);
+  });
+
+  it("a non-stream request whose client leaves is cancelled too", async () => {
+    const scheduler = server.registry.resolve("stories260K").scheduler;
+    const controller = new AbortController();
+    const pending = fetch(`${server.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "stories260K", prompt: "Once upon a time", max_tokens: 2000, temperature: 1 }),
+      signal: controller.signal,
+    }).catch(() => undefined);
+    await waitFor(() => scheduler.busySlots === 1, 2000, 1);
+    controller.abort();
+    await pending;
+    await waitFor(() => scheduler.busySlots === 0, 2000, 1);
+  });
+});

@@ -1,0 +1,199 @@
+/**
+ * Scheduling logic against a fake engine (allowed for unit tests of the scheduler; every
+ * feature here is also exercised through the real engine elsewhere).
+ */
+import { describe, expect, it } from "vitest";
+import { ApiError } from "../src/errors.js";
+import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/scheduler/scheduler.js";
+import type { GenerationRequest, GenerationResult, GenerationSink } from "../src/scheduler/types.js";
+import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
+
+class FakeSequence implements SlotSequence {
+  held: number[] = [];
+  constructor(readonly index: number, private readonly stepMs: number) {}
+  heldTokens() {
+    return this.held;
+  }
+  async truncate(from: number) {
+    this.held = this.held.slice(0, from);
+  }
+  async prefill(tokens: number[]) {
+    this.held.push(...tokens);
+  }
+  async *generate(tokens: number[]) {
+    this.held.push(...tokens);
+    for (let i = 0; ; i++) {
+      await new Promise((r) => setTimeout(r, this.stepMs));
+      const t = i % 26;
+      yield t;
+      this.held.push(t);
+    }
+  }
+}
+
+function fakeModel(slots: number, stepMs = 2): SchedulerModel & { sequences: FakeSequence[] } {
+  return {
+    id: "fake",
+    sequences: Array.from({ length: slots }, (_, i) => new FakeSequence(i, stepMs)),
+    detokenize: (tokens) => tokens.map((t) => String.fromCharCode(97 + t)).join(""),
+    makeTokenBias: () => undefined,
+  };
+}
+
+function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
+  return {
+    promptTokens: [1, 2, 3],
+    maxTokens: 5,
+    stop: [],
+    sampling: { temperature: 0, topP: 1, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined },
+    priority: "normal",
+    deadline: performance.now() + 10_000,
+    signal: new AbortController().signal,
+    ...over,
+  };
+}
+
+function recorder(name = "") {
+  const r = { name, text: "", result: undefined as GenerationResult | undefined, error: undefined as ApiError | undefined, started: false };
+  const sink: GenerationSink = {
+    onStart: () => (r.started = true),
+    onText: (t) => (r.text += t),
+    onDone: (res) => (r.result = res),
+    onError: (e) => (r.error = e),
+  };
+  return { r, sink };
+}
+
+function scheduler(slots: number, maxQueue: number, stepMs = 2) {
+  const s = new Scheduler({ maxQueue });
+  const model = fakeModel(slots, stepMs);
+  s.attach(model);
+  return { s, model };
+}
+
+describe("Scheduler admission", () => {
+  it("refuses beyond the queue bound with 429, overloaded and a Retry-After", async () => {
+    const { s } = scheduler(1, 1);
+    const a = recorder();
+    const b = recorder();
+    const running = s.submit(request({ maxTokens: 50 }), a.sink);
+    const queued = s.submit(request(), b.sink);
+    expect(s.waiting).toBe(1);
+    let refused: unknown;
+    try {
+      void s.submit(request(), recorder().sink);
+    } catch (e) {
+      refused = e;
+    }
+    expect(refused).toBeInstanceOf(ApiError);
+    expect((refused as ApiError).status).toBe(429);
+    expect((refused as ApiError).type).toBe("overloaded_error");
+    expect((refused as ApiError).retryAfter).toBeGreaterThanOrEqual(1);
+    await Promise.all([running, queued]);
+    // Once the queue drains, the next request is admitted.
+    const c = recorder();
+    await s.submit(request(), c.sink);
+    expect(c.r.result?.finishReason).toBe("length");
+  });
+
+  it("a deadline that passes in the queue ends the request with a timeout before it starts", async () => {
+    const { s } = scheduler(1, 4);
+    const a = recorder();
+    const b = recorder();
+    const first = s.submit(request({ maxTokens: 40 }), a.sink);
+    await s.submit(request({ deadline: performance.now() + 20 }), b.sink);
+    expect(b.r.started).toBe(false);
+    expect(b.r.error?.kind).toBe("timeout");
+    expect(b.r.error?.status).toBe(504);
+    expect(s.waiting).toBe(0);
+    await first;
+  });
+
+  it("a cancelled request leaves the queue at once", async () => {
+    const { s } = scheduler(1, 4);
+    const first = s.submit(request({ maxTokens: 40 }), recorder().sink);
+    const ac = new AbortController();
+    const b = recorder();
+    const queued = s.submit(request({ signal: ac.signal }), b.sink);
+    expect(s.waiting).toBe(1);
+    ac.abort();
+    expect(s.waiting).toBe(0);
+    await queued;
+    expect(b.r.error?.kind).toBe("cancelled");
+    await first;
+  });
+
+  it("a deadline mid-generation stops it with a timeout and frees the slot", async () => {
+    const { s } = scheduler(1, 4, 5);
+    const a = recorder();
+    await s.submit(request({ maxTokens: 10_000, deadline: performance.now() + 50 }), a.sink);
+    expect(a.r.started).toBe(true);
+    expect(a.r.error?.kind).toBe("timeout");
+    expect(s.busySlots).toBe(0);
+  });
+
+  it("higher priority is admitted first", async () => {
+    const { s } = scheduler(1, 8);
+    const order: string[] = [];
+    const track = (name: string) => {
+      const { sink } = recorder(name);
+      return { ...sink, onStart: () => order.push(name) };
+    };
+    const blocker = s.submit(request({ maxTokens: 20 }), recorder().sink);
+    const all = [
+      s.submit(request({ priority: "low" }), track("low")),
+      s.submit(request({ priority: "normal" }), track("normal")),
+      s.submit(request({ priority: "high" }), track("high")),
+    ];
+    await Promise.all([blocker, ...all]);
+    expect(order).toEqual(["high", "normal", "low"]);
+  });
+
+  it("prefers the free slot whose KV shares the longest prefix, and reports the cached tokens", async () => {
+    const { s, model } = scheduler(3, 4);
+    model.sequences[0]!.held = [9, 9, 9];
+    model.sequences[1]!.held = [1, 2, 3, 4, 7, 7];
+    model.sequences[2]!.held = [1, 2];
+    const a = recorder();
+    await s.submit(request({ promptTokens: [1, 2, 3, 4, 5], maxTokens: 1 }), a.sink);
+    expect(a.r.result?.usage.cachedTokens).toBe(4);
+    expect(model.sequences[1]!.held.slice(0, 5)).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it("stop strings cut the text and finish with stop", async () => {
+    const { s } = scheduler(1, 4);
+    const a = recorder();
+    // The fake generates a, b, c, d, ...
+    await s.submit(request({ maxTokens: 20, stop: ["cd"] }), a.sink);
+    expect(a.r.text).toBe("ab");
+    expect(a.r.result?.finishReason).toBe("stop");
+  });
+
+  it("close() refuses new work with 503 and fails what waits", async () => {
+    const { s } = scheduler(1, 4);
+    const first = s.submit(request({ maxTokens: 20 }), recorder().sink);
+    const b = recorder();
+    const queued = s.submit(request(), b.sink);
+    s.close();
+    await queued;
+    expect(b.r.error?.status).toBe(503);
+    expect(() => s.submit(request(), recorder().sink)).toThrow(/shutting down/);
+    await first;
+  });
+});
+
+describe("WaitingQueue", () => {
+  it("orders by priority, first come first served within a class, and ages so low priority is never starved", () => {
+    const q = new WaitingQueue<{ priority: "high" | "normal" | "low"; enqueuedAt: number; name: string }>(10);
+    q.push({ priority: "low", enqueuedAt: 0, name: "old-low" });
+    q.push({ priority: "normal", enqueuedAt: 1000, name: "n1" });
+    q.push({ priority: "normal", enqueuedAt: 2000, name: "n2" });
+    q.push({ priority: "high", enqueuedAt: 3000, name: "h" });
+    expect(q.shift(3000)!.name).toBe("h");
+    expect(q.shift(3000)!.name).toBe("n1");
+    expect(q.shift(3000)!.name).toBe("n2");
+    // After 25 s the old low request outranks a fresh normal one.
+    q.push({ priority: "normal", enqueuedAt: 25_000, name: "n3" });
+    expect(q.shift(25_000)!.name).toBe("old-low");
+  });
+});
