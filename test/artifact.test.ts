@@ -23,7 +23,7 @@ beforeAll(async () => {
     hits.push({ path: req.url!, range: req.headers.range });
     if (req.url === "/corrupt.gguf") {
       const bad = Buffer.from(bytes);
-      bad[bad.length - 10] ^= 0xff;
+      bad[bad.length - 10] = bad[bad.length - 10]! ^ 0xff;
       res.writeHead(200, { "content-length": bad.length });
       res.end(bad);
       return;

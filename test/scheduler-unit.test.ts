@@ -7,9 +7,13 @@ import { ApiError } from "../src/errors.js";
 import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/scheduler/scheduler.js";
 import type { GenerationRequest, GenerationResult, GenerationSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
+import type { Token } from "../src/engine/llama-engine.js";
+
+/** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
+const tok = (xs: number[]) => xs as Token[];
 
 class FakeSequence implements SlotSequence {
-  held: number[] = [];
+  held: Token[] = [];
   constructor(readonly index: number, private readonly stepMs: number) {}
   heldTokens() {
     return this.held;
@@ -17,14 +21,14 @@ class FakeSequence implements SlotSequence {
   async truncate(from: number) {
     this.held = this.held.slice(0, from);
   }
-  async prefill(tokens: number[]) {
+  async prefill(tokens: Token[]) {
     this.held.push(...tokens);
   }
-  async *generate(tokens: number[]) {
+  async *generate(tokens: Token[]): AsyncGenerator<Token, void, void> {
     this.held.push(...tokens);
     for (let i = 0; ; i++) {
       await new Promise((r) => setTimeout(r, this.stepMs));
-      const t = i % 26;
+      const t = (i % 26) as Token;
       yield t;
       this.held.push(t);
     }
@@ -42,10 +46,10 @@ function fakeModel(slots: number, stepMs = 2): SchedulerModel & { sequences: Fak
 
 function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
   return {
-    promptTokens: [1, 2, 3],
+    promptTokens: tok([1, 2, 3]),
     maxTokens: 5,
     stop: [],
-    sampling: { temperature: 0, topP: 1, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined },
+    sampling: { temperature: 0, topP: 1, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
     priority: "normal",
     deadline: performance.now() + 10_000,
     signal: new AbortController().signal,
@@ -151,11 +155,11 @@ describe("Scheduler admission", () => {
 
   it("prefers the free slot whose KV shares the longest prefix, and reports the cached tokens", async () => {
     const { s, model } = scheduler(3, 4);
-    model.sequences[0]!.held = [9, 9, 9];
-    model.sequences[1]!.held = [1, 2, 3, 4, 7, 7];
-    model.sequences[2]!.held = [1, 2];
+    model.sequences[0]!.held = tok([9, 9, 9]);
+    model.sequences[1]!.held = tok([1, 2, 3, 4, 7, 7]);
+    model.sequences[2]!.held = tok([1, 2]);
     const a = recorder();
-    await s.submit(request({ promptTokens: [1, 2, 3, 4, 5], maxTokens: 1 }), a.sink);
+    await s.submit(request({ promptTokens: tok([1, 2, 3, 4, 5]), maxTokens: 1 }), a.sink);
     expect(a.r.result?.usage.cachedTokens).toBe(4);
     expect(model.sequences[1]!.held.slice(0, 5)).toEqual([1, 2, 3, 4, 5]);
   });

@@ -47,6 +47,8 @@ export interface SamplingParams {
   presencePenalty: number;
   frequencyPenalty: number;
   logitBias: ReadonlyMap<number, number> | undefined;
+  /** Keep generating past end-of-generation tokens (benchmarks' fixed output length). */
+  ignoreEos: boolean;
 }
 
 export interface ChatMessage {
@@ -346,6 +348,7 @@ export class EngineSequence {
       minP: 0,
       seed: sampling.seed,
       tokenBias,
+      yieldEogToken: sampling.ignoreEos,
       repeatPenalty: penalize
         ? {
             // OpenAI's penalties apply to the generated tokens only.

@@ -94,6 +94,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     context_length: e.engine?.ctxSize ?? null,
     parallel: e.engine?.parallel ?? null,
     chat_template: e.engine?.templateName ?? null,
+    scheduler: e.scheduler
+      ? {
+          busy_slots: e.scheduler.busySlots,
+          total_slots: e.scheduler.totalSlots,
+          waiting: e.scheduler.waiting,
+          // Decode steps, sequences in them, sequences running at them, tokens in them:
+          // items / expected is how full the steps are.
+          ...{ steps: e.scheduler.stats.steps, items: e.scheduler.stats.items, expected: e.scheduler.stats.expected, tokens: e.scheduler.stats.tokens },
+        }
+      : null,
   });
   app.get("/v1/models", async () => ({ object: "list", data: registry.list().map(modelJson) }));
   app.get<{ Params: { id: string } }>("/v1/models/:id", async (request) => {

@@ -34,6 +34,8 @@ export const samplingFields = {
   stream: nullish(z.boolean()),
   stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()) })),
   user: nullish(z.string().max(256)),
+  // vLLM's and llama-server's extension: generate exactly max_tokens (benchmarks).
+  ignore_eos: nullish(z.boolean()),
   // Accepted only at the values that mean "what this server does".
   n: nullish(z.literal(1, { message: "only n=1 is supported" })),
 };

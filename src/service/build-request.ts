@@ -11,6 +11,7 @@ export interface SamplingInput {
   presence_penalty?: number | null;
   frequency_penalty?: number | null;
   logit_bias?: Record<string, number> | null;
+  ignore_eos?: boolean | null;
 }
 
 export interface RequestContext {
@@ -42,6 +43,7 @@ export function samplingParams(input: SamplingInput, entry: ModelEntry, model: E
     presencePenalty: input.presence_penalty ?? d.presence_penalty ?? 0,
     frequencyPenalty: input.frequency_penalty ?? d.frequency_penalty ?? 0,
     logitBias,
+    ignoreEos: input.ignore_eos === true,
   };
 }
 

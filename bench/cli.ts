@@ -1,0 +1,300 @@
+/**
+ * npm run bench -- <command> [options]
+ *
+ *   serve   measure one or more OpenAI-compatible servers, side by side (A B A B …)
+ *   w1      workload W1 of the scheduler issue: this server vs llama-server vs the raw engine
+ *   engine  the engine ceiling alone (node-llama-cpp with no HTTP)
+ *
+ * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
+ * machine; compare ratios measured in one run, and read medians.
+ */
+import { execFileSync } from "node:child_process";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { engineCeiling } from "./engine-ceiling.js";
+import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
+import { ROOT, startLlamaServer, startSpindle, type ServerProcess } from "./lib/processes.js";
+import { parseSlo, summarize, type RunMetrics, type Slo } from "./lib/stats.js";
+import { streamRequest, type RequestRecord } from "./lib/stream-client.js";
+
+interface Target {
+  name: string;
+  url: string;
+}
+
+interface Workload {
+  endpoint: "chat" | "completions";
+  model: string;
+  prompt: string;
+  maxTokens: number;
+  temperature: number;
+  ignoreEos: boolean;
+  randomInput: number | undefined;
+  seed: number;
+}
+
+interface RunResult {
+  target: string;
+  round: number;
+  concurrency: number;
+  rate: number | undefined;
+  metrics: RunMetrics;
+  server: ServerView | undefined;
+}
+
+/** What the server itself says about the run, when it exposes it (Spindle's model extras). */
+interface ServerView {
+  stepFullness: number | undefined;
+  tokensPerStep: number | undefined;
+}
+
+const WORDS = "the cat dog sun moon tree girl boy ran saw big red little happy sad park ball home day night".split(" ");
+
+function promptFor(w: Workload, i: number): string {
+  if (w.randomInput === undefined) return w.prompt;
+  const rand = rng(w.seed * 100_003 + i);
+  return Array.from({ length: w.randomInput }, () => WORDS[Math.floor(rand() * WORDS.length)]).join(" ");
+}
+
+function body(w: Workload, i: number): Record<string, unknown> {
+  const b: Record<string, unknown> = { model: w.model, max_tokens: w.maxTokens, temperature: w.temperature };
+  if (w.ignoreEos) b.ignore_eos = true;
+  if (w.endpoint === "chat") b.messages = [{ role: "user", content: promptFor(w, i) }];
+  else b.prompt = promptFor(w, i);
+  return b;
+}
+
+async function scrapeSteps(t: Target, model: string): Promise<{ steps: number; items: number; expected: number; tokens: number } | undefined> {
+  try {
+    const res = await fetch(`${t.url}/v1/models/${encodeURIComponent(model)}`);
+    if (!res.ok) return undefined;
+    const m = await res.json();
+    return m.scheduler?.steps !== undefined ? m.scheduler : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+class Progress {
+  private done = 0;
+  constructor(private readonly label: string, private readonly total: number) {}
+  tick = () => {
+    this.done++;
+    if (process.stderr.isTTY) {
+      const width = 30;
+      const filled = Math.round((this.done / this.total) * width);
+      process.stderr.write(`\r${this.label} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${this.done}/${this.total}`);
+      if (this.done === this.total) process.stderr.write("\n");
+    }
+  };
+}
+
+async function runOnce(t: Target, w: Workload, opts: { concurrency: number; requests: number; rate?: number; burstiness: number; slo?: Slo; round: number }): Promise<RunResult> {
+  const before = await scrapeSteps(t, w.model);
+  const progress = new Progress(`${t.name} c=${opts.concurrency}${opts.rate ? ` rate=${opts.rate}` : ""} round ${opts.round + 1}`, opts.requests);
+  const job = (i: number) => streamRequest({ baseUrl: t.url, endpoint: w.endpoint, body: body(w, i) });
+  const t0 = performance.now();
+  let records: RequestRecord[];
+  if (opts.rate !== undefined) {
+    records = await openLoop(arrivalGaps(opts.requests, opts.rate, opts.burstiness, w.seed + opts.round), opts.concurrency, job, progress.tick);
+  } else {
+    records = await closedLoop(opts.concurrency, opts.requests, job, progress.tick);
+  }
+  const durationS = (performance.now() - t0) / 1000;
+  const after = await scrapeSteps(t, w.model);
+  let server: ServerView | undefined;
+  if (before && after && after.steps > before.steps) {
+    server = {
+      stepFullness: (after.items - before.items) / (after.expected - before.expected),
+      tokensPerStep: (after.tokens - before.tokens) / (after.steps - before.steps),
+    };
+  }
+  return { target: t.name, round: opts.round, concurrency: opts.concurrency, rate: opts.rate, metrics: summarize(records, durationS, opts.slo), server };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
+const f0 = (x: number) => (Number.isFinite(x) ? x.toFixed(0) : "–");
+const f1 = (x: number) => (Number.isFinite(x) ? x.toFixed(1) : "–");
+const f2 = (x: number) => (Number.isFinite(x) ? x.toFixed(2) : "–");
+
+function table(headers: string[], rows: string[][]): string {
+  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
+  return [line(headers), `|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`, ...rows.map(line)].join("\n");
+}
+
+/** Per concurrency and target: medians over rounds; ratios against the first target, round by round. */
+function report(results: RunResult[], targets: string[]): string {
+  const levels = [...new Set(results.map((r) => r.concurrency))];
+  const rows: string[][] = [];
+  for (const c of levels) {
+    for (const t of targets) {
+      const rs = results.filter((r) => r.concurrency === c && r.target === t);
+      if (rs.length === 0) continue;
+      const m = (pick: (r: RunResult) => number) => median(rs.map(pick));
+      const base = results.filter((r) => r.concurrency === c && r.target === targets[0]);
+      const ratios = (pick: (r: RunResult) => number) => {
+        const pairs = rs.map((r) => {
+          const b = base.find((x) => x.round === r.round);
+          return b ? pick(r) / pick(b) : NaN;
+        });
+        const med = median(pairs);
+        const spread = pairs.length > 1 ? `${f2(Math.min(...pairs))}–${f2(Math.max(...pairs))}` : "";
+        return t === targets[0] ? "1.00" : `${f2(med)}${spread ? ` (${spread})` : ""}`;
+      };
+      const fullness = rs.map((r) => r.server?.stepFullness).filter((x): x is number => x !== undefined);
+      rows.push([
+        String(c),
+        t,
+        f0(m((r) => r.metrics.outputThroughput)),
+        ratios((r) => r.metrics.outputThroughput),
+        f1(m((r) => r.metrics.ttftMs.median)),
+        ratios((r) => r.metrics.ttftMs.median),
+        f2(m((r) => r.metrics.tpotMs.median)),
+        f2(m((r) => r.metrics.itlMs.median)),
+        f1(m((r) => r.metrics.e2eMs.median)),
+        String(rs.reduce((a, r) => a + r.metrics.failed, 0)),
+        fullness.length ? `${f1(median(fullness) * 100)}%` : "–",
+      ]);
+    }
+  }
+  return table(["c", "target", "out tok/s", "× first", "TTFT ms", "× first", "TPOT ms", "ITL ms", "E2E ms", "failed", "step fullness"], rows);
+}
+
+function writeOutputs(dir: string, name: string, json: unknown, markdown: string): void {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, `${name}.json`), JSON.stringify(json, null, 2));
+  writeFileSync(join(dir, `${name}.md`), markdown);
+  process.stderr.write(`wrote ${join(dir, `${name}.json`)} and ${name}.md\n`);
+}
+
+const commonOptions = {
+  endpoint: { type: "string", default: "chat" },
+  model: { type: "string" },
+  prompt: { type: "string", default: "Once upon a time" },
+  "max-tokens": { type: "string", default: "128" },
+  temperature: { type: "string", default: "0" },
+  "ignore-eos": { type: "boolean", default: false },
+  "random-input": { type: "string" },
+  concurrency: { type: "string", default: "1,4,8,16" },
+  requests: { type: "string" },
+  rounds: { type: "string", default: "3" },
+  warmup: { type: "string", default: "2" },
+  rate: { type: "string" },
+  burstiness: { type: "string", default: "1" },
+  slo: { type: "string" },
+  seed: { type: "string", default: "1" },
+  out: { type: "string", default: join(ROOT, ".bench", "results") },
+} as const;
+
+function workloadFrom(v: Record<string, unknown>, model: string): Workload {
+  return {
+    endpoint: v.endpoint === "completions" ? "completions" : "chat",
+    model,
+    prompt: String(v.prompt),
+    maxTokens: Number(v["max-tokens"]),
+    temperature: Number(v.temperature),
+    ignoreEos: v["ignore-eos"] === true,
+    randomInput: v["random-input"] !== undefined ? Number(v["random-input"]) : undefined,
+    seed: Number(v.seed),
+  };
+}
+
+async function sideBySide(targetsFor: (c: number) => Promise<{ targets: Target[]; stop: () => Promise<void> }>, w: Workload, v: Record<string, unknown>, extra?: (c: number, round: number) => Promise<RunResult | undefined>): Promise<RunResult[]> {
+  const levels = String(v.concurrency).split(",").map(Number);
+  const rounds = Number(v.rounds);
+  const slo = parseSlo(v.slo as string | undefined);
+  const rate = v.rate !== undefined ? Number(v.rate) : undefined;
+  const results: RunResult[] = [];
+  for (const c of levels) {
+    const { targets, stop } = await targetsFor(c);
+    try {
+      for (const t of targets) await closedLoop(1, Number(v.warmup), (i) => streamRequest({ baseUrl: t.url, endpoint: w.endpoint, body: body(w, i) }));
+      const requests = v.requests !== undefined ? Number(v.requests) : c * 4;
+      // A B A B …: alternate targets run by run so drift on a noisy machine hits both.
+      for (let round = 0; round < rounds; round++) {
+        for (const t of targets) results.push(await runOnce(t, w, { concurrency: c, requests, rate, burstiness: Number(v.burstiness), slo, round }));
+        const e = await extra?.(c, round);
+        if (e) results.push(e);
+      }
+    } finally {
+      await stop();
+    }
+  }
+  return results;
+}
+
+async function main(): Promise<void> {
+  const [command, ...rest] = process.argv.slice(2);
+  if (command === "serve") {
+    const { values: v } = parseArgs({ args: rest, options: { ...commonOptions, target: { type: "string", multiple: true } } });
+    const targets = (v.target ?? []).map((t, i) => {
+      const [url, name] = t.split("=");
+      return { url: url!, name: name ?? `target${i + 1}` };
+    });
+    if (targets.length === 0) throw new Error("give at least one --target URL[=name]");
+    const w = workloadFrom(v, v.model ?? "default");
+    const results = await sideBySide(async () => ({ targets, stop: async () => {} }), w, v);
+    const md = report(results, targets.map((t) => t.name));
+    process.stdout.write(`${md}\n`);
+    writeOutputs(String(v.out), `serve-${Date.now()}`, { workload: w, results }, `# Benchmark\n\n${JSON.stringify(w)}\n\n${md}\n`);
+    return;
+  }
+  if (command === "w1" || command === "engine") {
+    const { values: v } = parseArgs({
+      args: rest,
+      options: { ...commonOptions, threads: { type: "string", default: "1" }, "llama-server": { type: "string" }, "no-llama-server": { type: "boolean", default: false }, "model-path": { type: "string" } },
+    });
+    const modelPath = resolve(v["model-path"] ?? join(ROOT, "..", "shared", "models", "stories260K.gguf"));
+    const threads = Number(v.threads);
+    const w = workloadFrom(v, "stories260K");
+    const ctxSize = 512;
+    // W1: 8 slots, 16 for c=16.
+    const slotsFor = (c: number) => Math.max(8, c);
+    const ceiling = async (c: number, round: number): Promise<RunResult> => {
+      const [r] = await engineCeiling({ modelPath, prompt: w.prompt, maxTokens: w.maxTokens, concurrency: c, parallel: slotsFor(c), ctxSize, threads, rounds: 1 });
+      const metrics = summarize([], r!.durationS);
+      metrics.completed = c;
+      metrics.outputThroughput = r!.outputThroughput;
+      metrics.totalOutputTokens = r!.outputTokens;
+      metrics.ttftMs = { mean: NaN, median: r!.ttftMsMedian, p90: NaN, p99: NaN };
+      return { target: "engine", round, concurrency: c, rate: undefined, metrics, server: { stepFullness: r!.stepFullness, tokensPerStep: undefined } };
+    };
+    if (command === "engine") {
+      const results: RunResult[] = [];
+      for (const c of String(v.concurrency).split(",").map(Number)) for (let i = 0; i < Number(v.rounds); i++) results.push(await ceiling(c, i));
+      process.stdout.write(`${report(results, ["engine"])}\n`);
+      return;
+    }
+    let llamaBin = v["llama-server"];
+    if (!llamaBin && !v["no-llama-server"]) {
+      llamaBin = execFileSync("bash", [join(ROOT, "bench", "build-llama-server.sh")], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }).trim();
+    }
+    const names = ["spindle", ...(llamaBin ? ["llama-server"] : []), "engine"];
+    const results = await sideBySide(
+      async (c) => {
+        const procs: ServerProcess[] = [await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads })];
+        if (llamaBin) procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads }));
+        return { targets: procs.map((p) => ({ name: p.name, url: p.url })), stop: async () => void (await Promise.all(procs.map((p) => p.stop()))) };
+      },
+      w,
+      v,
+      ceiling,
+    );
+    const md = report(results, names);
+    const header = `W1: stories260K, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
+    process.stdout.write(`${header}\n\n${md}\n`);
+    writeOutputs(String(v.out), `w1-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`);
+    return;
+  }
+  process.stderr.write("usage: npm run bench -- serve|w1|engine [options]  (see bench/cli.ts and the README)\n");
+  process.exit(2);
+}
+
+await main();
