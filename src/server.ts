@@ -33,7 +33,9 @@ export async function startServer(
     threads: options.threads,
     parallel: options.parallel,
     ctxSize: options.ctxSize,
+    flashAttention: options.flashAttention,
     maxQueue: options.maxQueue,
+    maxQueuedTokens: options.maxQueuedTokens,
     log: (msg) => app?.log.info(msg),
     progressStream: io.progressStream,
   });

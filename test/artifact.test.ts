@@ -128,7 +128,7 @@ describe("model artifacts", () => {
     const specs = parseModelsFile(readFileSync(file, "utf8"), file);
     expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
     const server = await startServer(
-      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, maxQueue: 8, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent" },
+      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent" },
       specs,
     );
     try {

@@ -28,7 +28,9 @@ export interface ServerOptions {
   gpu: GpuChoice;
   parallel: number | undefined;
   ctxSize: number | undefined;
+  flashAttention: "auto" | "on" | "off";
   maxQueue: number;
+  maxQueuedTokens: number;
   requestTimeoutSeconds: number;
   maxBodyBytes: number;
   logLevel: string;
@@ -60,7 +62,9 @@ const OPTIONS: Record<string, OptionSpec> = {
   gpu: { env: "SPINDLE_GPU", arg: "auto|cuda|metal|vulkan|cpu", help: "compute backend (default auto)" },
   parallel: { env: "SPINDLE_PARALLEL", arg: "N", help: "concurrent sequences (slots) per model (default 4, or the models file's value)" },
   "ctx-size": { env: "SPINDLE_CTX_SIZE", arg: "N", help: "context tokens per sequence (default 2048 capped at the model's trained size)" },
+  "flash-attention": { env: "SPINDLE_FLASH_ATTENTION", arg: "auto|on|off", help: "flash attention (default auto: on for GPU backends, off on CPU)" },
   "max-queue": { env: "SPINDLE_MAX_QUEUE", arg: "N", help: "requests that may wait for a slot per model; beyond it 429 (default 64)" },
+  "max-queued-tokens": { env: "SPINDLE_MAX_QUEUED_TOKENS", arg: "N", help: "prompt tokens that may wait per model; beyond it 429 (default 65536)" },
   "request-timeout": { env: "SPINDLE_REQUEST_TIMEOUT", arg: "SECONDS", help: "deadline for a request, queue included (default 600)" },
   "max-body-bytes": { env: "SPINDLE_MAX_BODY_BYTES", arg: "N", help: "largest accepted request body (default 4194304)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
@@ -142,6 +146,8 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   if (!GPU_CHOICES.includes(gpuRaw as GpuChoice)) {
     throw new ConfigError(`--gpu: expected one of ${GPU_CHOICES.join("|")}, got "${gpuRaw}"`);
   }
+  const flash = get("flash-attention") ?? "auto";
+  if (flash !== "auto" && flash !== "on" && flash !== "off") throw new ConfigError(`--flash-attention: expected auto|on|off, got "${flash}"`);
   const logLevel = get("log-level") ?? "info";
   if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
     throw new ConfigError(`--log-level: unknown level "${logLevel}"`);
@@ -151,6 +157,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   const parallel = get("parallel");
   const ctxSize = get("ctx-size");
   const maxQueue = get("max-queue");
+  const maxQueuedTokens = get("max-queued-tokens");
   const timeout = get("request-timeout");
   const maxBody = get("max-body-bytes");
   const config = get("config");
@@ -167,7 +174,9 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       gpu: gpuRaw as GpuChoice,
       parallel: parallel === undefined ? undefined : parseInteger("parallel", parallel, 1, 256),
       ctxSize: ctxSize === undefined ? undefined : parseInteger("ctx-size", ctxSize, 16, 1 << 20),
+      flashAttention: flash,
       maxQueue: maxQueue === undefined ? 64 : parseInteger("max-queue", maxQueue, 0, 1_000_000),
+      maxQueuedTokens: maxQueuedTokens === undefined ? 65536 : parseInteger("max-queued-tokens", maxQueuedTokens, 1, 1 << 30),
       requestTimeoutSeconds: timeout === undefined ? 600 : parsePositiveNumber("request-timeout", timeout),
       maxBodyBytes: maxBody === undefined ? 4 * 1024 * 1024 : parseInteger("max-body-bytes", maxBody, 1024, 1 << 30),
       logLevel,

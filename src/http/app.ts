@@ -51,6 +51,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     logController: new LogController({ disableRequestLogging: true }),
     // Ids are our own, so no client can forge another request's log lines.
     genReqId: () => randomBytes(8).toString("hex"),
+    // close() ends keep-alive connections too, instead of waiting out clients' idle timers.
+    forceCloseConnections: true,
     onProtoPoisoning: "error",
     onConstructorPoisoning: "error",
   });

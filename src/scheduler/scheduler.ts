@@ -23,6 +23,8 @@ export interface SchedulerModel {
 
 export interface SchedulerOptions {
   maxQueue: number;
+  /** Bound on the prompt tokens of all waiting requests together. */
+  maxQueuedTokens?: number;
   /** Prompt tokens evaluated per prefill chunk; cancel and deadline are checked between chunks. */
   prefillChunk?: number;
 }
@@ -63,6 +65,8 @@ export class Scheduler implements StepObserver {
   private readonly slots: Slot[];
   private readonly queue = new WaitingQueue<Job>();
   private readonly maxQueue: number;
+  private readonly maxQueuedTokens: number;
+  private queuedTokens = 0;
   private readonly prefillChunk: number;
   /** Token loops between their first step and their end, not paused. */
   private running = 0;
@@ -76,6 +80,7 @@ export class Scheduler implements StepObserver {
 
   constructor(opts: SchedulerOptions) {
     this.maxQueue = opts.maxQueue;
+    this.maxQueuedTokens = opts.maxQueuedTokens ?? Infinity;
     this.prefillChunk = opts.prefillChunk ?? 256;
     this.slots = [];
   }
@@ -112,16 +117,33 @@ export class Scheduler implements StepObserver {
     return this.queue.length;
   }
 
-  /** Requests finished per second, measured over the recent ones; a guess before there are any. */
-  drainRate(): number {
+  get waitingTokens(): number {
+    return this.queuedTokens;
+  }
+
+  /**
+   * Requests finished per second over the last minute, or undefined without enough
+   * recent history to say (then nothing is refused on a prediction).
+   */
+  measuredDrainRate(now = performance.now()): number | undefined {
     const c = this.completions;
-    if (c.length < 2) return Math.max(1, this.slots.length);
-    const span = (c[c.length - 1]! - c[0]!) / 1000;
-    return span > 0 ? (c.length - 1) / span : Math.max(1, this.slots.length);
+    let first = 0;
+    while (first < c.length && now - c[first]! > 60_000) first++;
+    const n = c.length - first;
+    if (n < 2) return undefined;
+    // From the oldest recent completion to now: an idle stretch lowers the rate, as it should.
+    const span = (now - c[first]!) / 1000;
+    return span > 0 ? (n - 1) / span : undefined;
+  }
+
+  /** Seconds until `ahead + 1` requests could have drained, at the measured rate (or one per slot per second). */
+  private predictedWaitSeconds(ahead: number): number {
+    const rate = this.measuredDrainRate() ?? Math.max(1, this.slots.length);
+    return (ahead + 1) / rate;
   }
 
   private retryAfterSeconds(): number {
-    return Math.min(60, Math.max(1, Math.ceil((this.queue.length + 1) / this.drainRate())));
+    return Math.min(60, Math.max(1, Math.ceil(this.predictedWaitSeconds(this.queue.length))));
   }
 
   /**
@@ -134,12 +156,7 @@ export class Scheduler implements StepObserver {
     }
     if (req.signal.aborted) throw new ApiError("cancelled", "The client closed the request.");
     const hasFreeSlot = this.slots.some((s) => !s.busy) && this.queue.length === 0;
-    if (!hasFreeSlot && this.queue.length >= this.maxQueue) {
-      throw new ApiError("overloaded", `Model "${this.model.id}" is overloaded: ${this.queue.length} requests are waiting. Retry later.`, {
-        code: "queue_full",
-        retryAfter: this.retryAfterSeconds(),
-      });
-    }
+    if (!hasFreeSlot) this.admitToQueue(req);
     return new Promise<void>((resolve) => {
       const job: Job = {
         req,
@@ -151,6 +168,7 @@ export class Scheduler implements StepObserver {
         started: false,
       };
       this.queue.push(job);
+      this.queuedTokens += req.promptTokens.length;
       this.pump();
       if (!job.started) this.watchWhileQueued(job);
     });
@@ -160,6 +178,7 @@ export class Scheduler implements StepObserver {
   private watchWhileQueued(job: Job): void {
     const leave = (err: ApiError) => {
       if (!this.queue.remove(job)) return;
+      this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
       job.sink.onError(err, undefined);
     };
@@ -179,11 +198,35 @@ export class Scheduler implements StepObserver {
     job.onAbort = undefined;
   }
 
+  /** Refuses, early and with a Retry-After, a request that would wait beyond a bound or its deadline. */
+  private admitToQueue(req: GenerationRequest): void {
+    if (this.queue.length >= this.maxQueue || this.queuedTokens + req.promptTokens.length > this.maxQueuedTokens) {
+      throw new ApiError(
+        "overloaded",
+        `Model "${this.model.id}" is overloaded: ${this.queue.length} requests (${this.queuedTokens} prompt tokens) are waiting. Retry later.`,
+        { code: "queue_full", retryAfter: this.retryAfterSeconds() },
+      );
+    }
+    const rate = this.measuredDrainRate();
+    if (rate !== undefined) {
+      const wait = (this.queue.aheadOf(req.priority) + 1) / rate;
+      const left = (req.deadline - performance.now()) / 1000;
+      if (wait > left) {
+        throw new ApiError(
+          "overloaded",
+          `Model "${this.model.id}" cannot start this request before its deadline: the predicted wait is ${wait.toFixed(1)}s and the deadline is in ${left.toFixed(1)}s.`,
+          { code: "deadline_unmeetable", retryAfter: Math.min(60, Math.max(1, Math.ceil(wait))) },
+        );
+      }
+    }
+  }
+
   private pump(): void {
     while (this.queue.length > 0) {
       const free = this.slots.filter((s) => !s.busy);
       if (free.length === 0) return;
       const job = this.queue.shift(performance.now())!;
+      this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
       job.started = true;
       const slot = this.pickSlot(free, job.req.promptTokens);
@@ -260,7 +303,7 @@ export class Scheduler implements StepObserver {
 
   private recordCompletion(): void {
     this.completions.push(performance.now());
-    if (this.completions.length > 32) this.completions.shift();
+    if (this.completions.length > 64) this.completions.shift();
   }
 
   private checkLive(req: GenerationRequest): ApiError | undefined {
@@ -352,6 +395,7 @@ export class Scheduler implements StepObserver {
   close(): void {
     this.closed = true;
     for (const job of this.queue.drain()) {
+      this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
       job.sink.onError(new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" }), undefined);
     }

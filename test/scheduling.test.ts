@@ -1,0 +1,235 @@
+/** Admission, deadlines, priority, prompt reuse and chunked prefill, through the real server and engine. */
+import { afterEach, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server.js";
+import { openaiClient, startTestServer, STORIES, waitFor, type TestServerOptions } from "./helpers/server.js";
+import { postSse } from "./helpers/sse.js";
+
+let server: RunningServer | undefined;
+afterEach(async () => {
+  await server?.close();
+  server = undefined;
+});
+
+async function start(opts: TestServerOptions & { ctx?: number }) {
+  server = await startTestServer([{ ...STORIES, ctxSize: opts.ctx ?? 4096 }], { parallel: 1, ...opts });
+  return server;
+}
+
+const scheduler = () => server!.registry.resolve("stories260K").scheduler;
+
+function post(path: string, body: unknown, headers: Record<string, string> = {}, signal?: AbortSignal) {
+  return fetch(`${server!.url}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+    signal,
+  });
+}
+
+/** Occupies the only slot with a long generation until aborted. */
+async function occupySlot(): Promise<AbortController> {
+  const ac = new AbortController();
+  const res = await post("/v1/completions", { model: "stories260K", prompt: "Once upon a time", max_tokens: 3500, ignore_eos: true, stream: true }, {}, ac.signal);
+  const reader = res.body!.getReader();
+  await reader.read();
+  // Keep reading in the background so the stream flows until the abort.
+  void (async () => {
+    try {
+      for (;;) if ((await reader.read()).done) break;
+    } catch {
+      /* aborted */
+    }
+  })();
+  return ac;
+}
+
+const short = { model: "stories260K", prompt: "Once upon a time", max_tokens: 4, temperature: 0 };
+
+describe("admission", () => {
+  it("a full queue answers 429 overloaded with Retry-After; after it drains the next request succeeds", async () => {
+    await start({ maxQueue: 1 });
+    const a = await occupySlot();
+    const queued = post("/v1/completions", short);
+    await waitFor(() => scheduler().waiting === 1);
+    const refused = await post("/v1/completions", short);
+    expect(refused.status).toBe(429);
+    expect(Number(refused.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    const body = await refused.json();
+    expect(body.error).toMatchObject({ type: "overloaded_error", code: "queue_full" });
+    a.abort();
+    expect((await queued).status).toBe(200);
+    expect((await post("/v1/completions", short)).status).toBe(200);
+  });
+
+  it("the bound on queued prompt tokens refuses too", async () => {
+    await start({ maxQueue: 10, maxQueuedTokens: 50 });
+    const a = await occupySlot();
+    const refused = await post("/v1/completions", { ...short, prompt: "word ".repeat(80) });
+    expect(refused.status).toBe(429);
+    expect((await refused.json()).error.code).toBe("queue_full");
+    a.abort();
+  });
+
+  it("a request whose predicted wait exceeds its deadline is refused at once", async () => {
+    await start({ maxQueue: 10 });
+    // Build a measured drain rate: a few requests of known length.
+    for (let i = 0; i < 3; i++) await post("/v1/completions", { ...short, max_tokens: 300, ignore_eos: true });
+    const a = await occupySlot();
+    const t0 = performance.now();
+    const refused = await post("/v1/completions", short, { "X-Request-Timeout": "0.001" });
+    expect(refused.status).toBe(429);
+    expect((await refused.json()).error.code).toBe("deadline_unmeetable");
+    expect(performance.now() - t0).toBeLessThan(500);
+    a.abort();
+  });
+});
+
+describe("deadlines", () => {
+  it("a deadline that passes in the queue gets 504 with the envelope", async () => {
+    await start({ maxQueue: 4 });
+    const a = await occupySlot();
+    const t0 = performance.now();
+    const res = await post("/v1/completions", short, { "X-Request-Timeout": "0.3" });
+    const waited = performance.now() - t0;
+    expect(res.status).toBe(504);
+    expect((await res.json()).error).toMatchObject({ type: "timeout", code: "queue_timeout" });
+    expect(waited).toBeGreaterThanOrEqual(280);
+    expect(waited).toBeLessThan(2000);
+    expect(scheduler().waiting).toBe(0);
+    a.abort();
+  });
+
+  it("a deadline mid-stream ends the stream with a timeout error event and frees the slot", async () => {
+    await start({});
+    const raw = await postSse(
+      `${server!.url}/v1/chat/completions`,
+      { model: "stories260K", messages: [{ role: "user", content: "Hi" }], max_tokens: 3500, ignore_eos: true, stream: true },
+      { "X-Request-Timeout": "0.3" },
+    );
+    expect(raw.status).toBe(200);
+    const last = JSON.parse(raw.events.at(-1)!);
+    expect(last.error).toMatchObject({ type: "timeout", code: "generation_timeout" });
+    expect(raw.events).not.toContain("[DONE]");
+    expect(raw.events.length).toBeGreaterThan(2);
+    await waitFor(() => scheduler().busySlots === 0, 1000, 1);
+    // The OpenAI SDK raises that event as an error.
+    const stream = await openaiClient(server!).chat.completions.create(
+      { model: "stories260K", messages: [{ role: "user", content: "Hi" }], max_tokens: 3500, stream: true, ignore_eos: true } as never,
+      { headers: { "X-Request-Timeout": "0.2" } },
+    );
+    await expect(
+      (async () => {
+        for await (const _ of stream as unknown as AsyncIterable<unknown>) {
+          /* drain */
+        }
+      })(),
+    ).rejects.toThrow(/deadline/);
+  });
+
+  it("a deadline mid-generation of a non-stream request gets 504", async () => {
+    await start({});
+    const res = await post("/v1/completions", { ...short, max_tokens: 3500, ignore_eos: true }, { "X-Request-Timeout": "0.2" });
+    expect(res.status).toBe(504);
+    expect((await res.json()).error.type).toBe("timeout");
+    await waitFor(() => scheduler().busySlots === 0, 1000, 1);
+  });
+
+  it("without X-Request-Timeout, the OpenAI SDK's x-stainless-timeout header sets the deadline", async () => {
+    await start({ maxQueue: 4 });
+    const a = await occupySlot();
+    // What the SDK sends for a 1 s client timeout (whole seconds).
+    const res = await post("/v1/completions", short, { "x-stainless-timeout": "1" });
+    expect(res.status).toBe(504);
+    // X-Request-Timeout wins over it.
+    const t0 = performance.now();
+    const res2 = await post("/v1/completions", short, { "x-stainless-timeout": "30", "X-Request-Timeout": "0.2" });
+    expect(res2.status).toBe(504);
+    expect(performance.now() - t0).toBeLessThan(1500);
+    a.abort();
+  });
+});
+
+describe("priority", () => {
+  it("X-Priority: high is admitted before normal before low", async () => {
+    await start({ maxQueue: 10 });
+    const a = await occupySlot();
+    const order: string[] = [];
+    const send = (p: string) => post("/v1/completions", short, { "X-Priority": p }).then(async (r) => {
+      expect(r.status).toBe(200);
+      await r.json();
+      order.push(p);
+    });
+    const pending = [send("low")];
+    await waitFor(() => scheduler().waiting === 1);
+    pending.push(send("normal"));
+    await waitFor(() => scheduler().waiting === 2);
+    pending.push(send("high"));
+    await waitFor(() => scheduler().waiting === 3);
+    a.abort();
+    await Promise.all(pending);
+    expect(order).toEqual(["high", "normal", "low"]);
+  });
+
+  it("a bad X-Priority is a 400", async () => {
+    await start({});
+    const res = await post("/v1/completions", short, { "X-Priority": "urgent" });
+    expect(res.status).toBe(400);
+  });
+});
+
+describe("prompt reuse", () => {
+  it("a repeated prompt reuses the slot's KV, reports cached tokens and gives identical greedy output", async () => {
+    await start({ parallel: 2 });
+    const client = openaiClient(server!);
+    const messages = [{ role: "user" as const, content: "Once upon a time there was a little dog who liked to run in the park" }];
+    const first = await client.chat.completions.create({ model: "stories260K", messages, max_tokens: 40, temperature: 0 });
+    const second = await client.chat.completions.create({ model: "stories260K", messages, max_tokens: 40, temperature: 0 });
+    expect(second.choices[0]!.message.content).toBe(first.choices[0]!.message.content);
+    expect(second.usage!.prompt_tokens_details!.cached_tokens).toBe(second.usage!.prompt_tokens - 1);
+    // A follow-up turn shares the whole first exchange as a prefix.
+    const turn2 = await client.chat.completions.create({
+      model: "stories260K",
+      messages: [...messages, { role: "assistant", content: first.choices[0]!.message.content! }, { role: "user", content: "And then?" }],
+      max_tokens: 10,
+      temperature: 0,
+    });
+    expect(turn2.usage!.prompt_tokens_details!.cached_tokens).toBeGreaterThan(first.usage!.prompt_tokens);
+  });
+});
+
+describe("chunked prefill", () => {
+  it("a long prompt does not stall a running stream: its inter-token gaps stay far below the prefill time", async () => {
+    await start({ parallel: 2, ctx: 4096 });
+    // About 1,800 tokens: seven chunks of prefill.
+    const long = { model: "stories260K", prompt: "the cat sat on the mat and ".repeat(180), max_tokens: 1, temperature: 0 };
+    // How long the long prompt's prefill takes alone (a distinct prompt each time, so no reuse).
+    const alone: number[] = [];
+    for (const salt of ["a", "b"]) {
+      const t0 = performance.now();
+      const r = await post("/v1/completions", { ...long, prompt: salt + long.prompt });
+      expect(r.status).toBe(200);
+      alone.push(performance.now() - t0);
+    }
+    const prefillMs = Math.min(...alone);
+
+    const ac = new AbortController();
+    const res = await post("/v1/completions", { model: "stories260K", prompt: "Once upon a time", max_tokens: 4000, ignore_eos: true, stream: true }, {}, ac.signal);
+    const reader = res.body!.getReader();
+    const gaps: number[] = [];
+    let last = performance.now();
+    let prefilling = false;
+    const done = post("/v1/completions", { ...long, prompt: "c" + long.prompt }).then(() => (prefilling = false));
+    prefilling = true;
+    while (prefilling) {
+      await reader.read();
+      const now = performance.now();
+      gaps.push(now - last);
+      last = now;
+    }
+    await done;
+    ac.abort();
+    const worst = Math.max(...gaps.slice(1));
+    // Unchunked, one gap would be the whole prefill.
+    expect(worst).toBeLessThan(prefillMs * 0.6);
+  });
+});
