@@ -9,4 +9,4 @@ COPY src ./src
 VOLUME /app/models
 ENV SPINDLE_HOST=0.0.0.0 SPINDLE_PORT=8080
 EXPOSE 8080
-CMD ["node", "--import", "tsx", "src/main.ts"]
+CMD ["node", "src/launch.cjs"]

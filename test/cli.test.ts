@@ -9,7 +9,7 @@ import { sharedModel } from "./helpers/server.js";
 const ROOT = resolve(import.meta.dirname, "..");
 
 function run(args: string[], env: Record<string, string> = {}) {
-  return spawnSync(process.execPath, ["--import", "tsx", "src/main.ts", ...args], {
+  return spawnSync(process.execPath, ["src/launch.cjs", ...args], {
     cwd: ROOT,
     encoding: "utf8",
     env: { ...process.env, ...env },
@@ -19,7 +19,7 @@ function run(args: string[], env: Record<string, string> = {}) {
 
 /** Starts the server and resolves with its URL once it prints the listening line. */
 function startProcess(args: string[], env: Record<string, string> = {}) {
-  const child = spawn(process.execPath, ["--import", "tsx", "src/main.ts", ...args], { cwd: ROOT, env: { ...process.env, ...env } });
+  const child = spawn(process.execPath, ["src/launch.cjs", ...args], { cwd: ROOT, env: { ...process.env, ...env } });
   let out = "";
   let err = "";
   const url = new Promise<string>((resolveUrl, reject) => {

@@ -5,9 +5,12 @@
 export class StopMatcher {
   private held = "";
   private readonly maxLen: number;
+  /** First characters of the stop strings: a tail without any of them holds nothing back. */
+  private readonly starts: Set<string>;
 
   constructor(private readonly stops: readonly string[]) {
     this.maxLen = stops.reduce((m, s) => Math.max(m, s.length), 0);
+    this.starts = new Set(stops.map((s) => s[0]!));
   }
 
   get active(): boolean {
@@ -53,6 +56,10 @@ export class StopMatcher {
   /** Length of the longest suffix of `buf` that is a proper prefix of some stop string. */
   private partialSuffixLength(buf: string): number {
     const limit = Math.min(buf.length, this.maxLen - 1);
+    // The per-token fast path: no stop string can start in the tail.
+    let candidate = false;
+    for (let i = buf.length - limit; i < buf.length && !candidate; i++) candidate = this.starts.has(buf[i]!);
+    if (!candidate) return 0;
     for (let len = limit; len > 0; len--) {
       const tail = buf.slice(buf.length - len);
       for (const stop of this.stops) if (stop.length > len && stop.startsWith(tail)) return len;
