@@ -2,13 +2,8 @@ import { randomBytes } from "node:crypto";
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { ApiError, toApiError } from "../errors.js";
 import type { ModelRegistry, ModelEntry } from "../models/registry.js";
-import { chatRequestSchema, requestedMaxTokens, toChatMessages } from "../protocol/chat.js";
-import { parseBody, stopList } from "../protocol/common.js";
-import { completionPrompt, completionRequestSchema } from "../protocol/completions.js";
-import { PromptRenderError, type Token } from "../engine/llama-engine.js";
-import type { GenerationSink } from "../scheduler/types.js";
-import { buildGenerationRequest, resolveMaxTokens, samplingParams, type RequestContext } from "../service/build-request.js";
-import { JsonSink, SseSink, type Endpoint, type ResponseMeta } from "./encoders.js";
+import { prepareChat, prepareCompletion } from "../service/prepare.js";
+import { ChunkStreamSink, JsonSink, SseTransport } from "./encoders.js";
 
 export interface AppOptions {
   registry: ModelRegistry;
@@ -18,9 +13,6 @@ export interface AppOptions {
   /** When false the server answers 503 everywhere that needs a model (shutting down). */
   isAccepting?: () => boolean;
 }
-
-/** OpenAI's legacy completions default to 16 tokens. */
-const TEXT_DEFAULT_MAX_TOKENS = 16;
 
 function sendError(reply: FastifyReply, err: ApiError): FastifyReply {
   if (err.retryAfter !== undefined) reply.header("retry-after", String(err.retryAfter));
@@ -115,12 +107,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   });
 
   /** Runs one generation and answers it as JSON or SSE. */
-  async function serve(
-    request: FastifyRequest,
-    reply: FastifyReply,
-    endpoint: Endpoint,
-    prepare: (ctx: RequestContext) => { entry: ReturnType<ModelRegistry["resolve"]>; stream: boolean; includeUsage: boolean; echo: string; gen: ReturnType<typeof buildGenerationRequest> },
-  ) {
+  async function serve(request: FastifyRequest, reply: FastifyReply, prepare: typeof prepareChat) {
     if (opts.isAccepting && !opts.isAccepting()) {
       throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
     }
@@ -129,83 +116,26 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     reply.raw.on("close", () => {
       if (!reply.raw.writableFinished) abort.abort();
     });
-    const { entry, stream, includeUsage, echo, gen } = prepare({
+    const { entry, meta, stream, includeUsage, echo, gen } = prepare(registry, request.body, {
       headers: request.headers,
       signal: abort.signal,
       defaultTimeoutSeconds: opts.requestTimeoutSeconds,
     });
-    const meta: ResponseMeta = {
-      id: `${endpoint === "chat" ? "chatcmpl" : "cmpl"}-${randomBytes(12).toString("hex")}`,
-      created: Math.floor(Date.now() / 1000),
-      model: entry.id,
-      endpoint,
-    };
     if (stream) {
-      const sink = new SseSink(reply.raw, meta, includeUsage, () => reply.hijack(), echo);
-      await entry.scheduler.submit(gen, sink);
-      if (sink.earlyError) throw sink.earlyError;
+      const transport = new SseTransport(reply.raw, () => reply.hijack());
+      await entry.scheduler.submit(gen, new ChunkStreamSink(meta, transport, includeUsage, echo));
+      if (transport.earlyError) throw transport.earlyError;
       return reply;
     }
     const sink = new JsonSink(meta, echo);
-    await entry.scheduler.submit(gen, sink as GenerationSink);
+    await entry.scheduler.submit(gen, sink);
     const result = sink.result!;
     if ("error" in result) throw result.error;
     return reply.send(result.body);
   }
 
-  app.post("/v1/chat/completions", (request, reply) =>
-    serve(request, reply, "chat", (ctx) => {
-      const body = parseBody(chatRequestSchema, request.body);
-      const entry = registry.resolve(body.model);
-      const model = entry.engine;
-      let rendered;
-      try {
-        rendered = model.renderChat(toChatMessages(body));
-      } catch (err) {
-        if (err instanceof PromptRenderError) throw new ApiError("invalid_request", err.message, { param: "messages", code: "invalid_messages" });
-        throw err;
-      }
-      const maxParam = body.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens";
-      const maxTokens = resolveMaxTokens(rendered.tokens.length, requestedMaxTokens(body), entry.sampling.max_tokens, model.ctxSize, {
-        prompt: "messages",
-        maxTokens: maxParam,
-      });
-      const sampling = samplingParams(body, entry, model);
-      const gen = buildGenerationRequest({
-        promptTokens: rendered.tokens,
-        maxTokens,
-        stop: [...stopList(body.stop), ...rendered.stopStrings],
-        sampling,
-        ctx,
-      });
-      return { entry, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true, echo: "", gen };
-    }),
-  );
-
-  app.post("/v1/completions", (request, reply) =>
-    serve(request, reply, "text", (ctx) => {
-      const body = parseBody(completionRequestSchema, request.body);
-      const entry = registry.resolve(body.model);
-      const model = entry.engine;
-      const prompt = completionPrompt(body);
-      let tokens: Token[];
-      if ("text" in prompt) {
-        tokens = model.tokenizePrompt(prompt.text);
-      } else {
-        const bad = prompt.tokens.find((t) => !model.isValidToken(t));
-        if (bad !== undefined) throw new ApiError("invalid_request", `Invalid value for 'prompt': token id ${bad} is outside the vocabulary.`, { param: "prompt", code: "invalid_value" });
-        tokens = prompt.tokens as Token[];
-      }
-      if (tokens.length === 0) throw new ApiError("invalid_request", "The prompt is empty.", { param: "prompt", code: "invalid_value" });
-      const maxTokens = resolveMaxTokens(tokens.length, body.max_tokens ?? undefined, entry.sampling.max_tokens ?? TEXT_DEFAULT_MAX_TOKENS, model.ctxSize, {
-        prompt: "prompt",
-        maxTokens: "max_tokens",
-      });
-      const echo = body.echo === true ? ("text" in prompt ? prompt.text : model.detokenize(tokens)) : "";
-      const gen = buildGenerationRequest({ promptTokens: tokens, maxTokens, stop: stopList(body.stop), sampling: samplingParams(body, entry, model), ctx });
-      return { entry, stream: body.stream === true, includeUsage: body.stream_options?.include_usage === true, echo, gen };
-    }),
-  );
+  app.post("/v1/chat/completions", (request, reply) => serve(request, reply, prepareChat));
+  app.post("/v1/completions", (request, reply) => serve(request, reply, prepareCompletion));
 
   return app;
 }

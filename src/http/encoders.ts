@@ -1,20 +1,13 @@
 /**
  * The wire encodings of one generation: OpenAI chat and text completions, as a JSON
- * body or as Server-Sent Events. The per-token path writes a precomputed prefix and
- * suffix around the JSON-escaped text: no object is built or serialised per token.
+ * body or as a stream of chunk objects carried by a transport (SSE today, WebSocket
+ * frames too). The per-token path concatenates a precomputed prefix and suffix around
+ * the JSON-escaped text: no object is built or serialised per token.
  */
 import type { ServerResponse } from "node:http";
 import type { ApiError } from "../errors.js";
 import type { GenerationResult, GenerationSink, Usage } from "../scheduler/types.js";
-
-export type Endpoint = "chat" | "text";
-
-export interface ResponseMeta {
-  id: string;
-  created: number;
-  model: string;
-  endpoint: Endpoint;
-}
+import type { ResponseMeta } from "../service/prepare.js";
 
 export function usageJson(u: Usage) {
   return {
@@ -45,16 +38,6 @@ export function completionBody(meta: ResponseMeta, text: string, result: Generat
   };
 }
 
-function chunkHead(meta: ResponseMeta): string {
-  const object = meta.endpoint === "chat" ? "chat.completion.chunk" : "text_completion";
-  return `data: {"id":${JSON.stringify(meta.id)},"object":"${object}","created":${meta.created},"model":${JSON.stringify(meta.model)},"choices":`;
-}
-
-export interface ErrorReporter {
-  /** Sends an error as an HTTP response (nothing was sent yet). */
-  (error: ApiError): void;
-}
-
 /** Collects the whole text, answered as one JSON body. */
 export class JsonSink implements GenerationSink {
   private text: string;
@@ -79,67 +62,123 @@ export class JsonSink implements GenerationSink {
   }
 }
 
-/**
- * Streams chunks as SSE. Headers go out only when the request gets a slot, so an
- * error while queued (timeout, overload) can still be an HTTP status.
- */
-export class SseSink implements GenerationSink {
+/** Builds the JSON text of each stream chunk; the same bytes whatever carries them. */
+export class ChunkEncoder {
   private readonly head: string;
   private readonly deltaOpen: string;
   private readonly deltaClose: string;
-  private started = false;
-  /** Set when the request failed before anything was sent: the route answers it as HTTP. */
-  earlyError: ApiError | undefined;
 
-  constructor(
-    private readonly res: ServerResponse,
-    private readonly meta: ResponseMeta,
-    private readonly includeUsage: boolean,
-    private readonly beforeStart: () => void,
-    private readonly echo = "",
-  ) {
-    this.head = chunkHead(meta);
+  constructor(private readonly meta: ResponseMeta) {
+    const object = meta.endpoint === "chat" ? "chat.completion.chunk" : "text_completion";
+    this.head = `{"id":${JSON.stringify(meta.id)},"object":"${object}","created":${meta.created},"model":${JSON.stringify(meta.model)},"choices":`;
     if (meta.endpoint === "chat") {
       this.deltaOpen = `${this.head}[{"index":0,"delta":{"content":`;
-      this.deltaClose = `},"logprobs":null,"finish_reason":null}]}\n\n`;
+      this.deltaClose = `},"logprobs":null,"finish_reason":null}]}`;
     } else {
       this.deltaOpen = `${this.head}[{"index":0,"text":`;
-      this.deltaClose = `,"logprobs":null,"finish_reason":null}]}\n\n`;
+      this.deltaClose = `,"logprobs":null,"finish_reason":null}]}`;
     }
   }
 
+  /** The chat stream's first chunk, carrying the role; none for text completions. */
+  role(): string | undefined {
+    if (this.meta.endpoint !== "chat") return undefined;
+    return `${this.head}[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}`;
+  }
+
+  delta(text: string): string {
+    return this.deltaOpen + JSON.stringify(text) + this.deltaClose;
+  }
+
+  final(result: GenerationResult): string {
+    return this.meta.endpoint === "chat"
+      ? `${this.head}[{"index":0,"delta":{},"logprobs":null,"finish_reason":"${result.finishReason}"}]}`
+      : `${this.head}[{"index":0,"text":"","logprobs":null,"finish_reason":"${result.finishReason}"}]}`;
+  }
+
+  usage(result: GenerationResult): string {
+    return `${this.head}[],"usage":${JSON.stringify(usageJson(result.usage))}}`;
+  }
+}
+
+/** Carries chunk JSON texts to a client. */
+export interface ChunkTransport {
+  /** The request got a slot: the first moment anything may be sent. */
+  open(): void;
+  chunk(json: string): void;
+  /** The stream ended normally. */
+  close(): void;
+  /** The stream failed; `started` tells whether anything was sent before. */
+  fail(error: ApiError, started: boolean): void;
+}
+
+/** A generation streamed as chunks: the role, the deltas, the final chunk, the usage. */
+export class ChunkStreamSink implements GenerationSink {
+  private readonly encoder: ChunkEncoder;
+  private started = false;
+
+  constructor(
+    meta: ResponseMeta,
+    private readonly transport: ChunkTransport,
+    private readonly includeUsage: boolean,
+    private readonly echo = "",
+  ) {
+    this.encoder = new ChunkEncoder(meta);
+  }
+
   onStart(): void {
-    this.beforeStart();
     this.started = true;
+    this.transport.open();
+    const role = this.encoder.role();
+    if (role !== undefined) this.transport.chunk(role);
+    if (this.echo !== "") this.transport.chunk(this.encoder.delta(this.echo));
+  }
+
+  onText(text: string): void {
+    this.transport.chunk(this.encoder.delta(text));
+  }
+
+  onDone(result: GenerationResult): void {
+    this.transport.chunk(this.encoder.final(result));
+    if (this.includeUsage) this.transport.chunk(this.encoder.usage(result));
+    this.transport.close();
+  }
+
+  onError(error: ApiError): void {
+    this.transport.fail(error, this.started);
+  }
+}
+
+/**
+ * Server-Sent Events. Headers go out only when the request gets a slot, so an error
+ * while it queues (timeout, overload) can still be an HTTP status: the route reads
+ * `earlyError` and answers it.
+ */
+export class SseTransport implements ChunkTransport {
+  earlyError: ApiError | undefined;
+
+  constructor(private readonly res: ServerResponse, private readonly beforeOpen: () => void) {}
+
+  open(): void {
+    this.beforeOpen();
     this.res.writeHead(200, {
       "content-type": "text/event-stream; charset=utf-8",
       "cache-control": "no-cache",
       connection: "keep-alive",
       "x-accel-buffering": "no",
     });
-    if (this.meta.endpoint === "chat") {
-      this.res.write(`${this.head}[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n`);
-    } else if (this.echo !== "") {
-      this.onText(this.echo);
-    }
   }
 
-  onText(text: string): void {
-    this.res.write(this.deltaOpen + JSON.stringify(text) + this.deltaClose);
+  chunk(json: string): void {
+    this.res.write(`data: ${json}\n\n`);
   }
 
-  onDone(result: GenerationResult): void {
-    const final =
-      this.meta.endpoint === "chat"
-        ? `[{"index":0,"delta":{},"logprobs":null,"finish_reason":"${result.finishReason}"}]`
-        : `[{"index":0,"text":"","logprobs":null,"finish_reason":"${result.finishReason}"}]`;
-    let out = `${this.head}${final}}\n\n`;
-    if (this.includeUsage) out += `${this.head}[],"usage":${JSON.stringify(usageJson(result.usage))}}\n\n`;
-    this.res.end(`${out}data: [DONE]\n\n`);
+  close(): void {
+    this.res.end("data: [DONE]\n\n");
   }
 
-  onError(error: ApiError): void {
-    if (!this.started) {
+  fail(error: ApiError, started: boolean): void {
+    if (!started) {
       this.earlyError = error;
       return;
     }
