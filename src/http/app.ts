@@ -4,6 +4,8 @@ import { ApiError, toApiError } from "../errors.js";
 import type { ModelRegistry, ModelEntry } from "../models/registry.js";
 import { prepareChat, prepareCompletion } from "../service/prepare.js";
 import { ChunkStreamSink, JsonSink, SseTransport } from "./encoders.js";
+import websocket from "@fastify/websocket";
+import { DEFAULT_SOCKET_LIMITS, SocketSession, type SocketLimits } from "../ws/socket-session.js";
 
 export interface AppOptions {
   registry: ModelRegistry;
@@ -12,6 +14,9 @@ export interface AppOptions {
   logLevel: string;
   /** When false the server answers 503 everywhere that needs a model (shutting down). */
   isAccepting?: () => boolean;
+  /** Largest WebSocket frame; a bigger one closes the connection with 1009. */
+  maxFrameBytes?: number;
+  socketLimits?: Partial<SocketLimits>;
 }
 
 function sendError(reply: FastifyReply, err: ApiError): FastifyReply {
@@ -133,6 +138,19 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     if ("error" in result) throw result.error;
     return reply.send(result.body);
   }
+
+  const socketLimits = { ...DEFAULT_SOCKET_LIMITS, ...opts.socketLimits };
+  void app.register(websocket, { options: { maxPayload: opts.maxFrameBytes ?? opts.maxBodyBytes } });
+  void app.register(async (instance) => {
+    instance.get("/v1/ws", { websocket: true }, (socket, request) => {
+      new SocketSession(socket, registry, {
+        limits: socketLimits,
+        requestTimeoutSeconds: opts.requestTimeoutSeconds,
+        isAccepting: () => opts.isAccepting?.() ?? true,
+        headers: request.headers,
+      });
+    });
+  });
 
   app.post("/v1/chat/completions", (request, reply) => serve(request, reply, prepareChat));
   app.post("/v1/completions", (request, reply) => serve(request, reply, prepareCompletion));
