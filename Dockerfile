@@ -5,6 +5,7 @@ COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund
 COPY tsconfig.json models.yaml ./
 COPY src ./src
+COPY web ./web
 # Models live in a volume; a missing one is fetched from its sources on start.
 VOLUME /app/models
 ENV SPINDLE_HOST=0.0.0.0 SPINDLE_PORT=8080

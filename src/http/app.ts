@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { ApiError, toApiError } from "../errors.js";
 import type { ModelRegistry, ModelEntry } from "../models/registry.js";
@@ -69,6 +70,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     }
     done();
   });
+
+  // The chat page: three static files, read once, no build step.
+  const webRoot = new URL("../../web/", import.meta.url);
+  const page = (file: string, type: string) => {
+    const body = readFileSync(new URL(file, webRoot));
+    return async (_req: FastifyRequest, reply: FastifyReply) => reply.type(type).header("cache-control", "no-cache").send(body);
+  };
+  app.get("/", page("index.html", "text/html; charset=utf-8"));
+  app.get("/chat.js", page("chat.js", "text/javascript; charset=utf-8"));
+  app.get("/chat.css", page("chat.css", "text/css; charset=utf-8"));
 
   app.get("/livez", async () => ({ status: "ok" }));
   const ready = async (_req: FastifyRequest, reply: FastifyReply) => {
