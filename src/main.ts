@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { ArtifactError } from "./config/artifact.js";
 import { ConfigError, helpText, parseCommandLine, type ServerOptions } from "./config/cli.js";
-import { loadModelsFile, type ModelSpec } from "./config/models-file.js";
+import { loadModelsFile, versionName, type ModelSpec } from "./config/models-file.js";
 import { ModelLoadError } from "./engine/llama-engine.js";
 import { startServer, type RunningServer } from "./server.js";
 
@@ -15,6 +15,7 @@ function modelSpecs(options: ServerOptions): ModelSpec[] {
   if (options.models.length > 0) {
     return options.models.map((m) => ({
       id: m.id,
+      version: versionName(undefined, undefined),
       path: resolve(m.path),
       sha256: undefined,
       sources: [],

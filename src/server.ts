@@ -1,7 +1,10 @@
 import type { FastifyInstance } from "fastify";
 import type { ServerOptions } from "./config/cli.js";
 import type { ModelSpec } from "./config/models-file.js";
-import { Engine } from "./engine/llama-engine.js";
+import { Engine, NODE_LLAMA_CPP_VERSION } from "./engine/llama-engine.js";
+import { Metrics } from "./telemetry/metrics.js";
+import type { Telemetry } from "./telemetry/request-telemetry.js";
+import { startTracing, tracesEndpoint } from "./telemetry/tracing.js";
 import { buildApp } from "./http/app.js";
 import { ModelRegistry } from "./models/registry.js";
 
@@ -9,6 +12,7 @@ export interface RunningServer {
   app: FastifyInstance;
   registry: ModelRegistry;
   engine: Engine;
+  telemetry: Telemetry;
   /** http://host:port */
   url: string;
   /** Stops accepting, closes the listener, disposes the models. */
@@ -27,6 +31,13 @@ export async function startServer(
 ): Promise<RunningServer> {
   const engine = await Engine.create(options.gpu);
   let accepting = true;
+  const endpoint = tracesEndpoint(options.otlpEndpoint);
+  const telemetry: Telemetry = {
+    metrics: new Metrics(engine.backend, NODE_LLAMA_CPP_VERSION),
+    tracing: endpoint ? startTracing(endpoint, { "spindle.backend": engine.backend }) : undefined,
+    // Replaced by the app's logger below, before anything logs.
+    log: undefined as never,
+  };
   // The registry logs through the app's logger, which exists only after buildApp.
   let app: FastifyInstance | undefined;
   const registry = new ModelRegistry(engine, specs, {
@@ -38,6 +49,7 @@ export async function startServer(
     maxQueuedTokens: options.maxQueuedTokens,
     log: (msg) => app?.log.info(msg),
     progressStream: io.progressStream,
+    telemetry,
   });
   app = buildApp({
     registry,
@@ -45,13 +57,17 @@ export async function startServer(
     requestTimeoutSeconds: options.requestTimeoutSeconds,
     logLevel: options.logLevel,
     isAccepting: () => accepting,
+    telemetry,
   });
+  telemetry.log = app.log;
+  telemetry.metrics.watch(registry);
   try {
     await registry.loadAll();
     await app.listen({ host: options.host, port: options.port });
   } catch (err) {
     await registry.dispose();
     await engine.dispose();
+    await telemetry.tracing?.shutdown();
     throw err;
   }
   const a = app.server.address();
@@ -62,12 +78,15 @@ export async function startServer(
     app: running,
     registry,
     engine,
+    telemetry,
     url: `http://${host}:${port}`,
     async close() {
       accepting = false;
       await running.close();
       await registry.dispose();
       await engine.dispose();
+      // Flushes the spans still batched.
+      await telemetry.tracing?.shutdown();
     },
   };
 }

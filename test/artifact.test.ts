@@ -126,9 +126,10 @@ describe("model artifacts", () => {
       `models:\n  - id: dl\n    file: cache/stories.gguf\n    sha256: ${STORIES_SHA}\n    sources: ["${base}/good.gguf"]\n    chat_template: general\n    ctx_size: 256\n    parallel: 2\n`,
     );
     const specs = parseModelsFile(readFileSync(file, "utf8"), file);
+    expect(specs[0]!.version).toBe(STORIES_SHA.slice(0, 12));
     expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
     const server = await startServer(
-      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent" },
+      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent", otlpEndpoint: undefined },
       specs,
     );
     try {

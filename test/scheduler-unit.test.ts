@@ -53,6 +53,7 @@ function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
     priority: "normal",
     deadline: performance.now() + 10_000,
     signal: new AbortController().signal,
+    timeline: {},
     ...over,
   };
 }

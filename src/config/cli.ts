@@ -33,6 +33,7 @@ export interface ServerOptions {
   maxQueuedTokens: number;
   requestTimeoutSeconds: number;
   maxBodyBytes: number;
+  otlpEndpoint: string | undefined;
   logLevel: string;
 }
 
@@ -67,6 +68,7 @@ const OPTIONS: Record<string, OptionSpec> = {
   "max-queued-tokens": { env: "SPINDLE_MAX_QUEUED_TOKENS", arg: "N", help: "prompt tokens that may wait per model; beyond it 429 (default 65536)" },
   "request-timeout": { env: "SPINDLE_REQUEST_TIMEOUT", arg: "SECONDS", help: "deadline for a request, queue included (default 600)" },
   "max-body-bytes": { env: "SPINDLE_MAX_BODY_BYTES", arg: "N", help: "largest accepted request body (default 4194304)" },
+  "otlp-endpoint": { env: "SPINDLE_OTLP_ENDPOINT", arg: "URL", help: "send OpenTelemetry traces over OTLP/HTTP (also: OTEL_EXPORTER_OTLP_ENDPOINT)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
 };
 
@@ -179,6 +181,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       maxQueuedTokens: maxQueuedTokens === undefined ? 65536 : parseInteger("max-queued-tokens", maxQueuedTokens, 1, 1 << 30),
       requestTimeoutSeconds: timeout === undefined ? 600 : parsePositiveNumber("request-timeout", timeout),
       maxBodyBytes: maxBody === undefined ? 4 * 1024 * 1024 : parseInteger("max-body-bytes", maxBody, 1024, 1 << 30),
+      otlpEndpoint: get("otlp-endpoint"),
       logLevel,
     },
   };

@@ -14,6 +14,8 @@ const samplingSchema = z.strictObject({
 
 const modelEntrySchema = z.strictObject({
   id: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._:\-]*$/, "letters, digits, '.', '_', ':' and '-' only"),
+  /** A name for this artifact (labels metrics, logs and traces); default: the sha256's first 12 digits. */
+  version: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._\-]*$/, "letters, digits, '.', '_' and '-' only").optional(),
   /** The GGUF file, relative to the models file. */
   file: z.string().min(1),
   /** Hex sha256 of the file; when set, the file is checked before use. */
@@ -36,6 +38,7 @@ export type SamplingDefaults = z.infer<typeof samplingSchema>;
 /** One model as the rest of the server sees it: paths resolved, nothing optional that has a default. */
 export interface ModelSpec {
   id: string;
+  version: string;
   path: string;
   sha256: string | undefined;
   sources: string[];
@@ -54,6 +57,11 @@ function describeIssue(doc: unknown, issue: z.core.$ZodIssue): string {
     return `${name}, field ${field}: ${issue.message}`;
   }
   return `${path.join(".") || "(top level)"}: ${issue.message}`;
+}
+
+/** What a model version is called when the file does not name it. */
+export function versionName(explicit: string | undefined, sha256: string | undefined): string {
+  return explicit ?? (sha256 ? sha256.slice(0, 12).toLowerCase() : "unversioned");
 }
 
 export function parseModelsFile(text: string, file: string): ModelSpec[] {
@@ -76,6 +84,7 @@ export function parseModelsFile(text: string, file: string): ModelSpec[] {
     const rel = (p: string) => (isAbsolute(p) ? p : resolve(base, p));
     return {
       id: m.id,
+      version: versionName(m.version, m.sha256),
       path: rel(m.file),
       sha256: m.sha256?.toLowerCase(),
       sources: (m.sources ?? []).map((s) => (/^https?:\/\//.test(s) ? s : rel(s))),

@@ -233,6 +233,8 @@ function fairShare(items: readonly BatchItem[], size: number): PrioritizedBatchI
 export class EngineModel {
   readonly sequences: EngineSequence[];
   readonly vocabularySize: number;
+  /** KV cache bytes one token occupies (F16 keys and values over all layers). */
+  readonly kvBytesPerToken: number;
   private readonly bos: Token | undefined;
 
   constructor(
@@ -249,6 +251,7 @@ export class EngineModel {
     }
     const tokens = model.fileInfo.metadata.tokenizer?.ggml?.tokens;
     this.vocabularySize = tokens?.length ?? 0;
+    this.kvBytesPerToken = kvBytesPerToken(model);
     this.bos = model.tokens.shouldPrependBosToken ? (model.tokens.bos ?? undefined) : undefined;
   }
 
@@ -318,6 +321,24 @@ export class EngineModel {
     await this.context.dispose();
     await this.model.dispose();
   }
+}
+
+/**
+ * Σ over layers of n_head_kv × (head_dim_k + head_dim_v) × 2 bytes (F16), from the GGUF
+ * metadata of the model's architecture (stories260K: 5 × 4 × (8 + 8) × 2 = 640).
+ */
+function kvBytesPerToken(model: LlamaModel): number {
+  const meta = model.fileInfo.metadata as unknown as Record<string, Record<string, unknown>> & { general: { architecture: string } };
+  const arch = meta[meta.general.architecture] as
+    | { block_count?: number; embedding_length?: number; attention?: { head_count?: number; head_count_kv?: number | number[]; key_length?: number; value_length?: number } }
+    | undefined;
+  if (!arch?.block_count || !arch.attention?.head_count || !arch.embedding_length) return 0;
+  const headDim = arch.embedding_length / arch.attention.head_count;
+  const kv = arch.attention.head_count_kv ?? arch.attention.head_count;
+  const perLayerKv = Array.isArray(kv) ? kv : new Array<number>(arch.block_count).fill(kv);
+  const k = arch.attention.key_length ?? headDim;
+  const v = arch.attention.value_length ?? headDim;
+  return perLayerKv.reduce((sum, heads) => sum + heads * (k + v) * 2, 0);
 }
 
 /** One slot: a sequence of the model's context, created once and reused for every request. */

@@ -4,9 +4,11 @@ import Fastify, { LogController, type FastifyInstance, type FastifyReply, type F
 import { ApiError, toApiError } from "../errors.js";
 import type { ModelRegistry, ModelEntry } from "../models/registry.js";
 import { prepareChat, prepareCompletion } from "../service/prepare.js";
-import { ChunkStreamSink, JsonSink, SseTransport } from "./encoders.js";
+import { ChunkStreamSink, JsonSink, observed, SseTransport } from "./encoders.js";
+import type { RequestOutcome } from "../telemetry/request-telemetry.js";
 import websocket from "@fastify/websocket";
 import { DEFAULT_SOCKET_LIMITS, SocketSession, type SocketLimits } from "../ws/socket-session.js";
+import { RequestTelemetry, type Telemetry } from "../telemetry/request-telemetry.js";
 
 export interface AppOptions {
   registry: ModelRegistry;
@@ -18,6 +20,7 @@ export interface AppOptions {
   /** Largest WebSocket frame; a bigger one closes the connection with 1009. */
   maxFrameBytes?: number;
   socketLimits?: Partial<SocketLimits>;
+  telemetry: Telemetry;
 }
 
 function sendError(reply: FastifyReply, err: ApiError): FastifyReply {
@@ -64,13 +67,6 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     sendError(reply, new ApiError("not_found", `Unknown route: ${request.method} ${request.url.split("?")[0]}`, { code: "unknown_route" })),
   );
 
-  app.addHook("onResponse", (request, reply, done) => {
-    if (request.url.startsWith("/v1/") && request.method === "POST") {
-      request.log.info({ reqId: request.id, url: request.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) }, "request");
-    }
-    done();
-  });
-
   // The chat page: three static files, read once, no build step.
   const webRoot = new URL("../../web/", import.meta.url);
   const page = (file: string, type: string) => {
@@ -80,6 +76,11 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.get("/", page("index.html", "text/html; charset=utf-8"));
   app.get("/chat.js", page("chat.js", "text/javascript; charset=utf-8"));
   app.get("/chat.css", page("chat.css", "text/css; charset=utf-8"));
+
+  app.get("/metrics", async (_req, reply) => {
+    const metrics = opts.telemetry.metrics.registry;
+    return reply.type(metrics.contentType).send(await metrics.metrics());
+  });
 
   app.get("/livez", async () => ({ status: "ok" }));
   const ready = async (_req: FastifyRequest, reply: FastifyReply) => {
@@ -122,32 +123,52 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return modelJson(entry);
   });
 
-  /** Runs one generation and answers it as JSON or SSE. */
+  /** Runs one generation and answers it as JSON or SSE; reports it once, however it ends. */
   async function serve(request: FastifyRequest, reply: FastifyReply, prepare: typeof prepareChat) {
-    if (opts.isAccepting && !opts.isAccepting()) {
-      throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
+    const endpoint = prepare === prepareChat ? "chat" : "completions";
+    const telemetry = new RequestTelemetry(opts.telemetry, { id: request.id, endpoint, transport: "http", route: `POST ${request.url.split("?")[0]}`, headers: request.headers });
+    if (telemetry.traceId) reply.header("x-trace-id", telemetry.traceId);
+    const outcome: RequestOutcome = { status: 200 };
+    try {
+      if (opts.isAccepting && !opts.isAccepting()) {
+        throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
+      }
+      const abort = new AbortController();
+      // 'close' before the response finished means the client went away.
+      reply.raw.on("close", () => {
+        if (!reply.raw.writableFinished) abort.abort();
+      });
+      const prepared = prepare(registry, request.body, {
+        headers: request.headers,
+        signal: abort.signal,
+        defaultTimeoutSeconds: opts.requestTimeoutSeconds,
+      });
+      telemetry.prepare(prepared);
+      const { entry, meta, stream, includeUsage, echo, gen } = prepared;
+      if (stream) {
+        const transport = new SseTransport(reply.raw, () => {
+          // Hijacked replies skip fastify's header handling: carry the trace id by hand.
+          if (telemetry.traceId) reply.raw.setHeader("x-trace-id", telemetry.traceId);
+          reply.hijack();
+        });
+        const sink = new ChunkStreamSink(meta, transport, includeUsage, echo);
+        await entry.scheduler.submit(gen, observed(sink, outcome));
+        if (transport.earlyError) throw transport.earlyError;
+        return reply;
+      }
+      const sink = new JsonSink(meta, echo);
+      await entry.scheduler.submit(gen, observed(sink, outcome));
+      const result = sink.result!;
+      if ("error" in result) throw result.error;
+      return reply.send(result.body);
+    } catch (err) {
+      const apiErr = toApiError(err);
+      outcome.status = apiErr.status;
+      outcome.error = apiErr;
+      throw apiErr;
+    } finally {
+      telemetry.finish(outcome);
     }
-    const abort = new AbortController();
-    // 'close' before the response finished means the client went away.
-    reply.raw.on("close", () => {
-      if (!reply.raw.writableFinished) abort.abort();
-    });
-    const { entry, meta, stream, includeUsage, echo, gen } = prepare(registry, request.body, {
-      headers: request.headers,
-      signal: abort.signal,
-      defaultTimeoutSeconds: opts.requestTimeoutSeconds,
-    });
-    if (stream) {
-      const transport = new SseTransport(reply.raw, () => reply.hijack());
-      await entry.scheduler.submit(gen, new ChunkStreamSink(meta, transport, includeUsage, echo));
-      if (transport.earlyError) throw transport.earlyError;
-      return reply;
-    }
-    const sink = new JsonSink(meta, echo);
-    await entry.scheduler.submit(gen, sink);
-    const result = sink.result!;
-    if ("error" in result) throw result.error;
-    return reply.send(result.body);
   }
 
   const socketLimits = { ...DEFAULT_SOCKET_LIMITS, ...opts.socketLimits };
@@ -155,6 +176,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   void app.register(async (instance) => {
     instance.get("/v1/ws", { websocket: true }, (socket, request) => {
       new SocketSession(socket, registry, {
+        telemetry: opts.telemetry,
         limits: socketLimits,
         requestTimeoutSeconds: opts.requestTimeoutSeconds,
         isAccepting: () => opts.isAccepting?.() ?? true,

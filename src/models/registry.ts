@@ -4,11 +4,13 @@ import { Engine, type EngineModel } from "../engine/llama-engine.js";
 import { ApiError } from "../errors.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import type { GenerationSink } from "../scheduler/types.js";
+import { lifecycleSpan, type Telemetry } from "../telemetry/request-telemetry.js";
 
 export type ModelState = "loading" | "ready" | "failed";
 
 export interface ModelEntry {
   readonly id: string;
+  readonly version: string;
   readonly path: string;
   state: ModelState;
   error: string | undefined;
@@ -29,6 +31,7 @@ export interface RegistryOptions {
   maxQueue: number;
   maxQueuedTokens: number;
   log: (msg: string) => void;
+  telemetry?: Telemetry;
   progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
 }
 
@@ -46,6 +49,7 @@ export class ModelRegistry {
     for (const s of specs) {
       this.entries.set(s.id, {
         id: s.id,
+        version: s.version,
         path: s.path,
         state: "loading",
         error: undefined,
@@ -86,11 +90,17 @@ export class ModelRegistry {
   async loadAll(): Promise<void> {
     for (const spec of this.specs) {
       const entry = this.entries.get(spec.id)!;
+      const t0 = performance.now();
       try {
         await this.load(spec, entry);
       } catch (err) {
         entry.state = "failed";
         entry.error = (err as Error).message;
+        const telemetry = this.opts.telemetry;
+        if (telemetry) {
+          telemetry.metrics.modelLoadFailed(spec.id, spec.version);
+          lifecycleSpan(telemetry, "model.load", t0, performance.now(), { "gen_ai.request.model": spec.id, "spindle.model.version": spec.version }, entry.error);
+        }
         throw err;
       }
     }
@@ -99,7 +109,11 @@ export class ModelRegistry {
   private async load(spec: ModelSpec, entry: ModelEntry): Promise<void> {
     await ensureArtifact(spec, { progressStream: this.opts.progressStream, log: this.opts.log });
     const t0 = performance.now();
-    const scheduler = new Scheduler({ maxQueue: this.opts.maxQueue, maxQueuedTokens: this.opts.maxQueuedTokens });
+    const scheduler = new Scheduler({
+      maxQueue: this.opts.maxQueue,
+      maxQueuedTokens: this.opts.maxQueuedTokens,
+      observer: this.opts.telemetry?.metrics.schedulerObserver(spec.id, spec.version),
+    });
     const engineModel = await this.engine.loadModel({
       id: spec.id,
       path: spec.path,
@@ -117,7 +131,15 @@ export class ModelRegistry {
     entry.loadSeconds = (performance.now() - t0) / 1000;
     const t1 = performance.now();
     await warmUp(engineModel, scheduler);
-    entry.warmupSeconds = (performance.now() - t1) / 1000;
+    const t2 = performance.now();
+    entry.warmupSeconds = (t2 - t1) / 1000;
+    const telemetry = this.opts.telemetry;
+    if (telemetry) {
+      telemetry.metrics.modelLoaded(spec.id, spec.version, entry.loadSeconds, entry.warmupSeconds);
+      const attrs = { "gen_ai.request.model": spec.id, "spindle.model.version": spec.version };
+      lifecycleSpan(telemetry, "model.load", t0, t1, attrs);
+      lifecycleSpan(telemetry, "model.warmup", t1, t2, attrs);
+    }
     entry.state = "ready";
     entry.created = Math.floor(Date.now() / 1000);
     this.opts.log(
@@ -155,6 +177,7 @@ async function warmUp(model: EngineModel, scheduler: Scheduler): Promise<void> {
       priority: "normal",
       deadline: performance.now() + 60_000,
       signal: new AbortController().signal,
+      timeline: {},
     },
     sink,
   );

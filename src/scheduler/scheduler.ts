@@ -2,7 +2,7 @@ import { ApiError } from "../errors.js";
 import type { SamplingParams, StepObserver, Token } from "../engine/llama-engine.js";
 import { StopMatcher } from "../generation/stop-matcher.js";
 import { Utf8Detokenizer } from "../generation/utf8-detokenizer.js";
-import type { FinishReason, GenerationRequest, GenerationSink, Usage } from "./types.js";
+import type { FinishReason, GenerationRequest, GenerationSink, SchedulerObserver, Usage } from "./types.js";
 import { WaitingQueue } from "./waiting-queue.js";
 
 /** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
@@ -27,6 +27,7 @@ export interface SchedulerOptions {
   maxQueuedTokens?: number;
   /** Prompt tokens evaluated per prefill chunk; cancel and deadline are checked between chunks. */
   prefillChunk?: number;
+  observer?: SchedulerObserver;
 }
 
 interface Slot {
@@ -76,12 +77,14 @@ export class Scheduler implements StepObserver {
   private readonly completions: number[] = [];
   private closed = false;
   private model!: SchedulerModel;
+  private readonly observer: SchedulerObserver | undefined;
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
 
   constructor(opts: SchedulerOptions) {
     this.maxQueue = opts.maxQueue;
     this.maxQueuedTokens = opts.maxQueuedTokens ?? Infinity;
     this.prefillChunk = opts.prefillChunk ?? 256;
+    this.observer = opts.observer;
     this.slots = [];
   }
 
@@ -101,6 +104,14 @@ export class Scheduler implements StepObserver {
     this.stats.items += items;
     this.stats.expected += Math.max(items, this.running);
     this.stats.tokens += tokens;
+    this.observer?.decodeStep(items, tokens);
+  }
+
+  /** Tokens whose KV the slots hold (in use, of what the context reserves). */
+  heldTokens(): number {
+    let n = 0;
+    for (const s of this.slots) n += s.seq.heldTokens().length;
+    return n;
   }
 
   get busySlots(): number {
@@ -167,6 +178,7 @@ export class Scheduler implements StepObserver {
         onAbort: undefined,
         started: false,
       };
+      req.timeline.queuedAt = job.enqueuedAt;
       this.queue.push(job);
       this.queuedTokens += req.promptTokens.length;
       this.pump();
@@ -282,11 +294,15 @@ export class Scheduler implements StepObserver {
     let cached = 0;
     let generatedCount = 0;
     const usage = (): Usage => ({ promptTokens: prompt.length, completionTokens: generatedCount, cachedTokens: cached });
+    const timeline = req.timeline;
     try {
+      timeline.startedAt = performance.now();
+      timeline.slot = slot.seq.index;
       sink.onStart();
       // Reuse the KV of the shared prefix; at least one prompt token must be evaluated to get logits.
       const held = slot.seq.heldTokens();
       cached = Math.min(commonPrefix(held, prompt), prompt.length - 1);
+      timeline.cachedTokens = cached;
       if (held.length > cached) await this.whilePaused(() => slot.seq.truncate(cached));
       const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
       if (outcome instanceof ApiError) sink.onError(outcome, usage());
@@ -294,8 +310,9 @@ export class Scheduler implements StepObserver {
     } catch (err) {
       sink.onError(new ApiError("model_error", `The model failed while generating: ${(err as Error)?.message ?? err}`, { cause: err }), usage());
     } finally {
+      timeline.endedAt = performance.now();
       slot.busy = false;
-      slot.lastUsed = performance.now();
+      slot.lastUsed = timeline.endedAt;
       this.recordCompletion();
       this.pump();
     }
@@ -347,6 +364,7 @@ export class Scheduler implements StepObserver {
       const iter = seq.generate(rest, req.sampling, generated, bias);
       let finish: FinishReason | ApiError = "length";
       let hitStopString = false;
+      let lastTokenAt = 0;
       try {
         for (;;) {
           if (this.resumeGate !== null) await this.waitIfPaused();
@@ -361,6 +379,10 @@ export class Scheduler implements StepObserver {
             break;
           }
           generated.push(step.value);
+          const now = performance.now();
+          if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
+          else this.observer?.interTokenLatency((now - lastTokenAt) / 1000);
+          lastTokenAt = now;
           const text = detok.push(step.value);
           if (text !== "") {
             const out = stopper.push(text);

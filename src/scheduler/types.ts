@@ -15,6 +15,25 @@ export interface GenerationRequest {
   /** performance.now() by which the request must be finished. */
   deadline: number;
   signal: AbortSignal;
+  /** Filled in by the scheduler as the request moves on; read by telemetry at the end. */
+  timeline: Timeline;
+}
+
+/** performance.now() timestamps of a request's life in the scheduler. */
+export interface Timeline {
+  queuedAt?: number;
+  startedAt?: number;
+  firstTokenAt?: number;
+  endedAt?: number;
+  slot?: number;
+  cachedTokens?: number;
+}
+
+/** Per-model figures the scheduler reports as they happen (metrics); all optional work. */
+export interface SchedulerObserver {
+  /** Seconds between two tokens of one sequence. */
+  interTokenLatency(seconds: number): void;
+  decodeStep(sequences: number, tokens: number): void;
 }
 
 export interface Usage {

@@ -123,5 +123,6 @@ export function buildGenerationRequest(args: {
     priority: priorityFrom(args.ctx.headers),
     deadline: performance.now() + timeout * 1000,
     signal: args.ctx.signal,
+    timeline: {},
   };
 }

@@ -10,7 +10,9 @@
 import type { WebSocket } from "ws";
 import { ApiError, toApiError } from "../errors.js";
 import type { ChunkTransport } from "../http/encoders.js";
-import { ChunkStreamSink } from "../http/encoders.js";
+import { ChunkStreamSink, observed } from "../http/encoders.js";
+import { RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
+import { randomBytes } from "node:crypto";
 import type { ModelRegistry } from "../models/registry.js";
 import { prepareChat, prepareCompletion } from "../service/prepare.js";
 
@@ -53,7 +55,7 @@ export class SocketSession {
   constructor(
     private readonly socket: WebSocket,
     private readonly registry: ModelRegistry,
-    private readonly opts: { limits: SocketLimits; requestTimeoutSeconds: number; isAccepting: () => boolean; headers: Record<string, string | string[] | undefined> },
+    private readonly opts: { telemetry: Telemetry; limits: SocketLimits; requestTimeoutSeconds: number; isAccepting: () => boolean; headers: Record<string, string | string[] | undefined> },
   ) {
     this.tokens = opts.limits.frameBurst;
     socket.on("message", (data, isBinary) => this.onMessage(data as Buffer, isBinary));
@@ -142,6 +144,14 @@ export class SocketSession {
   private async generate(id: string, type: "chat.completions.create" | "completions.create", frame: { body?: unknown; timeout?: unknown; priority?: unknown }): Promise<void> {
     const entry: InFlight = { abort: new AbortController(), reason: undefined };
     this.inFlight.set(id, entry);
+    const telemetry = new RequestTelemetry(this.opts.telemetry, {
+      id: randomBytes(8).toString("hex"),
+      endpoint: type === "chat.completions.create" ? "chat" : "completions",
+      transport: "ws",
+      route: `WS ${type}`,
+      headers: this.opts.headers,
+    });
+    const outcome: RequestOutcome = { status: 200 };
     try {
       if (!this.opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
       // The frame's own timeout and priority take the place of the HTTP headers.
@@ -151,11 +161,17 @@ export class SocketSession {
       const body = frame.body !== null && typeof frame.body === "object" ? { ...(frame.body as object), stream: true } : frame.body;
       const prepare = type === "chat.completions.create" ? prepareChat : prepareCompletion;
       const p = prepare(this.registry, body, { headers, signal: entry.abort.signal, defaultTimeoutSeconds: this.opts.requestTimeoutSeconds });
-      await p.entry.scheduler.submit(p.gen, new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo));
+      telemetry.prepare(p);
+      await p.entry.scheduler.submit(p.gen, observed(new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo), outcome));
+      if (outcome.error) outcome.status = outcome.error.status;
     } catch (err) {
-      this.sendError(id, toApiError(err));
+      const apiErr = toApiError(err);
+      outcome.status = apiErr.status;
+      outcome.error = apiErr;
+      this.sendError(id, apiErr);
     } finally {
       this.inFlight.delete(id);
+      telemetry.finish(outcome);
     }
   }
 

@@ -18,6 +18,7 @@ export interface TestModel {
 export function spec(m: TestModel): ModelSpec {
   return {
     id: m.id,
+    version: "test",
     path: m.file.startsWith("/") ? m.file : sharedModel(m.file),
     sha256: undefined,
     sources: [],
@@ -46,6 +47,7 @@ export async function startTestServer(models: TestModel[], opts: TestServerOptio
       requestTimeoutSeconds: 600,
       maxBodyBytes: 4 * 1024 * 1024,
       logLevel: "silent",
+      otlpEndpoint: undefined,
       ...opts,
     },
     models.map(spec),

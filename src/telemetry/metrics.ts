@@ -1,0 +1,174 @@
+/**
+ * Prometheus metrics (prom-client, own registry). Names follow Prometheus conventions:
+ * `spindle_` prefix, base units in the name, `_total` on counters. Labels are bounded:
+ * model ids come from the configuration (an unknown name is "_unknown"), never from a
+ * client's free text; no request ids.
+ *
+ * Per-token work is one observe() on a child histogram bound once per model; gauges are
+ * computed at scrape time from the live objects, never maintained on the hot path.
+ */
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { ModelRegistry } from "../models/registry.js";
+import type { SchedulerObserver } from "../scheduler/types.js";
+import type { ErrorKind } from "../errors.js";
+
+export const SPINDLE_VERSION = "0.1.0";
+
+const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const ITL_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+const TOKEN_BUCKETS = [1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
+const STEP_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048];
+
+export interface FinishedRequest {
+  endpoint: "chat" | "completions";
+  model: string;
+  version: string;
+  status: number;
+  finishReason: string | undefined;
+  errorKind: ErrorKind | undefined;
+  durationSeconds: number;
+  queueWaitSeconds: number | undefined;
+  ttftSeconds: number | undefined;
+  promptTokens: number | undefined;
+  cachedTokens: number | undefined;
+  completionTokens: number | undefined;
+}
+
+export class Metrics {
+  readonly registry = new Registry();
+  private readonly requests: Counter;
+  private readonly errors: Counter;
+  private readonly duration: Histogram;
+  private readonly queueWait: Histogram;
+  private readonly ttft: Histogram;
+  private readonly itl: Histogram;
+  private readonly promptTokensPerRequest: Histogram;
+  private readonly completionTokensPerRequest: Histogram;
+  private readonly stepSequences: Histogram;
+  private readonly stepTokens: Histogram;
+  private readonly promptTokens: Counter;
+  private readonly cachedTokens: Counter;
+  private readonly completionTokens: Counter;
+  private readonly loads: Counter;
+  private readonly loadFailures: Counter;
+  private readonly loadDuration: Histogram;
+  private readonly warmupDuration: Histogram;
+
+  constructor(backend: string, nodeLlamaCppVersion: string) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry, prefix: "spindle_" });
+    const mv = ["model", "version"];
+    this.requests = new Counter({
+      name: "spindle_requests_total",
+      help: "Finished generation requests.",
+      labelNames: ["endpoint", ...mv, "status_class", "finish_reason"],
+      registers,
+    });
+    this.errors = new Counter({ name: "spindle_errors_total", help: "Failed requests by error type.", labelNames: ["endpoint", ...mv, "type"], registers });
+    this.duration = new Histogram({ name: "spindle_request_duration_seconds", help: "End-to-end request latency, queue included.", labelNames: ["endpoint", ...mv], buckets: LATENCY_BUCKETS, registers });
+    this.queueWait = new Histogram({ name: "spindle_queue_wait_seconds", help: "Time from admission to getting a slot.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
+    this.ttft = new Histogram({ name: "spindle_time_to_first_token_seconds", help: "Time from arrival to the first generated token.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
+    this.itl = new Histogram({ name: "spindle_inter_token_latency_seconds", help: "Time between consecutive tokens of one sequence.", labelNames: mv, buckets: ITL_BUCKETS, registers });
+    this.promptTokensPerRequest = new Histogram({ name: "spindle_request_prompt_tokens", help: "Prompt tokens per request.", labelNames: mv, buckets: TOKEN_BUCKETS, registers });
+    this.completionTokensPerRequest = new Histogram({ name: "spindle_request_completion_tokens", help: "Completion tokens per request.", labelNames: mv, buckets: TOKEN_BUCKETS, registers });
+    this.stepSequences = new Histogram({ name: "spindle_decode_step_sequences", help: "Sequences carried by each decode step (batch fullness).", labelNames: mv, buckets: STEP_BUCKETS, registers });
+    this.stepTokens = new Histogram({ name: "spindle_decode_step_tokens", help: "Tokens evaluated by each decode step.", labelNames: mv, buckets: STEP_BUCKETS, registers });
+    this.promptTokens = new Counter({ name: "spindle_prompt_tokens_total", help: "Prompt tokens of finished requests.", labelNames: mv, registers });
+    this.cachedTokens = new Counter({ name: "spindle_cached_prompt_tokens_total", help: "Prompt tokens whose KV was reused.", labelNames: mv, registers });
+    this.completionTokens = new Counter({ name: "spindle_completion_tokens_total", help: "Generated tokens.", labelNames: mv, registers });
+    this.loads = new Counter({ name: "spindle_model_loads_total", help: "Model loads that completed (loaded and warmed).", labelNames: mv, registers });
+    this.loadFailures = new Counter({ name: "spindle_model_load_failures_total", help: "Model loads that failed.", labelNames: mv, registers });
+    this.loadDuration = new Histogram({ name: "spindle_model_load_duration_seconds", help: "Time to load a model and create its context.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
+    this.warmupDuration = new Histogram({ name: "spindle_model_warmup_duration_seconds", help: "Time of the warm-up generation after load.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
+    new Gauge({
+      name: "spindle_build_info",
+      help: "Build information; the value is always 1.",
+      labelNames: ["version", "node_llama_cpp_version", "backend"],
+      registers,
+    }).set({ version: SPINDLE_VERSION, node_llama_cpp_version: nodeLlamaCppVersion, backend }, 1);
+  }
+
+  /** Gauges read from the models at scrape time. */
+  watch(models: ModelRegistry): void {
+    const registers = [this.registry];
+    const gauge = (name: string, help: string, read: (set: (labels: Record<string, string>, v: number) => void) => void, extra: string[] = []) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ["model", "version", ...extra],
+        registers,
+        collect() {
+          this.reset();
+          read((labels, v) => this.set(labels, v));
+        },
+      });
+    const each = (fn: (e: ReturnType<ModelRegistry["list"]>[number], labels: { model: string; version: string }) => void) => {
+      for (const e of models.list()) fn(e, { model: e.id, version: e.version });
+    };
+    gauge("spindle_requests_running", "Requests holding a slot.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.busySlots)));
+    gauge("spindle_requests_waiting", "Requests waiting for a slot.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waiting)));
+    gauge("spindle_queued_prompt_tokens", "Prompt tokens of the waiting requests.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waitingTokens)));
+    gauge("spindle_slots_busy", "Slots (sequences) in use.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.busySlots)));
+    gauge("spindle_slots_total", "Slots (sequences) of the model's context.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.totalSlots)));
+    gauge("spindle_kv_cache_reserved_bytes", "KV cache reserved by the context.", (set) =>
+      each((e, l) => e.engine && set(l, e.engine.kvBytesPerToken * e.engine.ctxSize * e.engine.parallel)),
+    );
+    gauge("spindle_kv_cache_used_bytes", "KV cache holding tokens now.", (set) =>
+      each((e, l) => e.engine && e.scheduler && set(l, e.engine.kvBytesPerToken * e.scheduler.heldTokens())),
+    );
+    gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => each((e, l) => e.engine && set(l, e.engine.sizeBytes)));
+    new Gauge({
+      name: "spindle_models_resident",
+      help: "Models loaded and serving.",
+      registers,
+      collect() {
+        this.set(models.list().filter((e) => e.state === "ready").length);
+      },
+    });
+    gauge("spindle_model_ready", "1 when the model version is loaded and warmed.", (set) => each((e, l) => set(l, e.state === "ready" ? 1 : 0)));
+  }
+
+  /** Per-model figures, bound once, for the scheduler's hot path. */
+  schedulerObserver(model: string, version: string): SchedulerObserver {
+    const labels = { model, version };
+    const itl = this.itl.labels(labels);
+    const seqs = this.stepSequences.labels(labels);
+    const toks = this.stepTokens.labels(labels);
+    return {
+      interTokenLatency: (s) => itl.observe(s),
+      decodeStep: (n, t) => {
+        seqs.observe(n);
+        toks.observe(t);
+      },
+    };
+  }
+
+  modelLoaded(model: string, version: string, loadSeconds: number, warmupSeconds: number): void {
+    this.loads.inc({ model, version });
+    this.loadDuration.observe({ model, version }, loadSeconds);
+    this.warmupDuration.observe({ model, version }, warmupSeconds);
+  }
+
+  modelLoadFailed(model: string, version: string): void {
+    this.loadFailures.inc({ model, version });
+  }
+
+  /** Once per request, when it ends (whatever the transport). */
+  requestFinished(r: FinishedRequest): void {
+    const mv = { model: r.model, version: r.version };
+    this.requests.inc({ endpoint: r.endpoint, ...mv, status_class: `${Math.floor(r.status / 100)}xx`, finish_reason: r.finishReason ?? "none" });
+    if (r.errorKind !== undefined) this.errors.inc({ endpoint: r.endpoint, ...mv, type: r.errorKind });
+    this.duration.observe({ endpoint: r.endpoint, ...mv }, r.durationSeconds);
+    if (r.queueWaitSeconds !== undefined) this.queueWait.observe(mv, r.queueWaitSeconds);
+    if (r.ttftSeconds !== undefined) this.ttft.observe(mv, r.ttftSeconds);
+    if (r.promptTokens !== undefined) {
+      this.promptTokensPerRequest.observe(mv, r.promptTokens);
+      this.promptTokens.inc(mv, r.promptTokens);
+      this.cachedTokens.inc(mv, r.cachedTokens ?? 0);
+    }
+    if (r.completionTokens !== undefined) {
+      this.completionTokensPerRequest.observe(mv, r.completionTokens);
+      this.completionTokens.inc(mv, r.completionTokens);
+    }
+  }
+}
