@@ -4,11 +4,13 @@
  *   serve   measure one or more OpenAI-compatible servers, side by side (A B A B …)
  *   w1      workload W1 of the scheduler issue: this server vs llama-server vs the raw engine
  *   engine  the engine ceiling alone (node-llama-cpp with no HTTP)
+ *   telemetry  W1 with metrics and tracing on against both off (their per-token cost)
  *
  * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
  * machine; compare ratios measured in one run, and read medians.
  */
 import { execFileSync } from "node:child_process";
+import { createServer } from "node:http";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
@@ -217,9 +219,11 @@ async function sideBySide(targetsFor: (c: number) => Promise<{ targets: Target[]
     try {
       for (const t of targets) await closedLoop(1, Number(v.warmup), (i) => streamRequest({ baseUrl: t.url, endpoint: w.endpoint, body: body(w, i) }));
       const requests = v.requests !== undefined ? Number(v.requests) : c * 4;
-      // A B A B …: alternate targets run by run so drift on a noisy machine hits both.
+      // A B A B …: alternate targets run by run so drift on a noisy machine hits both,
+      // and rotate who goes first each round so no target always follows the same one.
       for (let round = 0; round < rounds; round++) {
-        for (const t of targets) results.push(await runOnce(t, w, { concurrency: c, requests, rate, burstiness: Number(v.burstiness), slo, round }));
+        const order = targets.map((_, i) => targets[(i + round) % targets.length]!);
+        for (const t of order) results.push(await runOnce(t, w, { concurrency: c, requests, rate, burstiness: Number(v.burstiness), slo, round }));
         const e = await extra?.(c, round);
         if (e) results.push(e);
       }
@@ -244,6 +248,43 @@ async function main(): Promise<void> {
     const md = report(results, targets.map((t) => t.name));
     process.stdout.write(`${md}\n`);
     writeOutputs(String(v.out), `serve-${Date.now()}`, { workload: w, results }, `# Benchmark\n\n${JSON.stringify(w)}\n\n${md}\n`);
+    return;
+  }
+  if (command === "telemetry") {
+    // W1 with metrics and tracing on (spans go to a local OTLP sink) against both off.
+    const { values: v } = parseArgs({ args: rest, options: { ...commonOptions, threads: { type: "string", default: "1" }, "model-path": { type: "string" } } });
+    const modelPath = resolve(v["model-path"] ?? join(ROOT, "..", "shared", "models", "stories260K.gguf"));
+    let spanBytes = 0;
+    const sink = createServer((req, res) => {
+      req.on("data", (d: Buffer) => (spanBytes += d.length));
+      req.on("end", () => res.writeHead(200, { "content-type": "application/json" }).end("{}"));
+    });
+    await new Promise<void>((r) => sink.listen(0, "127.0.0.1", r));
+    const sinkAddr = sink.address();
+    const otlp = `http://127.0.0.1:${typeof sinkAddr === "object" && sinkAddr ? sinkAddr.port : 0}`;
+    const w = workloadFrom(v, "stories260K");
+    const threads = Number(v.threads);
+    const results = await sideBySide(
+      async (c) => {
+        const slots = Math.max(8, c);
+        const on = await startSpindle({ modelPath, id: "stories260K", parallel: slots, ctxSize: 512, threads, extraArgs: ["--metrics", "on", "--otlp-endpoint", otlp] });
+        const off = await startSpindle({ modelPath, id: "stories260K", parallel: slots, ctxSize: 512, threads, extraArgs: ["--metrics", "off"] });
+        return {
+          targets: [
+            { name: "telemetry-off", url: off.url },
+            { name: "telemetry-on", url: on.url },
+          ],
+          stop: async () => void (await Promise.all([on.stop(), off.stop()])),
+        };
+      },
+      w,
+      v,
+    );
+    sink.close();
+    const md = report(results, ["telemetry-off", "telemetry-on"]);
+    const header = `Telemetry cost on W1: metrics + OTLP tracing on vs off, ${threads} thread(s), ${v.rounds} rounds (medians); ${spanBytes} bytes of spans received`;
+    process.stdout.write(`${header}\n\n${md}\n`);
+    writeOutputs(String(v.out), `telemetry-${Date.now()}`, { workload: w, results, spanBytes }, `# ${header}\n\n${md}\n`);
     return;
   }
   if (command === "w1" || command === "engine") {
@@ -293,7 +334,7 @@ async function main(): Promise<void> {
     writeOutputs(String(v.out), `w1-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`);
     return;
   }
-  process.stderr.write("usage: npm run bench -- serve|w1|engine [options]  (see bench/cli.ts and the README)\n");
+  process.stderr.write("usage: npm run bench -- serve|w1|engine|telemetry [options]  (see bench/cli.ts and the README)\n");
   process.exit(2);
 }
 

@@ -33,7 +33,7 @@ export async function startServer(
   let accepting = true;
   const endpoint = tracesEndpoint(options.otlpEndpoint);
   const telemetry: Telemetry = {
-    metrics: new Metrics(engine.backend, NODE_LLAMA_CPP_VERSION),
+    metrics: new Metrics(engine.backend, NODE_LLAMA_CPP_VERSION, options.metrics),
     tracing: endpoint ? startTracing(endpoint, { "spindle.backend": engine.backend }) : undefined,
     // Replaced by the app's logger below, before anything logs.
     log: undefined as never,

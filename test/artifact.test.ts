@@ -129,7 +129,7 @@ describe("model artifacts", () => {
     expect(specs[0]!.version).toBe(STORIES_SHA.slice(0, 12));
     expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
     const server = await startServer(
-      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent", otlpEndpoint: undefined },
+      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent", otlpEndpoint: undefined, metrics: true },
       specs,
     );
     try {

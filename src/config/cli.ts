@@ -34,6 +34,7 @@ export interface ServerOptions {
   requestTimeoutSeconds: number;
   maxBodyBytes: number;
   otlpEndpoint: string | undefined;
+  metrics: boolean;
   logLevel: string;
 }
 
@@ -68,6 +69,7 @@ const OPTIONS: Record<string, OptionSpec> = {
   "max-queued-tokens": { env: "SPINDLE_MAX_QUEUED_TOKENS", arg: "N", help: "prompt tokens that may wait per model; beyond it 429 (default 65536)" },
   "request-timeout": { env: "SPINDLE_REQUEST_TIMEOUT", arg: "SECONDS", help: "deadline for a request, queue included (default 600)" },
   "max-body-bytes": { env: "SPINDLE_MAX_BODY_BYTES", arg: "N", help: "largest accepted request body (default 4194304)" },
+  metrics: { env: "SPINDLE_METRICS", arg: "on|off", help: "Prometheus metrics at /metrics (default on)" },
   "otlp-endpoint": { env: "SPINDLE_OTLP_ENDPOINT", arg: "URL", help: "send OpenTelemetry traces over OTLP/HTTP (also: OTEL_EXPORTER_OTLP_ENDPOINT)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
 };
@@ -150,6 +152,8 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   }
   const flash = get("flash-attention") ?? "auto";
   if (flash !== "auto" && flash !== "on" && flash !== "off") throw new ConfigError(`--flash-attention: expected auto|on|off, got "${flash}"`);
+  const metrics = get("metrics") ?? "on";
+  if (metrics !== "on" && metrics !== "off") throw new ConfigError(`--metrics: expected on|off, got "${metrics}"`);
   const logLevel = get("log-level") ?? "info";
   if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
     throw new ConfigError(`--log-level: unknown level "${logLevel}"`);
@@ -182,6 +186,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       requestTimeoutSeconds: timeout === undefined ? 600 : parsePositiveNumber("request-timeout", timeout),
       maxBodyBytes: maxBody === undefined ? 4 * 1024 * 1024 : parseInteger("max-body-bytes", maxBody, 1024, 1 << 30),
       otlpEndpoint: get("otlp-endpoint"),
+      metrics: metrics === "on",
       logLevel,
     },
   };

@@ -47,7 +47,13 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   const { registry } = opts;
   const app = Fastify({
     bodyLimit: opts.maxBodyBytes,
-    logger: opts.logLevel === "silent" ? false : { level: opts.logLevel },
+    // JSON lines for machines; readable lines when a person watches a terminal.
+    logger:
+      opts.logLevel === "silent"
+        ? false
+        : process.stdout.isTTY
+          ? { level: opts.logLevel, transport: { target: "pino-pretty", options: { translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" } } }
+          : { level: opts.logLevel },
     // One line per finished generation (the onResponse hook below), not two per request.
     logController: new LogController({ disableRequestLogging: true }),
     // Ids are our own, so no client can forge another request's log lines.
@@ -78,6 +84,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.get("/chat.css", page("chat.css", "text/css; charset=utf-8"));
 
   app.get("/metrics", async (_req, reply) => {
+    if (!opts.telemetry.metrics.enabled) throw new ApiError("not_found", "Metrics are off (--metrics off).", { code: "metrics_off" });
     const metrics = opts.telemetry.metrics.registry;
     return reply.type(metrics.contentType).send(await metrics.metrics());
   });

@@ -7,7 +7,7 @@
  * Per-token work is one observe() on a child histogram bound once per model; gauges are
  * computed at scrape time from the live objects, never maintained on the hot path.
  */
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { ModelRegistry } from "../models/registry.js";
 import type { SchedulerObserver } from "../scheduler/types.js";
 import type { ErrorKind } from "../errors.js";
@@ -54,9 +54,30 @@ export class Metrics {
   private readonly loadDuration: Histogram;
   private readonly warmupDuration: Histogram;
 
-  constructor(backend: string, nodeLlamaCppVersion: string) {
+  /** Off (--metrics off): nothing is recorded and /metrics answers 404. */
+  constructor(backend: string, nodeLlamaCppVersion: string, readonly enabled = true) {
     const registers = [this.registry];
-    collectDefaultMetrics({ register: this.registry, prefix: "spindle_" });
+    // prom-client's default process metrics include gauges named *_total, which
+    // `promtool check metrics` rejects; these are the ones an operator needs.
+    new Gauge({
+      name: "spindle_process_resident_memory_bytes",
+      help: "Resident set size of the server process.",
+      registers,
+      collect() {
+        this.set(process.memoryUsage.rss());
+      },
+    });
+    new Gauge({
+      name: "spindle_process_heap_used_bytes",
+      help: "V8 heap in use.",
+      registers,
+      collect() {
+        this.set(process.memoryUsage().heapUsed);
+      },
+    });
+    new Gauge({ name: "spindle_process_start_time_seconds", help: "Start time of the process, in Unix seconds.", registers }).set(
+      Math.round(performance.timeOrigin / 1000),
+    );
     const mv = ["model", "version"];
     this.requests = new Counter({
       name: "spindle_requests_total",
@@ -109,7 +130,7 @@ export class Metrics {
     gauge("spindle_requests_waiting", "Requests waiting for a slot.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waiting)));
     gauge("spindle_queued_prompt_tokens", "Prompt tokens of the waiting requests.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waitingTokens)));
     gauge("spindle_slots_busy", "Slots (sequences) in use.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.busySlots)));
-    gauge("spindle_slots_total", "Slots (sequences) of the model's context.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.totalSlots)));
+    gauge("spindle_slots", "Slots (sequences) of the model's context.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.totalSlots)));
     gauge("spindle_kv_cache_reserved_bytes", "KV cache reserved by the context.", (set) =>
       each((e, l) => e.engine && set(l, e.engine.kvBytesPerToken * e.engine.ctxSize * e.engine.parallel)),
     );
@@ -129,7 +150,8 @@ export class Metrics {
   }
 
   /** Per-model figures, bound once, for the scheduler's hot path. */
-  schedulerObserver(model: string, version: string): SchedulerObserver {
+  schedulerObserver(model: string, version: string): SchedulerObserver | undefined {
+    if (!this.enabled) return undefined;
     const labels = { model, version };
     const itl = this.itl.labels(labels);
     const seqs = this.stepSequences.labels(labels);
@@ -155,6 +177,7 @@ export class Metrics {
 
   /** Once per request, when it ends (whatever the transport). */
   requestFinished(r: FinishedRequest): void {
+    if (!this.enabled) return;
     const mv = { model: r.model, version: r.version };
     this.requests.inc({ endpoint: r.endpoint, ...mv, status_class: `${Math.floor(r.status / 100)}xx`, finish_reason: r.finishReason ?? "none" });
     if (r.errorKind !== undefined) this.errors.inc({ endpoint: r.endpoint, ...mv, type: r.errorKind });

@@ -48,6 +48,7 @@ export async function startTestServer(models: TestModel[], opts: TestServerOptio
       maxBodyBytes: 4 * 1024 * 1024,
       logLevel: "silent",
       otlpEndpoint: undefined,
+      metrics: true,
       ...opts,
     },
     models.map(spec),
