@@ -145,20 +145,20 @@ export class RequestTelemetry {
       span.setAttribute("error.type", error.kind);
       span.setStatus({ code: SpanStatusCode.ERROR, message: error.message });
     }
+    // Children carry only what is theirs; the model and request attributes are on the parent.
     if (tl?.queuedAt !== undefined) {
       const queueEnd = tl.startedAt ?? tl.endedAt ?? end;
-      pastSpan(tracer, span, "queue", tl.queuedAt, queueEnd, common, tl.startedAt === undefined ? error?.kind : undefined);
+      pastSpan(tracer, span, "queue", tl.queuedAt, queueEnd, {}, tl.startedAt === undefined ? error?.kind : undefined);
     }
     if (tl?.startedAt !== undefined) {
       const decodeFrom = tl.firstTokenAt ?? tl.endedAt ?? end;
       pastSpan(tracer, span, "prefill", tl.startedAt, decodeFrom, {
-        ...common,
         "gen_ai.usage.input_tokens": gen!.promptTokens.length,
         "spindle.cached_tokens": tl.cachedTokens ?? 0,
         "spindle.slot": tl.slot ?? -1,
       });
       if (tl.firstTokenAt !== undefined) {
-        pastSpan(tracer, span, "decode", tl.firstTokenAt, tl.endedAt ?? end, { ...common, "gen_ai.usage.output_tokens": usage?.completionTokens ?? 0 }, error?.kind);
+        pastSpan(tracer, span, "decode", tl.firstTokenAt, tl.endedAt ?? end, { "gen_ai.usage.output_tokens": usage?.completionTokens ?? 0 }, error?.kind);
       }
     }
     span.end(wallClock(end));
