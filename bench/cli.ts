@@ -5,6 +5,8 @@
  *   w1      workload W1 of the scheduler issue: this server vs llama-server vs the raw engine
  *   engine  the engine ceiling alone (node-llama-cpp with no HTTP)
  *   telemetry  W1 with metrics and tracing on against both off (their per-token cost)
+ *   w2      W1 on the ~25M-parameter synthetic model (compute-bound)
+ *   synth   write a synthetic GGUF: --preset tiny|25m|llama-1b|llama-8b --weights f16|q8_0 --seed N --out FILE
  *
  * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
  * machine; compare ratios measured in one run, and read medians.
@@ -15,6 +17,8 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { engineCeiling } from "./engine-ceiling.js";
+import { renderChart, type ChartPoint } from "./lib/chart.js";
+import { PRESETS, writeSyntheticGguf, type WeightType } from "./synthetic-gguf.js";
 import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
 import { ROOT, startLlamaServer, startSpindle, type ServerProcess } from "./lib/processes.js";
 import { parseSlo, summarize, type RunMetrics, type Slo } from "./lib/stats.js";
@@ -169,11 +173,29 @@ function report(results: RunResult[], targets: string[]): string {
   return table(["c", "target", "out tok/s", "× first", "TTFT ms", "× first", "TPOT ms", "ITL ms", "E2E ms", "failed", "step fullness"], rows);
 }
 
-function writeOutputs(dir: string, name: string, json: unknown, markdown: string): void {
+/** Medians per target and concurrency, for the chart. */
+function chartPoints(results: RunResult[]): ChartPoint[] {
+  const keys = [...new Set(results.map((r) => `${r.target}\u0000${r.concurrency}`))];
+  return keys.map((k) => {
+    const [target, c] = k.split("\u0000");
+    const rs = results.filter((r) => r.target === target && r.concurrency === Number(c));
+    return {
+      target: target!,
+      concurrency: Number(c),
+      outputTokensPerSecond: median(rs.map((r) => r.metrics.outputThroughput)),
+      ttftMs: median(rs.map((r) => r.metrics.ttftMs.median)),
+    };
+  });
+}
+
+/** Full results as JSON, the table as Markdown, and the chart as SVG. */
+async function writeOutputs(dir: string, name: string, json: { results: RunResult[]; [key: string]: unknown }, markdown: string, title: string): Promise<void> {
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, `${name}.json`), JSON.stringify(json, null, 2));
-  writeFileSync(join(dir, `${name}.md`), markdown);
-  process.stderr.write(`wrote ${join(dir, `${name}.json`)} and ${name}.md\n`);
+  const svg = await renderChart(chartPoints(json.results), title);
+  writeFileSync(join(dir, `${name}.svg`), svg);
+  writeFileSync(join(dir, `${name}.md`), `${markdown}\n![${title}](${name}.svg)\n`);
+  process.stderr.write(`wrote ${join(dir, name)}.{json,md,svg}\n`);
 }
 
 const commonOptions = {
@@ -234,6 +256,26 @@ async function sideBySide(targetsFor: (c: number) => Promise<{ targets: Target[]
   return results;
 }
 
+/** A synthetic model in the scratch folder (made once per preset, weights and seed); returns its path. */
+async function synthesize(preset: string, weights: WeightType, seed: number, tokenizerFrom: string | undefined, out: string | undefined): Promise<string> {
+  const shape = PRESETS[preset];
+  if (!shape) throw new Error(`unknown preset "${preset}": ${Object.keys(PRESETS).join(", ")}`);
+  const scratch = process.env.SPINDLE_BENCH_DIR ?? join(process.env.TMPDIR ?? "/tmp", "spindle-bench");
+  const path = resolve(out ?? join(scratch, `synthetic-${preset}-${weights}-s${seed}.gguf`));
+  const { existsSync } = await import("node:fs");
+  if (existsSync(path)) return path;
+  mkdirSync(join(path, ".."), { recursive: true });
+  const r = await writeSyntheticGguf(path, {
+    shape,
+    weights,
+    seed,
+    tokenizerFrom: tokenizerFrom ?? join(ROOT, "..", "shared", "models", "llama-2-tiny-random-chat.gguf"),
+    name: `synthetic-${preset}`,
+  });
+  process.stderr.write(`synthesized ${path}: ${preset} (${shape.note}), ${r.parameters} parameters, ${weights}, ${r.bytes} bytes\n`);
+  return path;
+}
+
 async function main(): Promise<void> {
   const [command, ...rest] = process.argv.slice(2);
   if (command === "serve") {
@@ -247,7 +289,7 @@ async function main(): Promise<void> {
     const results = await sideBySide(async () => ({ targets, stop: async () => {} }), w, v);
     const md = report(results, targets.map((t) => t.name));
     process.stdout.write(`${md}\n`);
-    writeOutputs(String(v.out), `serve-${Date.now()}`, { workload: w, results }, `# Benchmark\n\n${JSON.stringify(w)}\n\n${md}\n`);
+    await writeOutputs(String(v.out), `serve-${Date.now()}`, { workload: w, results }, `# Benchmark\n\n${JSON.stringify(w)}\n\n${md}\n`, "Benchmark");
     return;
   }
   if (command === "telemetry") {
@@ -284,15 +326,27 @@ async function main(): Promise<void> {
     const md = report(results, ["telemetry-off", "telemetry-on"]);
     const header = `Telemetry cost on W1: metrics + OTLP tracing on vs off, ${threads} thread(s), ${v.rounds} rounds (medians); ${spanBytes} bytes of spans received`;
     process.stdout.write(`${header}\n\n${md}\n`);
-    writeOutputs(String(v.out), `telemetry-${Date.now()}`, { workload: w, results, spanBytes }, `# ${header}\n\n${md}\n`);
+    await writeOutputs(String(v.out), `telemetry-${Date.now()}`, { workload: w, results, spanBytes }, `# ${header}\n\n${md}\n`, "Telemetry on vs off");
     return;
   }
-  if (command === "w1" || command === "engine") {
+  if (command === "synth") {
+    const { values: v } = parseArgs({
+      args: rest,
+      options: { preset: { type: "string", default: "25m" }, weights: { type: "string", default: "q8_0" }, seed: { type: "string", default: "1" }, "tokenizer-from": { type: "string" }, out: { type: "string" } },
+    });
+    const out = await synthesize(String(v.preset), v.weights as WeightType, Number(v.seed), v["tokenizer-from"], v.out);
+    process.stdout.write(`${out}\n`);
+    return;
+  }
+  if (command === "w1" || command === "w2" || command === "engine") {
     const { values: v } = parseArgs({
       args: rest,
       options: { ...commonOptions, threads: { type: "string", default: "1" }, "llama-server": { type: "string" }, "no-llama-server": { type: "boolean", default: false }, "model-path": { type: "string" } },
     });
-    const modelPath = resolve(v["model-path"] ?? join(ROOT, "..", "shared", "models", "stories260K.gguf"));
+    // W2: W1's workload on the ~25M-parameter synthetic model (generated once into the scratch folder).
+    const modelPath = resolve(
+      v["model-path"] ?? (command === "w2" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : join(ROOT, "..", "shared", "models", "stories260K.gguf")),
+    );
     const threads = Number(v.threads);
     const w = workloadFrom(v, "stories260K");
     const ctxSize = 512;
@@ -329,12 +383,12 @@ async function main(): Promise<void> {
       ceiling,
     );
     const md = report(results, names);
-    const header = `W1: stories260K, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
+    const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
     process.stdout.write(`${header}\n\n${md}\n`);
-    writeOutputs(String(v.out), `w1-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`);
+    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
-  process.stderr.write("usage: npm run bench -- serve|w1|engine|telemetry [options]  (see bench/cli.ts and the README)\n");
+  process.stderr.write("usage: npm run bench -- serve|w1|w2|engine|telemetry|synth [options]  (see bench/cli.ts and the README)\n");
   process.exit(2);
 }
 
