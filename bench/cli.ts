@@ -23,6 +23,7 @@ import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
 import { ROOT, startLlamaServer, startSpindle, type ServerProcess } from "./lib/processes.js";
 import { parseSlo, summarize, type RunMetrics, type Slo } from "./lib/stats.js";
 import { streamRequest, type RequestRecord } from "./lib/stream-client.js";
+import { scrapeMetrics, serverView, type ServerMetricsView } from "./lib/server-metrics.js";
 
 interface Target {
   name: string;
@@ -37,6 +38,8 @@ interface Workload {
   temperature: number;
   ignoreEos: boolean;
   randomInput: number | undefined;
+  /** Turns per conversation (multi-turn chat); 1 is single requests. */
+  turns: number;
   seed: number;
 }
 
@@ -53,6 +56,8 @@ interface RunResult {
 interface ServerView {
   stepFullness: number | undefined;
   tokensPerStep: number | undefined;
+  /** From the target's /metrics, scraped before and after the run. */
+  metrics?: ServerMetricsView;
 }
 
 const WORDS = "the cat dog sun moon tree girl boy ran saw big red little happy sad park ball home day night".split(" ");
@@ -96,24 +101,57 @@ class Progress {
   };
 }
 
-async function runOnce(t: Target, w: Workload, opts: { concurrency: number; requests: number; rate?: number; burstiness: number; slo?: Slo; round: number }): Promise<RunResult> {
+/**
+ * A multi-turn chat generated locally from the seed: each turn sends the whole
+ * conversation so far (the server's reply included) plus a new user message.
+ */
+async function conversation(t: Target, w: Workload, i: number): Promise<RequestRecord[]> {
+  const rand = rng(w.seed * 7919 + i);
+  const say = (n: number) => Array.from({ length: n }, () => WORDS[Math.floor(rand() * WORDS.length)]).join(" ");
+  const messages: Array<{ role: string; content: string }> = [{ role: "user", content: w.randomInput ? say(w.randomInput) : w.prompt }];
+  const records: RequestRecord[] = [];
+  for (let turn = 0; turn < w.turns; turn++) {
+    const rec = await streamRequest({ baseUrl: t.url, endpoint: "chat", body: { model: w.model, max_tokens: w.maxTokens, temperature: w.temperature, messages, ...(w.ignoreEos ? { ignore_eos: true } : {}) } });
+    records.push(rec);
+    if (!rec.ok) break;
+    messages.push({ role: "assistant", content: rec.text }, { role: "user", content: say(8 + Math.floor(rand() * 16)) });
+  }
+  return records;
+}
+
+async function runOnce(t: Target, w: Workload, opts: { concurrency: number; requests: number; durationS?: number; rate?: number; burstiness: number; slo?: Slo; round: number }): Promise<RunResult> {
   const before = await scrapeSteps(t, w.model);
+  const metricsBefore = await scrapeMetrics(t.url);
   const progress = new Progress(`${t.name} c=${opts.concurrency}${opts.rate ? ` rate=${opts.rate}` : ""} round ${opts.round + 1}`, opts.requests);
-  const job = (i: number) => streamRequest({ baseUrl: t.url, endpoint: w.endpoint, body: body(w, i) });
+  const job = (i: number): Promise<RequestRecord[]> =>
+    w.turns > 1 ? conversation(t, w, i) : streamRequest({ baseUrl: t.url, endpoint: w.endpoint, body: body(w, i) }).then((r) => [r]);
   const t0 = performance.now();
   let records: RequestRecord[];
   if (opts.rate !== undefined) {
-    records = await openLoop(arrivalGaps(opts.requests, opts.rate, opts.burstiness, w.seed + opts.round), opts.concurrency, job, progress.tick);
+    records = (await openLoop(arrivalGaps(opts.requests, opts.rate, opts.burstiness, w.seed + opts.round), opts.concurrency, job, progress.tick)).flat();
+  } else if (opts.durationS !== undefined) {
+    // Until the time is up: every worker starts a new request while any time is left.
+    const end = t0 + opts.durationS * 1000;
+    const all: RequestRecord[] = [];
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: opts.concurrency }, async () => {
+        while (performance.now() < end) all.push(...(await job(next++)));
+      }),
+    );
+    records = all;
   } else {
-    records = await closedLoop(opts.concurrency, opts.requests, job, progress.tick);
+    records = (await closedLoop(opts.concurrency, opts.requests, job, progress.tick)).flat();
   }
   const durationS = (performance.now() - t0) / 1000;
   const after = await scrapeSteps(t, w.model);
+  const metricsView = serverView(metricsBefore, await scrapeMetrics(t.url));
   let server: ServerView | undefined;
-  if (before && after && after.steps > before.steps) {
+  if ((before && after && after.steps > before.steps) || metricsView) {
     server = {
-      stepFullness: (after.items - before.items) / (after.expected - before.expected),
-      tokensPerStep: (after.tokens - before.tokens) / (after.steps - before.steps),
+      stepFullness: before && after && after.steps > before.steps ? (after.items - before.items) / (after.expected - before.expected) : undefined,
+      tokensPerStep: before && after && after.steps > before.steps ? (after.tokens - before.tokens) / (after.steps - before.steps) : undefined,
+      metrics: metricsView,
     };
   }
   return { target: t.name, round: opts.round, concurrency: opts.concurrency, rate: opts.rate, metrics: summarize(records, durationS, opts.slo), server };
@@ -170,7 +208,19 @@ function report(results: RunResult[], targets: string[]): string {
       ]);
     }
   }
-  return table(["c", "target", "out tok/s", "× first", "TTFT ms", "× first", "TPOT ms", "ITL ms", "E2E ms", "failed", "step fullness"], rows);
+  const main = table(["c", "target", "out tok/s", "× first", "TTFT ms", "× first", "TPOT ms", "ITL ms", "E2E ms", "failed", "step fullness"], rows);
+  // The servers' own figures, where their /metrics has them, beside the client's.
+  const serverRows: string[][] = [];
+  for (const c of levels) {
+    for (const t of targets) {
+      const views = results.filter((r) => r.concurrency === c && r.target === t && r.server?.metrics).map((r) => ({ view: r.server!.metrics!, client: r.metrics }));
+      if (views.length === 0) continue;
+      const m = (pick: (v: ServerMetricsView) => number | undefined) => median(views.map((x) => pick(x.view)).filter((x): x is number => x !== undefined));
+      serverRows.push([String(c), t, views[0]!.view.source, f0(m((v) => v.generatedTokens)), f0(median(views.map((x) => x.client.totalOutputTokens))), f1(m((v) => v.meanTtftMs)), f1(median(views.map((x) => x.client.ttftMs.mean))), f2(m((v) => v.meanQueueMs))]);
+    }
+  }
+  if (serverRows.length === 0) return main;
+  return `${main}\n\nServer-side view (from each target's /metrics, median per run):\n\n${table(["c", "target", "source", "tokens (server)", "tokens (client)", "mean TTFT ms (server)", "mean TTFT ms (client)", "mean queue ms"], serverRows)}`;
 }
 
 /** Medians per target and concurrency, for the chart. */
@@ -206,6 +256,8 @@ const commonOptions = {
   temperature: { type: "string", default: "0" },
   "ignore-eos": { type: "boolean", default: false },
   "random-input": { type: "string" },
+  turns: { type: "string", default: "1" },
+  duration: { type: "string" },
   concurrency: { type: "string", default: "1,4,8,16" },
   requests: { type: "string" },
   rounds: { type: "string", default: "3" },
@@ -226,6 +278,7 @@ function workloadFrom(v: Record<string, unknown>, model: string): Workload {
     temperature: Number(v.temperature),
     ignoreEos: v["ignore-eos"] === true,
     randomInput: v["random-input"] !== undefined ? Number(v["random-input"]) : undefined,
+    turns: Number(v.turns),
     seed: Number(v.seed),
   };
 }
@@ -245,7 +298,8 @@ async function sideBySide(targetsFor: (c: number) => Promise<{ targets: Target[]
       // and rotate who goes first each round so no target always follows the same one.
       for (let round = 0; round < rounds; round++) {
         const order = targets.map((_, i) => targets[(i + round) % targets.length]!);
-        for (const t of order) results.push(await runOnce(t, w, { concurrency: c, requests, rate, burstiness: Number(v.burstiness), slo, round }));
+        const durationS = v.duration !== undefined ? Number(v.duration) : undefined;
+        for (const t of order) results.push(await runOnce(t, w, { concurrency: c, requests, durationS, rate, burstiness: Number(v.burstiness), slo, round }));
         const e = await extra?.(c, round);
         if (e) results.push(e);
       }

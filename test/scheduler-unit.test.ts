@@ -49,7 +49,7 @@ function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
     promptTokens: tok([1, 2, 3]),
     maxTokens: 5,
     stop: [],
-    sampling: { temperature: 0, topP: 1, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
+    sampling: { temperature: 0, topP: 1, topK: 40, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
     priority: "normal",
     deadline: performance.now() + 10_000,
     signal: new AbortController().signal,

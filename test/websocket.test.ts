@@ -208,3 +208,31 @@ describe("WebSocket protocol", () => {
     c.ws.close();
   });
 });
+
+describe("WebSocket backpressure", () => {
+  it("a reader that stops reading has its generations cancelled with slow_consumer, and the slots freed", async () => {
+    const slow = await startTestServer([{ ...STORIES, ctxSize: 4096 }], { parallel: 4 }, { socketLimits: { maxBufferedBytes: 64 * 1024 } });
+    try {
+      const ws = new WebSocket(`${slow.url.replace("http", "ws")}/v1/ws`);
+      await new Promise((r) => ws.once("open", r));
+      const frames: Frame[] = [];
+      ws.on("message", (d) => frames.push(JSON.parse(String(d))));
+      // Stop reading from the socket: the kernel buffers fill, then the server's.
+      (ws as unknown as { _socket: { pause(): void; resume(): void } })._socket.pause();
+      for (const id of ["s1", "s2", "s3", "s4"]) {
+        ws.send(JSON.stringify({ type: "chat.completions.create", id, body: chatBody("Hi", { max_tokens: 4000, ignore_eos: true }) }));
+      }
+      const sched = slow.registry.resolve("stories260K").scheduler;
+      await waitFor(() => sched.busySlots === 4, 5000);
+      // Cancelled long before 4 × 4,000 tokens could have been generated.
+      await waitFor(() => sched.busySlots === 0, 15_000, 20);
+      (ws as unknown as { _socket: { resume(): void } })._socket.resume();
+      await waitFor(() => frames.filter((f) => f.type === "error").length === 4, 15_000, 20);
+      for (const f of frames.filter((f) => f.type === "error")) expect(f.error).toMatchObject({ type: "cancelled", code: "slow_consumer" });
+      expect(frames.some((f) => f.type === "done")).toBe(false);
+      ws.close();
+    } finally {
+      await slow.close();
+    }
+  });
+});

@@ -7,6 +7,7 @@ import { ConfigError } from "./cli.js";
 const samplingSchema = z.strictObject({
   temperature: z.number().min(0).max(2).optional(),
   top_p: z.number().gt(0).max(1).optional(),
+  top_k: z.number().int().min(0).optional(),
   max_tokens: z.number().int().positive().optional(),
   presence_penalty: z.number().min(-2).max(2).optional(),
   frequency_penalty: z.number().min(-2).max(2).optional(),

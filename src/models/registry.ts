@@ -173,7 +173,7 @@ async function warmUp(model: EngineModel, scheduler: Scheduler): Promise<void> {
       promptTokens: model.tokenizePrompt("Hello"),
       maxTokens: 4,
       stop: [],
-      sampling: { temperature: 0, topP: 1, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
+      sampling: { temperature: 0, topP: 1, topK: 40, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
       priority: "normal",
       deadline: performance.now() + 60_000,
       signal: new AbortController().signal,

@@ -34,7 +34,9 @@ export const samplingFields = {
   stream: nullish(z.boolean()),
   stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()) })),
   user: nullish(z.string().max(256)),
-  // vLLM's and llama-server's extension: generate exactly max_tokens (benchmarks).
+  // vLLM's and llama-server's extensions: top-k sampling (0 = off), and generating
+  // exactly max_tokens (benchmarks).
+  top_k: nullish(z.number().int().min(0).max(1 << 20)),
   ignore_eos: nullish(z.boolean()),
   // Accepted only at the values that mean "what this server does".
   n: nullish(z.literal(1, { message: "only n=1 is supported" })),

@@ -12,6 +12,7 @@ export interface SamplingInput {
   frequency_penalty?: number | null;
   logit_bias?: Record<string, number> | null;
   ignore_eos?: boolean | null;
+  top_k?: number | null;
 }
 
 export interface RequestContext {
@@ -21,6 +22,8 @@ export interface RequestContext {
 }
 
 const OPENAI_DEFAULT_TEMPERATURE = 1;
+/** llama-server's default; 0 turns top-k off (slow on large vocabularies: the whole vocabulary is sorted per token). */
+const DEFAULT_TOP_K = 40;
 
 export function samplingParams(input: SamplingInput, entry: ModelEntry, model: EngineModel): SamplingParams {
   let logitBias: Map<number, number> | undefined;
@@ -38,6 +41,7 @@ export function samplingParams(input: SamplingInput, entry: ModelEntry, model: E
   return {
     temperature: input.temperature ?? d.temperature ?? OPENAI_DEFAULT_TEMPERATURE,
     topP: input.top_p ?? d.top_p ?? 1,
+    topK: input.top_k ?? d.top_k ?? DEFAULT_TOP_K,
     // llama.cpp takes a 32-bit seed; without one each request draws its own.
     seed: input.seed !== null && input.seed !== undefined ? Number(BigInt.asUintN(32, BigInt(input.seed))) : randomInt(2 ** 32 - 1),
     presencePenalty: input.presence_penalty ?? d.presence_penalty ?? 0,

@@ -32,7 +32,7 @@ export function spec(m: TestModel): ModelSpec {
 export type TestServerOptions = Partial<Omit<ServerOptions, "configFile" | "configExplicit" | "models">>;
 
 /** The real server, real engine, on a free port. */
-export async function startTestServer(models: TestModel[], opts: TestServerOptions = {}): Promise<RunningServer> {
+export async function startTestServer(models: TestModel[], opts: TestServerOptions = {}, io: Parameters<typeof startServer>[2] = {}): Promise<RunningServer> {
   return startServer(
     {
       host: "127.0.0.1",
@@ -52,6 +52,7 @@ export async function startTestServer(models: TestModel[], opts: TestServerOptio
       ...opts,
     },
     models.map(spec),
+    io,
   );
 }
 
