@@ -6,7 +6,6 @@ import { Metrics } from "./telemetry/metrics.js";
 import type { Telemetry } from "./telemetry/request-telemetry.js";
 import { startTracing, tracesEndpoint } from "./telemetry/tracing.js";
 import { buildApp } from "./http/app.js";
-import type { SocketLimits } from "./ws/socket-session.js";
 import { ModelRegistry } from "./models/registry.js";
 
 export interface RunningServer {
@@ -28,7 +27,7 @@ export interface RunningServer {
 export async function startServer(
   options: Omit<ServerOptions, "configFile" | "configExplicit" | "models">,
   specs: ModelSpec[],
-  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean }; socketLimits?: Partial<SocketLimits> } = {},
+  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean } } = {},
 ): Promise<RunningServer> {
   const engine = await Engine.create(options.gpu);
   let accepting = true;
@@ -59,7 +58,6 @@ export async function startServer(
     logLevel: options.logLevel,
     isAccepting: () => accepting,
     telemetry,
-    socketLimits: io.socketLimits,
   });
   telemetry.log = app.log;
   telemetry.metrics.watch(registry);

@@ -144,6 +144,30 @@ describe("an end-to-end bench run against the real server", () => {
     const counted = json.results.reduce((s: number, run: { metrics: { totalOutputTokens: number } }) => s + run.metrics.totalOutputTokens, 0);
     expect(counted).toBe(served);
     expect(counted).toBeGreaterThan(0);
+    // The server's own view agrees with the client's, run by run.
+    for (const run of json.results) expect(run.server.metrics).toMatchObject({ source: "spindle", generatedTokens: run.metrics.totalOutputTokens, requests: 4 });
+  });
+
+  it("multi-turn conversations resend the conversation; a duration run stops on time", async () => {
+    const out = mkdtempSync(join(tmpdir(), "spindle-bench-"));
+    const run = (args: string[]) =>
+      new Promise<number | null>((done) => {
+        const child = spawn(process.execPath, ["--import", "tsx", "bench/cli.ts", "serve", "--target", `${server.url}=s`, "--model", "stories260K", "--rounds", "1", "--warmup", "0", "--max-tokens", "8", "--out", out, ...args], {
+          cwd: resolve(import.meta.dirname, ".."),
+          stdio: "ignore",
+        });
+        child.on("exit", done);
+      });
+    expect(await run(["--concurrency", "2", "--requests", "2", "--turns", "3"])).toBe(0);
+    const t0 = Date.now();
+    expect(await run(["--concurrency", "2", "--duration", "1"])).toBe(0);
+    expect(Date.now() - t0).toBeLessThan(15_000);
+    const reports = readdirSync(out).filter((f) => f.endsWith(".json")).sort().map((f) => JSON.parse(readFileSync(join(out, f), "utf8")));
+    // 2 conversations × 3 turns; later turns carry the earlier exchange, so their prompts grow.
+    expect(reports[0].results[0].metrics.completed).toBe(6);
+    expect(reports[0].results[0].metrics.totalInputTokens).toBeGreaterThan(6 * 20);
+    expect(reports[1].results[0].metrics.completed).toBeGreaterThan(2);
+    expect(reports[1].results[0].metrics.durationS).toBeGreaterThanOrEqual(1);
   });
 });
 
