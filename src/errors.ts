@@ -8,6 +8,8 @@ export type ErrorKind =
   | "not_found"
   | "payload_too_large"
   | "unsupported_media_type"
+  | "unauthorized"
+  | "rate_limited"
   | "overloaded"
   | "unavailable"
   | "timeout"
@@ -25,6 +27,8 @@ const KINDS: Record<ErrorKind, KindInfo> = {
   not_found: { status: 404, type: "invalid_request_error" },
   payload_too_large: { status: 413, type: "invalid_request_error" },
   unsupported_media_type: { status: 415, type: "invalid_request_error" },
+  unauthorized: { status: 401, type: "authentication_error" },
+  rate_limited: { status: 429, type: "rate_limit_error" },
   overloaded: { status: 429, type: "overloaded_error" },
   unavailable: { status: 503, type: "unavailable_error" },
   timeout: { status: 504, type: "timeout" },
@@ -44,11 +48,13 @@ export class ApiError extends Error {
   readonly code: string | null;
   /** Seconds after which a retry may succeed (429/503). */
   readonly retryAfter: number | undefined;
+  /** Extra response headers (x-ratelimit-*). */
+  readonly headers: Record<string, string> | undefined;
 
   constructor(
     kind: ErrorKind,
     message: string,
-    opts: { param?: string | null; code?: string | null; retryAfter?: number; cause?: unknown } = {},
+    opts: { param?: string | null; code?: string | null; retryAfter?: number; headers?: Record<string, string>; cause?: unknown } = {},
   ) {
     super(message, { cause: opts.cause });
     this.name = "ApiError";
@@ -56,6 +62,7 @@ export class ApiError extends Error {
     this.param = opts.param ?? null;
     this.code = opts.code ?? null;
     this.retryAfter = opts.retryAfter;
+    this.headers = opts.headers;
   }
 
   get status(): number {

@@ -6,6 +6,10 @@ import { loadModelsFile, versionName, type ModelSpec } from "./config/models-fil
 import { ModelLoadError } from "./engine/llama-engine.js";
 import { startServer, type RunningServer } from "./server.js";
 
+function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || host.startsWith("127.");
+}
+
 function fail(message: string): never {
   process.stderr.write(`spindle: ${message}\n`);
   process.exit(2);
@@ -58,18 +62,28 @@ async function main(): Promise<void> {
     fail(`cannot start: ${String((err as Error).message).split("\n")[0]}`);
   }
   process.stdout.write(`listening on ${server.url}\n`);
+  if (options.apiKeys.length === 0 && !isLoopback(options.host)) {
+    process.stderr.write(`spindle: warning: listening on ${options.host} with no API key: anyone who can reach it can use it (set --api-key)\n`);
+  }
 
   let stopping = false;
-  const shutdown = async (signal: string) => {
+  const shutdown = async (reason: string, code: number) => {
     // A second signal: the operator wants out now.
     if (stopping) process.exit(1);
     stopping = true;
-    server.app.log.info(`${signal}: shutting down`);
-    await server.close();
-    process.exit(0);
+    server.app.log.info(`${reason}: shutting down (grace ${options.shutdownGraceSeconds}s)`);
+    await server.shutdown(options.shutdownGraceSeconds);
+    process.exit(code);
   };
-  process.on("SIGTERM", () => void shutdown("SIGTERM"));
-  process.on("SIGINT", () => void shutdown("SIGINT"));
+  process.on("SIGTERM", () => void shutdown("SIGTERM", 0));
+  process.on("SIGINT", () => void shutdown("SIGINT", 0));
+  // Logged with context; a rejection nobody handled does not stop the others' work.
+  process.on("unhandledRejection", (reason) => server.app.log.error({ err: reason }, "unhandled promise rejection"));
+  // After an exception nobody caught the process state is suspect: finish what runs, then exit 1.
+  process.on("uncaughtException", (err) => {
+    server.app.log.fatal({ err }, "uncaught exception");
+    void shutdown("uncaught exception", 1);
+  });
 }
 
 await main();

@@ -1,11 +1,12 @@
 import type { FastifyInstance } from "fastify";
 import type { ServerOptions } from "./config/cli.js";
 import type { ModelSpec } from "./config/models-file.js";
-import { Engine, NODE_LLAMA_CPP_VERSION } from "./engine/llama-engine.js";
+import { Engine, NODE_LLAMA_CPP_VERSION, type EngineFaults } from "./engine/llama-engine.js";
 import { Metrics } from "./telemetry/metrics.js";
 import type { Telemetry } from "./telemetry/request-telemetry.js";
 import { startTracing, tracesEndpoint } from "./telemetry/tracing.js";
 import { buildApp } from "./http/app.js";
+import { AccessControl } from "./http/access.js";
 import { ModelRegistry } from "./models/registry.js";
 
 export interface RunningServer {
@@ -17,6 +18,11 @@ export interface RunningServer {
   url: string;
   /** Stops accepting, closes the listener, disposes the models. */
   close(): Promise<void>;
+  /**
+   * Graceful: readiness false and new requests 503 at once, running generations may
+   * finish for the grace period, then are ended with an error; then close().
+   */
+  shutdown(graceSeconds: number): Promise<void>;
 }
 
 /**
@@ -27,7 +33,7 @@ export interface RunningServer {
 export async function startServer(
   options: Omit<ServerOptions, "configFile" | "configExplicit" | "models">,
   specs: ModelSpec[],
-  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean } } = {},
+  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean }; faults?: EngineFaults } = {},
 ): Promise<RunningServer> {
   const engine = await Engine.create(options.gpu);
   let accepting = true;
@@ -50,6 +56,7 @@ export async function startServer(
     log: (msg) => app?.log.info(msg),
     progressStream: io.progressStream,
     telemetry,
+    faults: io.faults,
   });
   app = buildApp({
     registry,
@@ -58,6 +65,13 @@ export async function startServer(
     logLevel: options.logLevel,
     isAccepting: () => accepting,
     telemetry,
+    access: new AccessControl({
+      keys: options.apiKeys,
+      publicAreas: options.publicAreas,
+      maxConcurrent: options.keyMaxConcurrent,
+      tokensPerMinute: options.keyTokensPerMinute,
+    }),
+    corsOrigins: options.corsOrigins,
   });
   telemetry.log = app.log;
   telemetry.metrics.watch(registry);
@@ -74,19 +88,25 @@ export async function startServer(
   const port = typeof a === "object" && a !== null ? a.port : options.port;
   const host = options.host.includes(":") ? `[${options.host}]` : options.host;
   const running = app;
+  const close = async () => {
+    accepting = false;
+    await running.close();
+    await registry.dispose();
+    await engine.dispose();
+    // Flushes the spans still batched.
+    await telemetry.tracing?.shutdown();
+  };
   return {
     app: running,
     registry,
     engine,
     telemetry,
     url: `http://${host}:${port}`,
-    async close() {
+    async shutdown(graceSeconds) {
       accepting = false;
-      await running.close();
-      await registry.dispose();
-      await engine.dispose();
-      // Flushes the spans still batched.
-      await telemetry.tracing?.shutdown();
+      await registry.drain(graceSeconds * 1000);
+      await close();
     },
+    close,
   };
 }

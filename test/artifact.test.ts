@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ArtifactError, ensureArtifact } from "../src/config/artifact.js";
 import { parseModelsFile } from "../src/config/models-file.js";
 import { startServer } from "../src/server.js";
-import { openaiClient, sharedModel } from "./helpers/server.js";
+import { openaiClient, sharedModel, testServerOptions } from "./helpers/server.js";
 
 const STORIES_SHA = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
 const bytes = readFileSync(sharedModel("stories260K.gguf"));
@@ -128,10 +128,7 @@ describe("model artifacts", () => {
     const specs = parseModelsFile(readFileSync(file, "utf8"), file);
     expect(specs[0]!.version).toBe(STORIES_SHA.slice(0, 12));
     expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
-    const server = await startServer(
-      { host: "127.0.0.1", port: 0, threads: 1, gpu: "cpu", parallel: undefined, ctxSize: undefined, flashAttention: "auto", maxQueue: 8, maxQueuedTokens: 4096, requestTimeoutSeconds: 60, maxBodyBytes: 1 << 20, logLevel: "silent", otlpEndpoint: undefined, metrics: true },
-      specs,
-    );
+    const server = await startServer(testServerOptions({ threads: 1 }), specs);
     try {
       const res = await openaiClient(server).completions.create({ model: "dl", prompt: "Once upon a time", max_tokens: 4, temperature: 0 });
       expect(res.choices[0]!.text.length).toBeGreaterThan(0);

@@ -230,7 +230,10 @@ describe("WebSocket backpressure", () => {
       ping() {},
       terminate() {},
     });
+    const { AccessControl } = await import("../src/http/access.js");
     new SocketSession(socket as never, server.registry, {
+      access: new AccessControl({ keys: [], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 }),
+      apiKey: undefined,
       telemetry: server.telemetry,
       limits: { maxInFlight: 8, framesPerSecond: 50, frameBurst: 100, maxBufferedBytes: 64 * 1024, pingIntervalSeconds: 60 },
       requestTimeoutSeconds: 60,

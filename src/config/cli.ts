@@ -1,4 +1,5 @@
 import { parseArgs } from "node:util";
+import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 
 /** A problem with how the server was started: printed as one line, exit code 2. */
@@ -8,6 +9,9 @@ export class ConfigError extends Error {
     this.name = "ConfigError";
   }
 }
+
+export type PublicArea = "health" | "metrics" | "page";
+const PUBLIC_AREAS: readonly PublicArea[] = ["health", "metrics", "page"];
 
 export type GpuChoice = "auto" | "cuda" | "metal" | "vulkan" | "cpu";
 const GPU_CHOICES: readonly GpuChoice[] = ["auto", "cuda", "metal", "vulkan", "cpu"];
@@ -35,6 +39,12 @@ export interface ServerOptions {
   maxBodyBytes: number;
   otlpEndpoint: string | undefined;
   metrics: boolean;
+  apiKeys: string[];
+  publicAreas: PublicArea[];
+  corsOrigins: string[];
+  keyMaxConcurrent: number;
+  keyTokensPerMinute: number;
+  shutdownGraceSeconds: number;
   logLevel: string;
 }
 
@@ -51,13 +61,15 @@ interface OptionSpec {
   env: string;
   arg: string;
   help: string;
+  /** Repeatable on the command line; comma-separated in the environment variable. */
+  multiple?: boolean;
 }
 
 // Every option, its environment variable and its help line, in one table so --help,
 // the README and the parser cannot drift apart.
 const OPTIONS: Record<string, OptionSpec> = {
   config: { env: "SPINDLE_CONFIG", arg: "FILE", help: "models file (default: models.yaml in the working directory)" },
-  model: { env: "SPINDLE_MODEL", arg: "PATH[=ID]", help: "serve this GGUF file without a models file; repeatable (env: comma-separated)" },
+  model: { env: "SPINDLE_MODEL", arg: "PATH[=ID]", help: "serve this GGUF file without a models file; repeatable (env: comma-separated)", multiple: true },
   host: { env: "SPINDLE_HOST", arg: "ADDR", help: "address to bind (default 127.0.0.1)" },
   port: { env: "SPINDLE_PORT", arg: "N", help: "port to listen on (default 8080; 0 picks a free port)" },
   threads: { env: "SPINDLE_THREADS", arg: "N", help: "compute threads per model (default: cores - 1, at least 1)" },
@@ -71,6 +83,13 @@ const OPTIONS: Record<string, OptionSpec> = {
   "max-body-bytes": { env: "SPINDLE_MAX_BODY_BYTES", arg: "N", help: "largest accepted request body (default 4194304)" },
   metrics: { env: "SPINDLE_METRICS", arg: "on|off", help: "Prometheus metrics at /metrics (default on)" },
   "otlp-endpoint": { env: "SPINDLE_OTLP_ENDPOINT", arg: "URL", help: "send OpenTelemetry traces over OTLP/HTTP (also: OTEL_EXPORTER_OTLP_ENDPOINT)" },
+  "api-key": { env: "SPINDLE_API_KEYS", arg: "KEY", help: "require this API key (Bearer or X-Api-Key); repeatable (env: comma-separated)", multiple: true },
+  "api-keys-file": { env: "SPINDLE_API_KEYS_FILE", arg: "FILE", help: "API keys, one per line ('#' comments)" },
+  public: { env: "SPINDLE_PUBLIC", arg: "LIST", help: "what stays open when keys are required: health, metrics, page (default health,page)" },
+  "cors-origin": { env: "SPINDLE_CORS_ORIGINS", arg: "ORIGIN", help: "allow browser requests from this origin; repeatable (default: CORS off)", multiple: true },
+  "key-max-concurrent": { env: "SPINDLE_KEY_MAX_CONCURRENT", arg: "N", help: "requests in flight per API key; beyond it 429 (default 0: no limit)" },
+  "key-tokens-per-minute": { env: "SPINDLE_KEY_TOKENS_PER_MINUTE", arg: "N", help: "prompt + completion tokens per API key per minute (default 0: no limit)" },
+  "shutdown-grace": { env: "SPINDLE_SHUTDOWN_GRACE", arg: "SECONDS", help: "on SIGTERM/SIGINT, how long running generations may finish (default 30)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
 };
 
@@ -120,7 +139,7 @@ export type ParseResult = { kind: "help" } | { kind: "run"; options: ServerOptio
 
 export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = process.env): ParseResult {
   const optionDefs: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = { help: { type: "boolean" } };
-  for (const name of Object.keys(OPTIONS)) optionDefs[name] = { type: "string", multiple: name === "model" };
+  for (const [name, spec] of Object.entries(OPTIONS)) optionDefs[name] = { type: "string", multiple: spec.multiple === true };
 
   let values: Record<string, string | boolean | (string | boolean)[] | undefined>;
   try {
@@ -138,7 +157,8 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
     return fromEnv !== undefined && fromEnv !== "" ? fromEnv : undefined;
   };
 
-  const modelArgs = (values.model as string[] | undefined) ?? env.SPINDLE_MODEL?.split(",").filter((s) => s !== "") ?? [];
+  const list = (name: string): string[] => (values[name] as string[] | undefined) ?? env[OPTIONS[name]!.env]?.split(",").map((s) => s.trim()).filter((s) => s !== "") ?? [];
+  const modelArgs = list("model");
   const models = modelArgs.map(parseModelArg);
   const ids = new Set<string>();
   for (const m of models) {
@@ -154,6 +174,28 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   if (flash !== "auto" && flash !== "on" && flash !== "off") throw new ConfigError(`--flash-attention: expected auto|on|off, got "${flash}"`);
   const metrics = get("metrics") ?? "on";
   if (metrics !== "on" && metrics !== "off") throw new ConfigError(`--metrics: expected on|off, got "${metrics}"`);
+  const apiKeys = list("api-key");
+  const keysFile = get("api-keys-file");
+  if (keysFile !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(keysFile, "utf8");
+    } catch (err) {
+      throw new ConfigError(`--api-keys-file: cannot read ${keysFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    for (const line of text.split("\n")) {
+      const key = line.replace(/#.*/, "").trim();
+      if (key !== "") apiKeys.push(key);
+    }
+  }
+  for (const k of apiKeys) if (k.length < 8) throw new ConfigError("--api-key: keys must be at least 8 characters");
+  const publicAreas = (get("public") ?? "health,page").split(",").map((s) => s.trim()).filter((s) => s !== "");
+  for (const a of publicAreas) if (!PUBLIC_AREAS.includes(a as PublicArea)) throw new ConfigError(`--public: unknown area "${a}" (health, metrics, page)`);
+  const corsOrigins = list("cors-origin");
+  for (const o of corsOrigins) if (o !== "*" && !/^https?:\/\/[^/]+$/.test(o)) throw new ConfigError(`--cors-origin: expected an origin like https://app.example.com, got "${o}"`);
+  const keyConc = get("key-max-concurrent");
+  const keyTpm = get("key-tokens-per-minute");
+  const grace = get("shutdown-grace");
   const logLevel = get("log-level") ?? "info";
   if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
     throw new ConfigError(`--log-level: unknown level "${logLevel}"`);
@@ -187,6 +229,12 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       maxBodyBytes: maxBody === undefined ? 4 * 1024 * 1024 : parseInteger("max-body-bytes", maxBody, 1024, 1 << 30),
       otlpEndpoint: get("otlp-endpoint"),
       metrics: metrics === "on",
+      apiKeys,
+      publicAreas: publicAreas as PublicArea[],
+      corsOrigins,
+      keyMaxConcurrent: keyConc === undefined ? 0 : parseInteger("key-max-concurrent", keyConc, 0, 1_000_000),
+      keyTokensPerMinute: keyTpm === undefined ? 0 : parseInteger("key-tokens-per-minute", keyTpm, 0, 1 << 40),
+      shutdownGraceSeconds: grace === undefined ? 30 : parseInteger("shutdown-grace", grace, 0, 3600),
       logLevel,
     },
   };

@@ -71,6 +71,16 @@ export interface StepObserver {
   onStep(items: number, tokens: number): void;
 }
 
+/**
+ * Test-only fault injection (never reachable from the command line): fail the next
+ * decode steps as llama.cpp would (the whole batch), slow every step, fail a load.
+ */
+export interface EngineFaults {
+  failNextSteps: number;
+  slowStepMs: number;
+  failNextLoads: number;
+}
+
 export interface LoadOptions {
   id: string;
   path: string;
@@ -81,6 +91,7 @@ export interface LoadOptions {
   /** "auto": on for GPU backends, off on CPU (see flashAttentionFor). */
   flashAttention?: "auto" | "on" | "off";
   observer: StepObserver;
+  faults?: EngineFaults;
 }
 
 export const NODE_LLAMA_CPP_VERSION = "3.21.1";
@@ -118,6 +129,10 @@ export class Engine {
 
   async loadModel(opts: LoadOptions): Promise<EngineModel> {
     let model: LlamaModel;
+    if (opts.faults && opts.faults.failNextLoads > 0) {
+      opts.faults.failNextLoads--;
+      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: injected load failure`);
+    }
     try {
       model = await this.llama.loadModel({ modelPath: opts.path });
     } catch (err) {
@@ -126,7 +141,7 @@ export class Engine {
     try {
       const trained = model.trainContextSize;
       const ctxSize = opts.ctxSize ?? Math.min(2048, trained);
-      const stepGate = new StepGate(opts.observer);
+      const stepGate = new StepGate(opts.observer, opts.faults);
       const context = await model.createContext({
         sequences: opts.parallel,
         contextSize: ctxSize,
@@ -188,9 +203,10 @@ class StepGate {
   private spins = 0;
   static readonly MAX_SPINS = 64;
 
-  constructor(private readonly observer: StepObserver) {}
+  constructor(private readonly observer: StepObserver, private readonly faults: EngineFaults | undefined) {}
 
   readonly strategy = ({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] => {
+    if (this.faults) this.injectFaults(items.length);
     if (items.length < this.observer.expectedItems() && this.spins < StepGate.MAX_SPINS) {
       this.spins++;
       return [];
@@ -202,6 +218,21 @@ class StepGate {
     this.observer.onStep(batch.length, tokens);
     return batch;
   };
+
+  /** A throw here is how llama.cpp's own decode failures reach callers: every queued item of the batch is rejected. */
+  private injectFaults(items: number): void {
+    const f = this.faults!;
+    if (f.slowStepMs > 0) {
+      const until = performance.now() + f.slowStepMs;
+      while (performance.now() < until) {
+        /* a slow step, on purpose */
+      }
+    }
+    if (f.failNextSteps > 0 && items > 0) {
+      f.failNextSteps--;
+      throw new Error("injected decode failure");
+    }
+  }
 }
 
 /**

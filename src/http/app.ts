@@ -7,6 +7,8 @@ import { prepareChat, prepareCompletion } from "../service/prepare.js";
 import { ChunkStreamSink, JsonSink, observed, SseTransport } from "./encoders.js";
 import type { RequestOutcome } from "../telemetry/request-telemetry.js";
 import websocket from "@fastify/websocket";
+import cors from "@fastify/cors";
+import { AccessControl } from "./access.js";
 import { DEFAULT_SOCKET_LIMITS, SocketSession, type SocketLimits } from "../ws/socket-session.js";
 import { RequestTelemetry, type Telemetry } from "../telemetry/request-telemetry.js";
 
@@ -21,10 +23,25 @@ export interface AppOptions {
   maxFrameBytes?: number;
   socketLimits?: Partial<SocketLimits>;
   telemetry: Telemetry;
+  access: AccessControl;
+  /** Allowed browser origins; empty: CORS off. */
+  corsOrigins?: string[];
+  /** Unread bytes a stream's client may leave before its generation is cancelled. */
+  maxStreamBufferBytes?: number;
+  /** Seconds a client has to send its whole request (slowloris); 408 after. */
+  readTimeoutSeconds?: number;
+}
+
+declare module "fastify" {
+  interface FastifyRequest {
+    /** Index of the API key the request authenticated with, when keys are required. */
+    apiKey: number | undefined;
+  }
 }
 
 function sendError(reply: FastifyReply, err: ApiError): FastifyReply {
   if (err.retryAfter !== undefined) reply.header("retry-after", String(err.retryAfter));
+  if (err.headers) reply.headers(err.headers);
   return reply.code(err.status).type("application/json").send(err.toEnvelope());
 }
 
@@ -60,6 +77,9 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     genReqId: () => randomBytes(8).toString("hex"),
     // close() ends keep-alive connections too, instead of waiting out clients' idle timers.
     forceCloseConnections: true,
+    // A client that sends its request slowly (slowloris) gets 408 and is dropped; it
+    // never holds a slot, since slots are taken only after the body is parsed.
+    requestTimeout: (opts.readTimeoutSeconds ?? 30) * 1000,
     onProtoPoisoning: "error",
     onConstructorPoisoning: "error",
   });
@@ -69,6 +89,28 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     if (apiErr.kind === "internal") request.log.error({ err }, "internal error");
     return sendError(reply, apiErr);
   });
+  const access = opts.access;
+  app.decorateRequest("apiKey", undefined);
+  if (opts.corsOrigins && opts.corsOrigins.length > 0) {
+    void app.register(cors, {
+      origin: opts.corsOrigins.includes("*") ? "*" : opts.corsOrigins,
+      methods: ["GET", "POST", "OPTIONS"],
+      allowedHeaders: ["authorization", "x-api-key", "content-type", "x-priority", "x-request-timeout", "traceparent"],
+      exposedHeaders: ["x-trace-id", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+      maxAge: 600,
+    });
+  }
+  // Every route is protected when keys are configured, but for the public areas; the
+  // WebSocket may instead authenticate with its first frame.
+  app.addHook("onRequest", async (request) => {
+    if (!access.enabled || request.method === "OPTIONS") return;
+    const path = request.url.split("?")[0]!;
+    if (access.isPublic(path)) return;
+    const token = AccessControl.presented(request.headers);
+    if (path === "/v1/ws" && token === undefined) return;
+    request.apiKey = access.authenticate(token);
+  });
+
   app.setNotFoundHandler((request, reply) =>
     sendError(reply, new ApiError("not_found", `Unknown route: ${request.method} ${request.url.split("?")[0]}`, { code: "unknown_route" })),
   );
@@ -136,10 +178,13 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     const telemetry = new RequestTelemetry(opts.telemetry, { id: request.id, endpoint, transport: "http", route: `POST ${request.url.split("?")[0]}`, headers: request.headers });
     if (telemetry.traceId) reply.header("x-trace-id", telemetry.traceId);
     const outcome: RequestOutcome = { status: 200 };
+    let lease: ReturnType<AccessControl["admit"]> | undefined;
     try {
       if (opts.isAccepting && !opts.isAccepting()) {
         throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
       }
+      lease = access.admit(request.apiKey);
+      reply.headers(lease.headers);
       const abort = new AbortController();
       // 'close' before the response finished means the client went away.
       reply.raw.on("close", () => {
@@ -153,11 +198,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       telemetry.prepare(prepared);
       const { entry, meta, stream, includeUsage, echo, gen } = prepared;
       if (stream) {
-        const transport = new SseTransport(reply.raw, () => {
-          // Hijacked replies skip fastify's header handling: carry the trace id by hand.
-          if (telemetry.traceId) reply.raw.setHeader("x-trace-id", telemetry.traceId);
-          reply.hijack();
-        });
+        const transport = new SseTransport(
+          reply.raw,
+          () => {
+            // Hijacked replies skip fastify's header handling: carry its headers by hand.
+            for (const [k, v] of Object.entries(reply.getHeaders())) if (v !== undefined) reply.raw.setHeader(k, v as string);
+            reply.hijack();
+          },
+          opts.maxStreamBufferBytes,
+          () => abort.abort(),
+        );
         const sink = new ChunkStreamSink(meta, transport, includeUsage, echo);
         await entry.scheduler.submit(gen, observed(sink, outcome));
         if (transport.earlyError) throw transport.earlyError;
@@ -174,6 +224,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       outcome.error = apiErr;
       throw apiErr;
     } finally {
+      lease?.release(outcome.usage ? outcome.usage.promptTokens + outcome.usage.completionTokens : 0);
       telemetry.finish(outcome);
     }
   }
@@ -183,6 +234,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   void app.register(async (instance) => {
     instance.get("/v1/ws", { websocket: true }, (socket, request) => {
       new SocketSession(socket, registry, {
+        access,
+        apiKey: request.apiKey,
         telemetry: opts.telemetry,
         limits: socketLimits,
         requestTimeoutSeconds: opts.requestTimeoutSeconds,

@@ -5,7 +5,7 @@
  * the JSON-escaped text: no object is built or serialised per token.
  */
 import type { ServerResponse } from "node:http";
-import type { ApiError } from "../errors.js";
+import { ApiError } from "../errors.js";
 import type { GenerationResult, GenerationSink, Usage } from "../scheduler/types.js";
 import type { ResponseMeta } from "../service/prepare.js";
 
@@ -174,8 +174,18 @@ export class ChunkStreamSink implements GenerationSink {
  */
 export class SseTransport implements ChunkTransport {
   earlyError: ApiError | undefined;
+  private slow: ApiError | undefined;
 
-  constructor(private readonly res: ServerResponse, private readonly beforeOpen: () => void) {}
+  /**
+   * `onSlowReader` is called once the client has left more than `maxBufferedBytes`
+   * unread: its generation is cancelled rather than buffered without bound.
+   */
+  constructor(
+    private readonly res: ServerResponse,
+    private readonly beforeOpen: () => void,
+    private readonly maxBufferedBytes = 4 * 1024 * 1024,
+    private readonly onSlowReader: () => void = () => {},
+  ) {}
 
   open(): void {
     this.beforeOpen();
@@ -188,6 +198,13 @@ export class SseTransport implements ChunkTransport {
   }
 
   chunk(json: string): void {
+    if (this.res.writableLength > this.maxBufferedBytes) {
+      if (this.slow === undefined) {
+        this.slow = new ApiError("cancelled", `The client is reading too slowly (over ${this.maxBufferedBytes} bytes unread): the generation was cancelled.`, { code: "slow_consumer" });
+        this.onSlowReader();
+      }
+      return;
+    }
     this.res.write(`data: ${json}\n\n`);
   }
 
@@ -202,6 +219,6 @@ export class SseTransport implements ChunkTransport {
     }
     // Mid-stream the status is already 200: the error travels as an event (the OpenAI
     // SDKs raise it as an APIError), and the stream ends without [DONE].
-    if (!this.res.destroyed) this.res.end(`data: ${JSON.stringify(error.toEnvelope())}\n\n`);
+    if (!this.res.destroyed) this.res.end(`data: ${JSON.stringify((this.slow ?? error).toEnvelope())}\n\n`);
   }
 }

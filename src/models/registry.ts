@@ -1,6 +1,6 @@
 import { ensureArtifact } from "../config/artifact.js";
 import type { ModelSpec, SamplingDefaults } from "../config/models-file.js";
-import { Engine, type EngineModel } from "../engine/llama-engine.js";
+import { Engine, type EngineFaults, type EngineModel } from "../engine/llama-engine.js";
 import { ApiError } from "../errors.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import type { GenerationSink } from "../scheduler/types.js";
@@ -32,6 +32,8 @@ export interface RegistryOptions {
   maxQueuedTokens: number;
   log: (msg: string) => void;
   telemetry?: Telemetry;
+  /** Test-only fault injection. */
+  faults?: EngineFaults;
   progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
 }
 
@@ -124,6 +126,7 @@ export class ModelRegistry {
       chatTemplate: spec.chatTemplate,
       flashAttention: this.opts.flashAttention,
       observer: scheduler,
+      faults: this.opts.faults,
     });
     scheduler.attach(engineModel);
     entry.engine = engineModel;
@@ -146,6 +149,20 @@ export class ModelRegistry {
       `model "${spec.id}" ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +
         `load ${entry.loadSeconds.toFixed(2)}s, warmup ${entry.warmupSeconds.toFixed(3)}s`,
     );
+  }
+
+  /**
+   * Stops taking work (queued requests get 503), lets running generations finish for
+   * up to `graceMs`, then ends the rest with a clear error.
+   */
+  async drain(graceMs: number): Promise<void> {
+    const schedulers = this.list().flatMap((e) => (e.scheduler ? [e.scheduler] : []));
+    for (const s of schedulers) s.close();
+    const idle = await Promise.all(schedulers.map((s) => s.idle(graceMs)));
+    if (idle.every(Boolean)) return;
+    const ended = new ApiError("unavailable", "The server is shutting down: the generation was ended after the shutdown grace period.", { code: "shutting_down", retryAfter: 5 });
+    for (const s of schedulers) s.terminate(ended);
+    await Promise.all(schedulers.map((s) => s.idle(5000)));
   }
 
   async dispose(): Promise<void> {

@@ -34,6 +34,8 @@ interface Slot {
   seq: SlotSequence;
   busy: boolean;
   lastUsed: number;
+  /** A decode failed on it: its KV is not trusted and is cleared before reuse. */
+  dirty: boolean;
 }
 
 interface Job {
@@ -76,6 +78,8 @@ export class Scheduler implements StepObserver {
   private releaseGate: (() => void) | null = null;
   private readonly completions: number[] = [];
   private closed = false;
+  /** Set by terminate(): every running generation ends with it at its next step. */
+  private terminating: ApiError | undefined;
   private model!: SchedulerModel;
   private readonly observer: SchedulerObserver | undefined;
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
@@ -91,7 +95,7 @@ export class Scheduler implements StepObserver {
   /** Binds the model; separate from the constructor because the engine needs the scheduler as its step observer first. */
   attach(model: SchedulerModel): void {
     this.model = model;
-    for (const seq of model.sequences) this.slots.push({ seq, busy: false, lastUsed: 0 });
+    for (const seq of model.sequences) this.slots.push({ seq, busy: false, lastUsed: 0, dirty: false });
   }
 
   // StepObserver: called by the engine's batch strategy.
@@ -252,7 +256,7 @@ export class Scheduler implements StepObserver {
     let best = free[0]!;
     let bestShared = -1;
     for (const slot of free) {
-      const shared = commonPrefix(slot.seq.heldTokens(), prompt);
+      const shared = slot.dirty ? 0 : commonPrefix(slot.seq.heldTokens(), prompt);
       if (shared > bestShared || (shared === bestShared && slot.lastUsed < best.lastUsed)) {
         best = slot;
         bestShared = shared;
@@ -300,14 +304,21 @@ export class Scheduler implements StepObserver {
       timeline.slot = slot.seq.index;
       sink.onStart();
       // Reuse the KV of the shared prefix; at least one prompt token must be evaluated to get logits.
-      const held = slot.seq.heldTokens();
+      const held = slot.dirty ? [] : slot.seq.heldTokens();
       cached = Math.min(commonPrefix(held, prompt), prompt.length - 1);
+      if (slot.dirty) {
+        await this.whilePaused(() => slot.seq.truncate(0));
+        slot.dirty = false;
+      }
       timeline.cachedTokens = cached;
       if (held.length > cached) await this.whilePaused(() => slot.seq.truncate(cached));
       const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
       if (outcome instanceof ApiError) sink.onError(outcome, usage());
       else sink.onDone({ finishReason: outcome, usage: usage() });
     } catch (err) {
+      // A failed decode step fails every request in that batch (llama.cpp's scope); each
+      // slot involved is cleared before reuse and the scheduler keeps serving.
+      slot.dirty = true;
       sink.onError(new ApiError("model_error", `The model failed while generating: ${(err as Error)?.message ?? err}`, { cause: err }), usage());
     } finally {
       timeline.endedAt = performance.now();
@@ -324,6 +335,7 @@ export class Scheduler implements StepObserver {
   }
 
   private checkLive(req: GenerationRequest): ApiError | undefined {
+    if (this.terminating) return this.terminating;
     if (req.signal.aborted) return new ApiError("cancelled", "The client closed the request.");
     if (performance.now() > req.deadline) {
       return new ApiError("timeout", "The request's deadline passed during generation.", { code: "generation_timeout" });
@@ -411,6 +423,21 @@ export class Scheduler implements StepObserver {
     } finally {
       stopRunning();
     }
+  }
+
+  /** Ends every running generation at its next step with `error` (end of a shutdown grace). */
+  terminate(error: ApiError): void {
+    this.terminating = error;
+  }
+
+  /** Resolves when no slot is busy, or after `ms`; true when idle. */
+  async idle(ms: number): Promise<boolean> {
+    const end = performance.now() + ms;
+    while (this.busySlots > 0) {
+      if (performance.now() >= end) return false;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return true;
   }
 
   /** Refuses new work and fails what is queued; running generations are left to finish. */

@@ -12,6 +12,7 @@ import { ApiError, toApiError } from "../errors.js";
 import type { ChunkTransport } from "../http/encoders.js";
 import { ChunkStreamSink, observed } from "../http/encoders.js";
 import { RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
+import { AccessControl } from "../http/access.js";
 import { randomBytes } from "node:crypto";
 import type { ModelRegistry } from "../models/registry.js";
 import { prepareChat, prepareCompletion } from "../service/prepare.js";
@@ -50,14 +51,19 @@ export class SocketSession {
   private tokens: number;
   private lastRefill = performance.now();
   private alive = true;
+  /** The key this connection authenticated with (header or first frame). */
+  private apiKey: number | undefined;
+  private authenticated: boolean;
   private readonly pinger: NodeJS.Timeout;
 
   constructor(
     private readonly socket: WebSocket,
     private readonly registry: ModelRegistry,
-    private readonly opts: { telemetry: Telemetry; limits: SocketLimits; requestTimeoutSeconds: number; isAccepting: () => boolean; headers: Record<string, string | string[] | undefined> },
+    private readonly opts: { access: AccessControl; apiKey: number | undefined; telemetry: Telemetry; limits: SocketLimits; requestTimeoutSeconds: number; isAccepting: () => boolean; headers: Record<string, string | string[] | undefined> },
   ) {
     this.tokens = opts.limits.frameBurst;
+    this.apiKey = opts.apiKey;
+    this.authenticated = !opts.access.enabled || opts.apiKey !== undefined;
     socket.on("message", (data, isBinary) => this.onMessage(data as Buffer, isBinary));
     socket.on("close", () => this.onClose());
     socket.on("error", () => this.onClose());
@@ -115,8 +121,21 @@ export class SocketSession {
       this.sendError(null, new ApiError("invalid_request", "A frame must be a JSON object with a type.", { code: "invalid_frame" }));
       return;
     }
-    const frame = msg as { type?: unknown; id?: unknown; body?: unknown; timeout?: unknown; priority?: unknown };
+    const frame = msg as { type?: unknown; id?: unknown; body?: unknown; timeout?: unknown; priority?: unknown; token?: unknown };
     const id = typeof frame.id === "string" && frame.id.length > 0 && frame.id.length <= 256 ? frame.id : null;
+    if (!this.authenticated) {
+      // Without a key on the upgrade, the first frame must carry one: {"type":"auth","token":"…"}.
+      try {
+        if (frame.type !== "auth") throw new ApiError("unauthorized", "Authenticate first: send {\"type\":\"auth\",\"token\":\"<key>\"} or connect with an Authorization header.", { code: "missing_api_key" });
+        this.apiKey = this.opts.access.authenticate(typeof frame.token === "string" ? frame.token : undefined);
+        this.authenticated = true;
+      } catch (err) {
+        this.sendError(null, toApiError(err));
+        this.socket.close(CLOSE_POLICY, "authentication required");
+      }
+      return;
+    }
+    if (frame.type === "auth") return;
     if (frame.type === "cancel") {
       // A generation that already finished is not an error: the race is normal.
       if (id !== null) this.inFlight.get(id)?.abort.abort();
@@ -152,8 +171,10 @@ export class SocketSession {
       headers: this.opts.headers,
     });
     const outcome: RequestOutcome = { status: 200 };
+    let lease: ReturnType<AccessControl["admit"]> | undefined;
     try {
       if (!this.opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
+      lease = this.opts.access.admit(this.apiKey);
       // The frame's own timeout and priority take the place of the HTTP headers.
       const headers: Record<string, string | string[] | undefined> = { ...this.opts.headers };
       if (frame.timeout !== undefined) headers["x-request-timeout"] = String(frame.timeout);
@@ -171,6 +192,7 @@ export class SocketSession {
       this.sendError(id, apiErr);
     } finally {
       this.inFlight.delete(id);
+      lease?.release(outcome.usage ? outcome.usage.promptTokens + outcome.usage.completionTokens : 0);
       telemetry.finish(outcome);
     }
   }

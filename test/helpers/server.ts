@@ -31,10 +31,9 @@ export function spec(m: TestModel): ModelSpec {
 
 export type TestServerOptions = Partial<Omit<ServerOptions, "configFile" | "configExplicit" | "models">>;
 
-/** The real server, real engine, on a free port. */
-export async function startTestServer(models: TestModel[], opts: TestServerOptions = {}, io: Parameters<typeof startServer>[2] = {}): Promise<RunningServer> {
-  return startServer(
-    {
+/** Options for a test server: a free loopback port, no auth, quiet logs, unless overridden. */
+export function testServerOptions(opts: TestServerOptions = {}): Parameters<typeof startServer>[0] {
+  return {
       host: "127.0.0.1",
       port: 0,
       threads: defaultThreads(),
@@ -49,11 +48,19 @@ export async function startTestServer(models: TestModel[], opts: TestServerOptio
       logLevel: "silent",
       otlpEndpoint: undefined,
       metrics: true,
+      apiKeys: [],
+      publicAreas: ["health", "page"],
+      corsOrigins: [],
+      keyMaxConcurrent: 0,
+      keyTokensPerMinute: 0,
+      shutdownGraceSeconds: 5,
       ...opts,
-    },
-    models.map(spec),
-    io,
-  );
+  };
+}
+
+/** The real server, real engine, on a free port. */
+export async function startTestServer(models: TestModel[], opts: TestServerOptions = {}, io: Parameters<typeof startServer>[2] = {}): Promise<RunningServer> {
+  return startServer(testServerOptions(opts), models.map(spec), io);
 }
 
 export function openaiClient(server: RunningServer, extra: Partial<ConstructorParameters<typeof OpenAI>[0]> = {}): OpenAI {
