@@ -72,6 +72,7 @@ export async function startServer(
       tokensPerMinute: options.keyTokensPerMinute,
     }),
     corsOrigins: options.corsOrigins,
+    readTimeoutSeconds: options.readTimeoutSeconds,
   });
   telemetry.log = app.log;
   telemetry.metrics.watch(registry);

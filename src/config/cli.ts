@@ -45,6 +45,7 @@ export interface ServerOptions {
   keyMaxConcurrent: number;
   keyTokensPerMinute: number;
   shutdownGraceSeconds: number;
+  readTimeoutSeconds: number;
   logLevel: string;
 }
 
@@ -89,6 +90,7 @@ const OPTIONS: Record<string, OptionSpec> = {
   "cors-origin": { env: "SPINDLE_CORS_ORIGINS", arg: "ORIGIN", help: "allow browser requests from this origin; repeatable (default: CORS off)", multiple: true },
   "key-max-concurrent": { env: "SPINDLE_KEY_MAX_CONCURRENT", arg: "N", help: "requests in flight per API key; beyond it 429 (default 0: no limit)" },
   "key-tokens-per-minute": { env: "SPINDLE_KEY_TOKENS_PER_MINUTE", arg: "N", help: "prompt + completion tokens per API key per minute (default 0: no limit)" },
+  "read-timeout": { env: "SPINDLE_READ_TIMEOUT", arg: "SECONDS", help: "time a client has to send its whole request; 408 after (default 30)" },
   "shutdown-grace": { env: "SPINDLE_SHUTDOWN_GRACE", arg: "SECONDS", help: "on SIGTERM/SIGINT, how long running generations may finish (default 30)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
 };
@@ -196,6 +198,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   const keyConc = get("key-max-concurrent");
   const keyTpm = get("key-tokens-per-minute");
   const grace = get("shutdown-grace");
+  const readTimeout = get("read-timeout");
   const logLevel = get("log-level") ?? "info";
   if (!["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(logLevel)) {
     throw new ConfigError(`--log-level: unknown level "${logLevel}"`);
@@ -235,6 +238,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       keyMaxConcurrent: keyConc === undefined ? 0 : parseInteger("key-max-concurrent", keyConc, 0, 1_000_000),
       keyTokensPerMinute: keyTpm === undefined ? 0 : parseInteger("key-tokens-per-minute", keyTpm, 0, 1 << 40),
       shutdownGraceSeconds: grace === undefined ? 30 : parseInteger("shutdown-grace", grace, 0, 3600),
+      readTimeoutSeconds: readTimeout === undefined ? 30 : parseInteger("read-timeout", readTimeout, 1, 3600),
       logLevel,
     },
   };

@@ -108,7 +108,18 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     if (access.isPublic(path)) return;
     const token = AccessControl.presented(request.headers);
     if (path === "/v1/ws" && token === undefined) return;
-    request.apiKey = access.authenticate(token);
+    try {
+      request.apiKey = access.authenticate(token);
+    } catch (err) {
+      // A refused WebSocket upgrade: answer and drop the socket, which the HTTP server
+      // no longer tracks (it would otherwise outlive close()).
+      if (request.headers.upgrade !== undefined) {
+        const e = err as ApiError;
+        request.raw.socket.end(`HTTP/1.1 ${e.status} Unauthorized\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n${JSON.stringify(e.toEnvelope())}`);
+        request.raw.socket.destroySoon();
+      }
+      throw err;
+    }
   });
 
   app.setNotFoundHandler((request, reply) =>

@@ -54,6 +54,7 @@ export function testServerOptions(opts: TestServerOptions = {}): Parameters<type
       keyMaxConcurrent: 0,
       keyTokensPerMinute: 0,
       shutdownGraceSeconds: 5,
+      readTimeoutSeconds: 30,
       ...opts,
   };
 }
