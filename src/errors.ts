@@ -7,6 +7,7 @@ export type ErrorKind =
   | "invalid_request"
   | "not_found"
   | "payload_too_large"
+  | "request_timeout"
   | "unsupported_media_type"
   | "unauthorized"
   | "rate_limited"
@@ -26,6 +27,7 @@ const KINDS: Record<ErrorKind, KindInfo> = {
   invalid_request: { status: 400, type: "invalid_request_error" },
   not_found: { status: 404, type: "invalid_request_error" },
   payload_too_large: { status: 413, type: "invalid_request_error" },
+  request_timeout: { status: 408, type: "invalid_request_error" },
   unsupported_media_type: { status: 415, type: "invalid_request_error" },
   unauthorized: { status: 401, type: "authentication_error" },
   rate_limited: { status: 429, type: "rate_limit_error" },

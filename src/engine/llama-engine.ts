@@ -206,12 +206,13 @@ class StepGate {
   constructor(private readonly observer: StepObserver, private readonly faults: EngineFaults | undefined) {}
 
   readonly strategy = ({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] => {
-    if (this.faults) this.injectFaults(items.length);
     if (items.length < this.observer.expectedItems() && this.spins < StepGate.MAX_SPINS) {
       this.spins++;
       return [];
     }
     this.spins = 0;
+    // Where a real decode failure would strike: the batch as it is about to be decoded.
+    if (this.faults) this.injectFaults(items.length);
     const batch = fairShare(items, size);
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;

@@ -80,6 +80,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     // A client that sends its request slowly (slowloris) gets 408 and is dropped; it
     // never holds a slot, since slots are taken only after the body is parsed.
     requestTimeout: (opts.readTimeoutSeconds ?? 30) * 1000,
+    // Node checks that timeout on an interval (30 s by default): check often enough for it to bite.
+    http: { connectionsCheckingInterval: Math.min(1000, (opts.readTimeoutSeconds ?? 30) * 250) },
     onProtoPoisoning: "error",
     onConstructorPoisoning: "error",
   });
@@ -100,6 +102,25 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       maxAge: 600,
     });
   }
+  // Node's requestTimeout stops at the headers; a body dripped byte by byte (slowloris)
+  // is cut here: 408 and the socket closed, at the read timeout.
+  const readTimeoutMs = (opts.readTimeoutSeconds ?? 30) * 1000;
+  app.addHook("onRequest", (request, _reply, done) => {
+    const raw = request.raw;
+    if (raw.method === "GET" || raw.method === "HEAD" || raw.complete) return done();
+    const timer = setTimeout(() => {
+      if (raw.complete || raw.socket.destroyed) return;
+      const err = new ApiError("request_timeout", `The request body was not received within ${readTimeoutMs / 1000} s.`, { code: "read_timeout" });
+      const body = JSON.stringify(err.toEnvelope());
+      raw.socket.end(`HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+      raw.socket.destroySoon();
+    }, readTimeoutMs);
+    timer.unref();
+    raw.once("end", () => clearTimeout(timer));
+    raw.once("close", () => clearTimeout(timer));
+    done();
+  });
+
   // Every route is protected when keys are configured, but for the public areas; the
   // WebSocket may instead authenticate with its first frame.
   app.addHook("onRequest", async (request) => {

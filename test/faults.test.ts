@@ -1,0 +1,202 @@
+/** Faults, shutdown and hostile clients, through the real server and engine. */
+import { spawn } from "node:child_process";
+import { connect } from "node:net";
+import { resolve } from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import type { EngineFaults } from "../src/engine/llama-engine.js";
+import type { RunningServer } from "../src/server.js";
+import { sharedModel, startTestServer, STORIES, waitFor, type TestServerOptions } from "./helpers/server.js";
+import { postSse } from "./helpers/sse.js";
+
+let server: RunningServer | undefined;
+afterEach(async () => {
+  await server?.close().catch(() => undefined);
+  server = undefined;
+});
+
+const faults = (): EngineFaults => ({ failNextSteps: 0, slowStepMs: 0, failNextLoads: 0 });
+const long = { model: "stories260K", prompt: "Once upon a time", max_tokens: 3500, ignore_eos: true, stream: true };
+const short = { model: "stories260K", prompt: "Once upon a time", max_tokens: 8, temperature: 0 };
+
+async function start(opts: TestServerOptions, f?: EngineFaults) {
+  server = await startTestServer([{ ...STORIES, ctxSize: 4096 }], opts, { faults: f });
+  return server;
+}
+const sched = () => server!.registry.resolve("stories260K").scheduler;
+const post = (body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${server!.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: JSON.stringify(body) });
+
+describe("an engine failure during a decode step", () => {
+  it("fails the requests of that batch with model_error, leaves the queued one and later ones unharmed", async () => {
+    const f = faults();
+    await start({ parallel: 2, maxQueue: 4 }, f);
+    const streams = [postSse(`${server!.url}/v1/completions`, long), postSse(`${server!.url}/v1/completions`, long)];
+    await waitFor(() => sched().busySlots === 2);
+    const queued = post(short);
+    await waitFor(() => sched().waiting === 1);
+    f.failNextSteps = 1;
+    for (const s of await Promise.all(streams)) {
+      const last = JSON.parse(s.events.at(-1)!);
+      expect(last.error).toMatchObject({ type: "model_error" });
+      expect(s.events).not.toContain("[DONE]");
+    }
+    // The queued request was not in that batch: it runs on a cleaned slot and succeeds.
+    const q = await queued;
+    expect(q.status).toBe(200);
+    expect((await q.json()).usage.completion_tokens).toBe(8);
+    const next = await post(short);
+    expect(next.status).toBe(200);
+    const m = await (await fetch(`${server!.url}/metrics`)).text();
+    expect(m).toMatch(/spindle_errors_total\{endpoint="completions",model="stories260K",version="test",type="model_error"\} 2/);
+  });
+
+  it("a non-stream request in a failed batch gets 500 model_error, not a hang", async () => {
+    const f = faults();
+    await start({ parallel: 1 }, f);
+    f.slowStepMs = 5;
+    const pending = post({ ...short, max_tokens: 200, ignore_eos: true });
+    await waitFor(() => sched().busySlots === 1);
+    f.failNextSteps = 1;
+    const res = await pending;
+    expect(res.status).toBe(500);
+    expect((await res.json()).error.type).toBe("model_error");
+    f.slowStepMs = 0;
+    expect((await post(short)).status).toBe(200);
+  });
+
+  it("slow steps still honour deadlines", async () => {
+    const f = faults();
+    await start({ parallel: 1 }, f);
+    f.slowStepMs = 30;
+    const t0 = performance.now();
+    const res = await post({ ...short, max_tokens: 200 }, { "X-Request-Timeout": "0.3" });
+    expect(res.status).toBe(504);
+    expect(performance.now() - t0).toBeLessThan(1500);
+  });
+
+  it("a failed load is a clear error and nothing is left running", async () => {
+    const f = faults();
+    f.failNextLoads = 1;
+    await expect(startTestServer([STORIES], {}, { faults: f })).rejects.toThrow(/injected load failure/);
+  });
+});
+
+describe("graceful shutdown", () => {
+  it("readiness turns false at once, new requests get 503 + Retry-After, running ones end with a clear error after the grace", async () => {
+    await start({ parallel: 2 });
+    const streams = [postSse(`${server!.url}/v1/completions`, long), postSse(`${server!.url}/v1/completions`, long)];
+    await waitFor(() => sched().busySlots === 2);
+    const t0 = performance.now();
+    const done = server!.shutdown(0.5);
+    const ready = await fetch(`${server!.url}/readyz`);
+    expect(ready.status).toBe(503);
+    expect((await ready.json()).status).toBe("shutting_down");
+    const refused = await post(short);
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get("retry-after")).toBe("5");
+    for (const s of await Promise.all(streams)) expect(JSON.parse(s.events.at(-1)!).error).toMatchObject({ type: "unavailable_error", code: "shutting_down" });
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(450);
+    await done;
+    server = undefined;
+  });
+
+  it("generations that finish within the grace period complete normally", async () => {
+    await start({ parallel: 2 });
+    const s = postSse(`${server!.url}/v1/completions`, { ...long, max_tokens: 300 });
+    await waitFor(() => sched().busySlots === 1);
+    await server!.shutdown(20);
+    server = undefined;
+    expect((await s).events.at(-1)).toBe("[DONE]");
+  });
+
+  it("the process: SIGTERM under load exits 0 after the streams end; a second signal exits at once", async () => {
+    const root = resolve(import.meta.dirname, "..");
+    const launch = (grace: string) => {
+      const child = spawn(process.execPath, ["src/launch.cjs", "--model", sharedModel("stories260K.gguf"), "--port", "0", "--ctx-size", "4096", "--log-level", "silent", "--shutdown-grace", grace], { cwd: root });
+      let out = "";
+      child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+      const exit = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+      return { child, exit, url: async () => (await waitFor(() => /listening on/.test(out), 30_000, 20), /listening on (\S+)/.exec(out)![1]!) };
+    };
+    const a = launch("1");
+    const url = await a.url();
+    const stream = postSse(`${url}/v1/completions`, long);
+    await new Promise((r) => setTimeout(r, 200));
+    a.child.kill("SIGTERM");
+    const events = (await stream).events;
+    expect(JSON.parse(events.at(-1)!).error.code).toBe("shutting_down");
+    expect(await a.exit).toBe(0);
+
+    const b = launch("60");
+    const url2 = await b.url();
+    const stream2 = postSse(`${url2}/v1/completions`, long).catch(() => undefined);
+    await new Promise((r) => setTimeout(r, 200));
+    const t0 = Date.now();
+    b.child.kill("SIGTERM");
+    await new Promise((r) => setTimeout(r, 100));
+    b.child.kill("SIGTERM");
+    expect(await b.exit).toBe(1);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    await stream2;
+  });
+});
+
+describe("hostile clients", () => {
+  it("a load storm of 500 connections: every request is answered in full or refused with 429/503 + Retry-After, memory stays bounded", async () => {
+    await start({ parallel: 4, maxQueue: 16 });
+    const rss0 = process.memoryUsage().rss;
+    const t0 = performance.now();
+    const results = await Promise.all(
+      Array.from({ length: 500 }, () =>
+        post({ ...short, max_tokens: 16 }, { "X-Request-Timeout": "30" }).then(async (r) => ({ status: r.status, retry: r.headers.get("retry-after"), body: await r.json() })),
+      ),
+    );
+    const ok = results.filter((r) => r.status === 200);
+    const refused = results.filter((r) => r.status === 429 || r.status === 503);
+    expect(ok.length + refused.length).toBe(500);
+    expect(ok.length).toBeGreaterThanOrEqual(20);
+    for (const r of ok) expect(r.body.usage.completion_tokens).toBeGreaterThan(0);
+    for (const r of refused) expect(Number(r.retry)).toBeGreaterThanOrEqual(1);
+    expect(performance.now() - t0).toBeLessThan(30_000);
+    const grown = (process.memoryUsage().rss - rss0) / 2 ** 20;
+    console.log(`load storm: ${ok.length} served, ${refused.length} refused, RSS +${grown.toFixed(1)} MiB`);
+    expect(grown).toBeLessThan(200);
+    expect(sched().waiting).toBe(0);
+    expect((await post(short)).status).toBe(200);
+  });
+
+  it("slowloris: a client that sends its request slowly is dropped at the read timeout, holding no slot", async () => {
+    await start({ parallel: 1, readTimeoutSeconds: 1 });
+    const { port } = new URL(server!.url);
+    const sock = connect(Number(port), "127.0.0.1");
+    let answer = "";
+    sock.on("data", (d) => (answer += d.toString()));
+    const closed = new Promise<void>((r) => sock.on("close", () => r()));
+    sock.write("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{");
+    const drip = setInterval(() => sock.writable && sock.write(" "), 200);
+    const t0 = performance.now();
+    // Meanwhile the server serves others.
+    expect((await post(short)).status).toBe(200);
+    expect(sched().busySlots).toBe(0);
+    await closed;
+    clearInterval(drip);
+    expect(performance.now() - t0).toBeLessThan(5000);
+    expect(answer).toMatch(/^HTTP\/1\.1 408/);
+  });
+
+  it("a reader that never reads an SSE stream has its generation cancelled, not buffered without bound", async () => {
+    const { SseTransport } = await import("../src/http/encoders.js");
+    let aborted = 0;
+    const written: string[] = [];
+    // Bytes the client left unread: this one stopped reading.
+    const res = { writableLength: 0, destroyed: false, writeHead() {}, setHeader() {}, write(s: string) { this.writableLength += s.length; written.push(s); }, end(s: string) { written.push(s); } };
+    const t = new SseTransport(res as never, () => {}, 1000, () => aborted++);
+    t.open();
+    for (let i = 0; i < 100; i++) t.chunk(`{"i":${i},"pad":"${"x".repeat(50)}"}`);
+    expect(aborted).toBe(1);
+    expect(written.length).toBeLessThan(30);
+    const { ApiError } = await import("../src/errors.js");
+    t.fail(new ApiError("cancelled", "x"), true);
+    expect(written.at(-1)).toContain("slow_consumer");
+  });
+});
