@@ -1,0 +1,185 @@
+/**
+ * Property-based attacks (fast-check) on every endpoint, through the real server and
+ * engine: whatever the body, the answer is a well-formed response or a 4xx envelope,
+ * never a 5xx, never a crash, and a normal request is served afterwards.
+ */
+import fc from "fast-check";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import WebSocket from "ws";
+import type { RunningServer } from "../src/server.js";
+import { schemaValidator } from "./helpers/openapi.js";
+import { startTestServer, STORIES, STORIES_CHAT } from "./helpers/server.js";
+
+let server: RunningServer;
+let cases = 0;
+const statuses = new Map<number, number>();
+beforeAll(async () => {
+  server = await startTestServer([STORIES, STORIES_CHAT], { parallel: 4, maxBodyBytes: 256 * 1024 });
+});
+afterAll(async () => {
+  console.log(`fuzz: ${cases} cases run; HTTP statuses ${JSON.stringify(Object.fromEntries(statuses))}`);
+  // Enough of the generated bodies were valid to exercise the engine, not only the validator.
+  expect(statuses.get(200) ?? 0).toBeGreaterThan(20);
+  await server?.close();
+});
+
+const hostileString = fc.oneof(
+  fc.string(),
+  fc.string({ unit: "grapheme", maxLength: 50 }),
+  fc.constantFrom("", "\u0000", "\ud800", "\udfff\ud800", "</s>", "<s>", "[INST]", "{{ raise_exception('x') }}", "%s%n", "\u202e", "a".repeat(70_000)),
+);
+const hostileNumber = fc.oneof(fc.integer(), fc.double(), fc.constantFrom(0, -0, 1e308, -1e308, 2 ** 53, 2 ** 64, -1, 0.5, 3));
+const anything = fc.oneof(hostileString, hostileNumber, fc.boolean(), fc.constant(null), fc.array(fc.anything(), { maxLength: 3 }), fc.object({ maxDepth: 2 }));
+const message = fc.record(
+  {
+    role: fc.oneof(fc.constantFrom("system", "user", "assistant", "developer", "tool", "function", ""), anything),
+    content: fc.oneof(hostileString, fc.array(fc.record({ type: fc.oneof(fc.constant("text"), fc.constant("image_url"), anything), text: fc.oneof(hostileString, anything) }), { maxLength: 3 }), anything),
+    name: fc.oneof(fc.string(), anything),
+  },
+  { requiredKeys: [] },
+);
+const common = {
+  model: fc.oneof(fc.constantFrom("stories260K", "stories260K-chat", "nope", ""), anything),
+  max_tokens: fc.oneof(fc.integer({ min: -2, max: 6 }), hostileNumber, anything),
+  temperature: fc.oneof(fc.double({ min: -1, max: 3 }), anything),
+  top_p: fc.oneof(fc.double({ min: -1, max: 2 }), anything),
+  top_k: fc.oneof(fc.integer({ min: -1, max: 100 }), anything),
+  seed: fc.oneof(hostileNumber, anything),
+  stop: fc.oneof(hostileString, fc.array(hostileString, { maxLength: 20 }), anything),
+  presence_penalty: fc.oneof(fc.double({ min: -3, max: 3 }), anything),
+  frequency_penalty: fc.oneof(fc.double({ min: -3, max: 3 }), anything),
+  logit_bias: fc.oneof(fc.dictionary(fc.oneof(fc.nat(600).map(String), fc.string()), fc.oneof(fc.double({ min: -120, max: 120 }), anything), { maxKeys: 5 }), anything),
+  stream: fc.oneof(fc.boolean(), anything),
+  stream_options: fc.oneof(fc.record({ include_usage: fc.oneof(fc.boolean(), anything) }), anything),
+  n: fc.oneof(fc.integer({ min: 0, max: 3 }), anything),
+  user: fc.oneof(fc.string(), anything),
+  ignore_eos: fc.oneof(fc.boolean(), anything),
+};
+const hostileChatBody = fc.record({ ...common, messages: fc.oneof(fc.array(message, { maxLength: 4 }), anything), max_completion_tokens: fc.oneof(fc.integer({ min: 0, max: 6 }), anything) }, { requiredKeys: [] });
+const hostileCompletionBody = fc.record({ ...common, prompt: fc.oneof(hostileString, fc.array(hostileString, { maxLength: 3 }), fc.array(fc.integer({ min: -5, max: 600 }), { maxLength: 8 }), anything), echo: fc.oneof(fc.boolean(), anything) }, { requiredKeys: [] });
+/** A valid body with at most one field replaced by something hostile: most are served, some are refused. */
+const validCommon = {
+  max_tokens: fc.integer({ min: 1, max: 6 }),
+  temperature: fc.double({ min: 0, max: 2, noNaN: true }),
+  top_p: fc.double({ min: 0.01, max: 1, noNaN: true }),
+  seed: fc.integer(),
+  stop: fc.array(fc.string({ minLength: 1, maxLength: 5 }), { maxLength: 3 }),
+  stream: fc.boolean(),
+  stream_options: fc.record({ include_usage: fc.boolean() }),
+  presence_penalty: fc.double({ min: -2, max: 2, noNaN: true }),
+  logit_bias: fc.dictionary(fc.nat(511).map(String), fc.double({ min: -100, max: 100, noNaN: true }), { maxKeys: 3 }),
+};
+const nearValid = (base: fc.Arbitrary<Record<string, unknown>>) =>
+  fc.tuple(base, fc.option(fc.tuple(fc.constantFrom(...Object.keys(common), "messages", "prompt"), anything), { freq: 3 })).map(([b, mutation]) => {
+    if (mutation) b[mutation[0]] = mutation[1];
+    return b;
+  });
+const chatBody = fc.oneof(
+  hostileChatBody,
+  nearValid(
+    fc.record(
+      { model: fc.constantFrom("stories260K", "stories260K-chat"), messages: fc.array(fc.record({ role: fc.constantFrom("system", "user", "assistant", "developer"), content: fc.string({ unit: "grapheme", maxLength: 40 }) }), { minLength: 1, maxLength: 4 }), ...validCommon },
+      { requiredKeys: ["model", "messages"] },
+    ),
+  ),
+);
+const completionBody = fc.oneof(
+  hostileCompletionBody,
+  nearValid(fc.record({ model: fc.constant("stories260K"), prompt: fc.string({ unit: "grapheme", maxLength: 40 }), echo: fc.boolean(), ...validCommon }, { requiredKeys: ["model", "prompt"] })),
+);
+// Near-valid bodies plus keys that should never reach an object's prototype.
+const withExtras = (arb: fc.Arbitrary<Record<string, unknown>>) =>
+  fc.tuple(arb, fc.dictionary(fc.oneof(fc.string(), fc.constantFrom("__proto__", "constructor", "prototype", "tools", "logprobs")), anything, { maxKeys: 2 }), fc.boolean()).map(([b, extra, addExtra]) => {
+    const body: Record<string, unknown> = { ...b };
+    // Keep generation short: the property is about answers, not long outputs.
+    if (typeof body.max_tokens !== "number" || body.max_tokens > 6) body.max_tokens = 4;
+    return addExtra ? JSON.stringify(body).replace(/^\{/, `{${Object.entries(extra).map(([k, v]) => `${JSON.stringify(k)}:${JSON.stringify(v) ?? "null"},`).join("")}`) : JSON.stringify(body);
+  });
+
+async function check(path: string, body: string | Buffer, contentType = "application/json"): Promise<void> {
+  cases++;
+  const res = await fetch(`${server.url}${path}`, { method: "POST", headers: { "content-type": contentType }, body: typeof body === "string" ? body : new Uint8Array(body) });
+  statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1);
+  const text = await res.text();
+  expect(res.status, text.slice(0, 300)).toBeLessThan(500);
+  if (res.status >= 400) {
+    const json = JSON.parse(text);
+    expect(schemaValidator("ErrorResponse")(json), text.slice(0, 300)).toBe(true);
+  } else if ((res.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
+    // A stream: every event is JSON or [DONE], and it ends with [DONE] or an error event.
+    const events = text.split("\n\n").filter((e) => e.startsWith("data: ")).map((e) => e.slice(6));
+    for (const e of events) if (e !== "[DONE]") JSON.parse(e);
+    const last = events.at(-1)!;
+    expect(last === "[DONE]" || JSON.parse(last).error !== undefined).toBe(true);
+  } else {
+    expect(JSON.parse(text).choices).toHaveLength(1);
+  }
+}
+
+describe("fuzzing the HTTP endpoints", () => {
+  it("POST /v1/chat/completions", async () => {
+    await fc.assert(fc.asyncProperty(withExtras(chatBody), (b) => check("/v1/chat/completions", b)), { numRuns: 300 });
+  });
+
+  it("POST /v1/completions", async () => {
+    await fc.assert(fc.asyncProperty(withExtras(completionBody), (b) => check("/v1/completions", b)), { numRuns: 300 });
+  });
+
+  it("hostile raw bodies: broken JSON, deep nesting, invalid UTF-8, prototype keys, huge and oversized strings", async () => {
+    const raw: fc.Arbitrary<string | Buffer> = fc.oneof(
+      fc.string() as fc.Arbitrary<string | Buffer>,
+      fc.nat(20_000).map((n) => "[".repeat(n) + "]".repeat(n)),
+      fc.nat(5_000).map((n) => `{"model":"stories260K","messages":${"[".repeat(n)}${"]".repeat(n)}}`),
+      fc.uint8Array({ maxLength: 200 }).map((a): string | Buffer => Buffer.concat([Buffer.from('{"model":"stories260K","prompt":"'), Buffer.from(a), Buffer.from('","max_tokens":2}')])),
+      fc.constantFrom(
+        '{"__proto__":{"polluted":1},"model":"stories260K","prompt":"x","max_tokens":1}',
+        '{"constructor":{"prototype":{"polluted":1}},"model":"stories260K","prompt":"x"}',
+        '{"model":"stories260K","prompt":"x","max_tokens":1e999}',
+        '{"model":"stories260K","prompt":"x","temperature":-0}',
+        `{"model":"stories260K","prompt":"${"y".repeat(300 * 1024)}"}`,
+        `{"model":"stories260K","prompt":"${"word ".repeat(10_000)}"}`,
+      ),
+    );
+    await fc.assert(
+      fc.asyncProperty(raw, fc.constantFrom("/v1/completions", "/v1/chat/completions"), (body, path) => check(path, body)),
+      { numRuns: 150 },
+    );
+    expect(({} as Record<string, unknown>).polluted).toBeUndefined();
+  });
+
+  it("WebSocket frames", async () => {
+    const ws = new WebSocket(`${server.url.replace("http", "ws")}/v1/ws`);
+    await new Promise((r) => ws.once("open", r));
+    const frames: Array<{ type: string; id: string | null; error?: unknown }> = [];
+    ws.on("message", (d) => frames.push(JSON.parse(String(d))));
+    let n = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(withExtras(chatBody), withExtras(completionBody)), fc.constantFrom("chat.completions.create", "completions.create", "cancel", "bogus"), async (body, type) => {
+        cases++;
+        const id = `f${n++}`;
+        // Paced under the connection's frame limit (50/s): this is about bodies, not floods.
+        await new Promise((r) => setTimeout(r, 25));
+        ws.send(`{"type":${JSON.stringify(type)},"id":"${id}","body":${body}}`);
+        if (type === "cancel") return;
+        const end = Date.now() + 10_000;
+        while (!frames.some((f) => f.id === id && (f.type === "done" || f.type === "error"))) {
+          if (Date.now() > end) throw new Error(`no end for ${id}`);
+          await new Promise((r) => setTimeout(r, 2));
+        }
+        for (const f of frames.filter((f) => f.id === id && f.type === "error")) {
+          const status = (f.error as { type: string }).type;
+          expect(["server_error", "model_error"]).not.toContain(status);
+        }
+      }),
+      { numRuns: 150 },
+    );
+    expect(ws.readyState).toBe(WebSocket.OPEN);
+    ws.close();
+  });
+
+  it("the server serves a normal request afterwards", async () => {
+    const res = await fetch(`${server.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "stories260K", prompt: "Once upon a time", max_tokens: 8, temperature: 0 }) });
+    expect(res.status).toBe(200);
+    expect((await res.json()).choices[0].text).toContain("there was");
+  });
+});
