@@ -6,6 +6,7 @@
  *   engine  the engine ceiling alone (node-llama-cpp with no HTTP)
  *   telemetry  W1 with metrics and tracing on against both off (their per-token cost)
  *   w2      W1 on the ~25M-parameter synthetic model (compute-bound)
+ *   soak    minutes of mixed traffic (cancels, deadlines, overload): served, errors, RSS and heap
  *   synth   write a synthetic GGUF: --preset tiny|25m|llama-1b|llama-8b --weights f16|q8_0 --seed N --out FILE
  *
  * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
@@ -17,6 +18,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { engineCeiling } from "./engine-ceiling.js";
+import { soak } from "./soak.js";
 import { renderChart, type ChartPoint } from "./lib/chart.js";
 import { PRESETS, writeSyntheticGguf, type WeightType } from "./synthetic-gguf.js";
 import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
@@ -383,6 +385,19 @@ async function main(): Promise<void> {
     await writeOutputs(String(v.out), `telemetry-${Date.now()}`, { workload: w, results, spanBytes }, `# ${header}\n\n${md}\n`, "Telemetry on vs off");
     return;
   }
+  if (command === "soak") {
+    const { values: v } = parseArgs({ args: rest, options: { minutes: { type: "string", default: "10" }, concurrency: { type: "string", default: "24" }, threads: { type: "string", default: "1" }, "model-path": { type: "string" } } });
+    const r = await soak({
+      modelPath: resolve(v["model-path"] ?? join(ROOT, "..", "shared", "models", "stories260K.gguf")),
+      minutes: Number(v.minutes),
+      concurrency: Number(v.concurrency),
+      threads: Number(v.threads),
+    });
+    process.stdout.write(
+      `soak ${r.minutes} min: ${r.served} served; errors ${JSON.stringify(r.errors)}; RSS ${r.rssStartMiB.toFixed(1)} → ${r.rssEndMiB.toFixed(1)} MiB; heap ${r.heapStartMiB.toFixed(1)} → ${r.heapEndMiB.toFixed(1)} MiB; every 30 s [min, RSS, heap]: ${JSON.stringify(r.samples)}\n`,
+    );
+    return;
+  }
   if (command === "synth") {
     const { values: v } = parseArgs({
       args: rest,
@@ -442,7 +457,7 @@ async function main(): Promise<void> {
     await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
-  process.stderr.write("usage: npm run bench -- serve|w1|w2|engine|telemetry|synth [options]  (see bench/cli.ts and the README)\n");
+  process.stderr.write("usage: npm run bench -- serve|w1|w2|engine|telemetry|soak|synth [options]  (see bench/cli.ts and the README)\n");
   process.exit(2);
 }
 

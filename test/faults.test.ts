@@ -200,3 +200,21 @@ describe("hostile clients", () => {
     expect(written.at(-1)).toContain("slow_consumer");
   });
 });
+
+describe("request size limits", () => {
+  it("an oversized header block gets 431; too many messages and too many stop strings get 400 naming them", async () => {
+    await start({});
+    const big = await fetch(`${server!.url}/v1/models`, { headers: { "x-junk": "x".repeat(32 * 1024) } }).catch((e) => e);
+    expect(big instanceof Error ? "closed" : big.status).toSatisfy((s: unknown) => s === 431 || s === "closed");
+    const many = await post({ model: "stories260K", prompt: "x", stop: Array.from({ length: 17 }, (_, i) => `s${i}`) });
+    expect(many.status).toBe(400);
+    expect((await many.json()).error.param).toBe("stop");
+    const chat = await fetch(`${server!.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "stories260K", messages: Array.from({ length: 5000 }, () => ({ role: "user", content: "x" })) }),
+    });
+    expect(chat.status).toBe(400);
+    expect((await chat.json()).error.param).toBe("messages");
+  });
+});
