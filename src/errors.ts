@@ -10,6 +10,7 @@ export type ErrorKind =
   | "request_timeout"
   | "unsupported_media_type"
   | "unauthorized"
+  | "forbidden"
   | "rate_limited"
   | "overloaded"
   | "unavailable"
@@ -30,6 +31,7 @@ const KINDS: Record<ErrorKind, KindInfo> = {
   request_timeout: { status: 408, type: "invalid_request_error" },
   unsupported_media_type: { status: 415, type: "invalid_request_error" },
   unauthorized: { status: 401, type: "authentication_error" },
+  forbidden: { status: 403, type: "permission_error" },
   rate_limited: { status: 429, type: "rate_limit_error" },
   overloaded: { status: 429, type: "overloaded_error" },
   unavailable: { status: 503, type: "unavailable_error" },

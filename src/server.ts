@@ -67,6 +67,7 @@ export async function startServer(
     telemetry,
     access: new AccessControl({
       keys: options.apiKeys,
+      adminKeys: options.adminKeys,
       publicAreas: options.publicAreas,
       maxConcurrent: options.keyMaxConcurrent,
       tokensPerMinute: options.keyTokensPerMinute,

@@ -52,6 +52,15 @@ describe("API keys", () => {
     }
   });
 
+  it("/admin: loopback only without an admin key configured", async () => {
+    const res = await fetch(`${server.url}/admin/status`);
+    expect(res.status).toBe(200);
+    expect((await res.json()).models[0]).toMatchObject({ id: "stories260K", state: "ready", slots: { busy: 0 } });
+    const ac = new AccessControl({ keys: [], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 });
+    expect(() => ac.authorizeAdmin(undefined, "10.1.2.3")).toThrow(/loopback/);
+    expect(() => ac.authorizeAdmin(undefined, "::ffff:127.0.0.1")).not.toThrow();
+  });
+
   it("health stays public when configured so", async () => {
     for (const p of ["/livez", "/readyz", "/health"]) expect((await fetch(`${server.url}${p}`)).status).toBe(200);
   });
@@ -87,6 +96,28 @@ describe("API keys", () => {
     expect(ac.authenticate("short-key-1")).toBe(0);
     expect(ac.authenticate("a-much-longer-key-2")).toBe(1);
     for (const bad of ["short-key-", "short-key-12", "", "A-much-longer-key-2"]) expect(() => ac.authenticate(bad)).toThrow();
+  });
+});
+
+describe("admin key", () => {
+  let server: RunningServer;
+  const ADMIN = "admin-key-000001";
+  beforeAll(async () => {
+    server = await startTestServer([STORIES], { apiKeys: [KEY_A], adminKeys: [ADMIN] });
+  });
+  afterAll(async () => server?.close());
+
+  it("admin routes need the admin key: none or a wrong one 401, a plain API key 403, on every method", async () => {
+    for (const method of ["GET", "POST", "DELETE"]) {
+      const call = (headers: Record<string, string>) => fetch(`${server.url}/admin/status`, { method, headers });
+      expect((await call({})).status).toBe(401);
+      expect((await call({ authorization: "Bearer not-a-key-at-all" })).status).toBe(401);
+      const plain = await call({ authorization: `Bearer ${KEY_A}` });
+      expect(plain.status).toBe(403);
+      expect((await plain.json()).error.type).toBe("permission_error");
+      const admin = await call({ authorization: `Bearer ${ADMIN}` });
+      expect(admin.status).toBe(method === "GET" ? 200 : 404);
+    }
   });
 });
 

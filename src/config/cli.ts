@@ -40,6 +40,7 @@ export interface ServerOptions {
   otlpEndpoint: string | undefined;
   metrics: boolean;
   apiKeys: string[];
+  adminKeys: string[];
   publicAreas: PublicArea[];
   corsOrigins: string[];
   keyMaxConcurrent: number;
@@ -85,6 +86,7 @@ const OPTIONS: Record<string, OptionSpec> = {
   metrics: { env: "SPINDLE_METRICS", arg: "on|off", help: "Prometheus metrics at /metrics (default on)" },
   "otlp-endpoint": { env: "SPINDLE_OTLP_ENDPOINT", arg: "URL", help: "send OpenTelemetry traces over OTLP/HTTP (also: OTEL_EXPORTER_OTLP_ENDPOINT)" },
   "api-key": { env: "SPINDLE_API_KEYS", arg: "KEY", help: "require this API key (Bearer or X-Api-Key); repeatable (env: comma-separated)", multiple: true },
+  "admin-key": { env: "SPINDLE_ADMIN_KEYS", arg: "KEY", help: "key for the /admin routes (without one they answer loopback clients only); repeatable", multiple: true },
   "api-keys-file": { env: "SPINDLE_API_KEYS_FILE", arg: "FILE", help: "API keys, one per line ('#' comments)" },
   public: { env: "SPINDLE_PUBLIC", arg: "LIST", help: "what stays open when keys are required: health, metrics, page (default health,page)" },
   "cors-origin": { env: "SPINDLE_CORS_ORIGINS", arg: "ORIGIN", help: "allow browser requests from this origin; repeatable (default: CORS off)", multiple: true },
@@ -191,6 +193,8 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
     }
   }
   for (const k of apiKeys) if (k.length < 8) throw new ConfigError("--api-key: keys must be at least 8 characters");
+  const adminKeys = list("admin-key");
+  for (const k of adminKeys) if (k.length < 8) throw new ConfigError("--admin-key: keys must be at least 8 characters");
   const publicAreas = (get("public") ?? "health,page").split(",").map((s) => s.trim()).filter((s) => s !== "");
   for (const a of publicAreas) if (!PUBLIC_AREAS.includes(a as PublicArea)) throw new ConfigError(`--public: unknown area "${a}" (health, metrics, page)`);
   const corsOrigins = list("cors-origin");
@@ -233,6 +237,7 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       otlpEndpoint: get("otlp-endpoint"),
       metrics: metrics === "on",
       apiKeys,
+      adminKeys,
       publicAreas: publicAreas as PublicArea[],
       corsOrigins,
       keyMaxConcurrent: keyConc === undefined ? 0 : parseInteger("key-max-concurrent", keyConc, 0, 1_000_000),

@@ -9,6 +9,8 @@ import { ApiError } from "../errors.js";
 
 export interface AccessOptions {
   keys: string[];
+  /** Keys for /admin; without any, /admin answers loopback clients only. */
+  adminKeys?: string[];
   publicAreas: PublicArea[];
   maxConcurrent: number;
   tokensPerMinute: number;
@@ -19,7 +21,8 @@ type Headers = Record<string, string | string[] | undefined>;
 const digest = (s: string) => createHash("sha256").update(s, "utf8").digest();
 
 /** Which area a path belongs to, for the public/protected decision. */
-export function areaOf(path: string): PublicArea | "api" {
+export function areaOf(path: string): PublicArea | "api" | "admin" {
+  if (path === "/admin" || path.startsWith("/admin/")) return "admin";
   if (path === "/livez" || path === "/readyz" || path === "/health" || path.startsWith("/v2/health")) return "health";
   if (path === "/metrics") return "metrics";
   if (path === "/" || path === "/chat.js" || path === "/chat.css") return "page";
@@ -41,10 +44,33 @@ export interface Lease {
 
 export class AccessControl {
   private readonly digests: Buffer[];
+  private readonly adminDigests: Buffer[];
   private readonly state: Map<number, KeyState> = new Map();
 
   constructor(private readonly opts: AccessOptions) {
     this.digests = opts.keys.map(digest);
+    this.adminDigests = (opts.adminKeys ?? []).map(digest);
+  }
+
+  /**
+   * The admin routes: an admin key when any is configured (a plain API key is refused
+   * with 403), else loopback clients only.
+   */
+  authorizeAdmin(token: string | undefined, remoteAddress: string | undefined): void {
+    if (this.adminDigests.length === 0) {
+      const loopback = remoteAddress === "::1" || remoteAddress?.startsWith("127.") || remoteAddress?.startsWith("::ffff:127.");
+      if (!loopback) throw new ApiError("forbidden", "The admin routes answer loopback clients only until an admin key is configured (--admin-key).", { code: "admin_loopback_only" });
+      return;
+    }
+    if (token === undefined || token === "") throw new ApiError("unauthorized", "Missing admin key.", { code: "missing_api_key" });
+    const d = digest(token);
+    let ok = false;
+    for (const a of this.adminDigests) ok = timingSafeEqual(d, a) || ok;
+    if (ok) return;
+    let plain = false;
+    for (const k of this.digests) plain = timingSafeEqual(d, k) || plain;
+    if (plain) throw new ApiError("forbidden", "This key may not use the admin routes.", { code: "admin_key_required" });
+    throw new ApiError("unauthorized", "Incorrect admin key provided.", { code: "invalid_api_key" });
   }
 
   get enabled(): boolean {
@@ -53,7 +79,7 @@ export class AccessControl {
 
   isPublic(path: string): boolean {
     const area = areaOf(path);
-    return !this.enabled || (area !== "api" && this.opts.publicAreas.includes(area));
+    return !this.enabled || (area !== "api" && area !== "admin" && this.opts.publicAreas.includes(area));
   }
 
   /** The presented key from the headers, if any. */

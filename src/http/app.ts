@@ -8,7 +8,7 @@ import { ChunkStreamSink, JsonSink, observed, SseTransport } from "./encoders.js
 import type { RequestOutcome } from "../telemetry/request-telemetry.js";
 import websocket from "@fastify/websocket";
 import cors from "@fastify/cors";
-import { AccessControl } from "./access.js";
+import { AccessControl, areaOf } from "./access.js";
 import { DEFAULT_SOCKET_LIMITS, SocketSession, type SocketLimits } from "../ws/socket-session.js";
 import { RequestTelemetry, type Telemetry } from "../telemetry/request-telemetry.js";
 
@@ -124,8 +124,10 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   // Every route is protected when keys are configured, but for the public areas; the
   // WebSocket may instead authenticate with its first frame.
   app.addHook("onRequest", async (request) => {
-    if (!access.enabled || request.method === "OPTIONS") return;
+    if (request.method === "OPTIONS") return;
     const path = request.url.split("?")[0]!;
+    if (areaOf(path) === "admin") return access.authorizeAdmin(AccessControl.presented(request.headers), request.socket.remoteAddress);
+    if (!access.enabled) return;
     if (access.isPublic(path)) return;
     const token = AccessControl.presented(request.headers);
     if (path === "/v1/ws" && token === undefined) return;
@@ -162,6 +164,22 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     const metrics = opts.telemetry.metrics.registry;
     return reply.type(metrics.contentType).send(await metrics.metrics());
   });
+
+  // What an operator asks first: which models, how loaded, how busy.
+  app.get("/admin/status", async () => ({
+    accepting: opts.isAccepting?.() ?? true,
+    models: registry.list().map((e) => ({
+      id: e.id,
+      version: e.version,
+      state: e.state,
+      error: e.error ?? null,
+      load_seconds: e.loadSeconds ?? null,
+      warmup_seconds: e.warmupSeconds ?? null,
+      slots: e.scheduler ? { busy: e.scheduler.busySlots, total: e.scheduler.totalSlots } : null,
+      waiting: e.scheduler?.waiting ?? null,
+      queued_prompt_tokens: e.scheduler?.waitingTokens ?? null,
+    })),
+  }));
 
   app.get("/livez", async () => ({ status: "ok" }));
   const ready = async (_req: FastifyRequest, reply: FastifyReply) => {

@@ -49,6 +49,7 @@ export function testServerOptions(opts: TestServerOptions = {}): Parameters<type
       otlpEndpoint: undefined,
       metrics: true,
       apiKeys: [],
+      adminKeys: [],
       publicAreas: ["health", "page"],
       corsOrigins: [],
       keyMaxConcurrent: 0,
