@@ -13,10 +13,6 @@ export class StopMatcher {
     this.starts = new Set(stops.map((s) => s[0]!));
   }
 
-  get active(): boolean {
-    return this.stops.length > 0;
-  }
-
   /**
    * Feeds text; returns what may be sent now. `stopped` is true once a stop string is
    * complete: the returned text is everything before it, and nothing more may follow.

@@ -304,14 +304,14 @@ export class Scheduler implements StepObserver {
       timeline.slot = slot.seq.index;
       sink.onStart();
       // Reuse the KV of the shared prefix; at least one prompt token must be evaluated to get logits.
-      const held = slot.dirty ? [] : slot.seq.heldTokens();
-      cached = Math.min(commonPrefix(held, prompt), prompt.length - 1);
-      if (slot.dirty) {
-        await this.whilePaused(() => slot.seq.truncate(0));
+      // A dirty slot (a failed step) reuses nothing and is cleared whole.
+      const held = slot.dirty ? undefined : slot.seq.heldTokens();
+      cached = held ? Math.min(commonPrefix(held, prompt), prompt.length - 1) : 0;
+      timeline.cachedTokens = cached;
+      if (held === undefined || held.length > cached) {
+        await this.whilePaused(() => slot.seq.truncate(cached));
         slot.dirty = false;
       }
-      timeline.cachedTokens = cached;
-      if (held.length > cached) await this.whilePaused(() => slot.seq.truncate(cached));
       const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
       if (outcome instanceof ApiError) sink.onError(outcome, usage());
       else sink.onDone({ finishReason: outcome, usage: usage() });

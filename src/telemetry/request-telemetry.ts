@@ -3,7 +3,7 @@
  * one metrics update, one log line, one trace (the request span and its queue, prefill
  * and decode children). Shared by every transport.
  */
-import { SpanKind, SpanStatusCode, trace, type Span } from "@opentelemetry/api";
+import { SpanKind, SpanStatusCode, type Span } from "@opentelemetry/api";
 import type { FastifyBaseLogger } from "fastify";
 import type { ApiError } from "../errors.js";
 import type { GenerationRequest, Usage } from "../scheduler/types.js";
@@ -176,4 +176,3 @@ export function lifecycleSpan(telemetry: Telemetry, name: string, start: number,
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
 
-export { trace };
