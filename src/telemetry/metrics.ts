@@ -11,6 +11,7 @@ import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { ModelRegistry } from "../models/registry.js";
 import type { SchedulerObserver } from "../scheduler/types.js";
 import type { ErrorKind } from "../errors.js";
+import { HotHistogram } from "./hot-histogram.js";
 
 export const SPINDLE_VERSION = "0.1.0";
 
@@ -41,11 +42,11 @@ export class Metrics {
   private readonly duration: Histogram;
   private readonly queueWait: Histogram;
   private readonly ttft: Histogram;
-  private readonly itl: Histogram;
+  private readonly itl: HotHistogram;
   private readonly promptTokensPerRequest: Histogram;
   private readonly completionTokensPerRequest: Histogram;
-  private readonly stepSequences: Histogram;
-  private readonly stepTokens: Histogram;
+  private readonly stepSequences: HotHistogram;
+  private readonly stepTokens: HotHistogram;
   private readonly promptTokens: Counter;
   private readonly cachedTokens: Counter;
   private readonly completionTokens: Counter;
@@ -89,11 +90,12 @@ export class Metrics {
     this.duration = new Histogram({ name: "spindle_request_duration_seconds", help: "End-to-end request latency, queue included.", labelNames: ["endpoint", ...mv], buckets: LATENCY_BUCKETS, registers });
     this.queueWait = new Histogram({ name: "spindle_queue_wait_seconds", help: "Time from admission to getting a slot.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
     this.ttft = new Histogram({ name: "spindle_time_to_first_token_seconds", help: "Time from arrival to the first generated token.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
-    this.itl = new Histogram({ name: "spindle_inter_token_latency_seconds", help: "Time between consecutive tokens of one sequence.", labelNames: mv, buckets: ITL_BUCKETS, registers });
+    // Observed per token and per step: the allocation-free kind.
+    this.itl = new HotHistogram("spindle_inter_token_latency_seconds", "Time between consecutive tokens of one sequence.", ITL_BUCKETS, this.registry);
     this.promptTokensPerRequest = new Histogram({ name: "spindle_request_prompt_tokens", help: "Prompt tokens per request.", labelNames: mv, buckets: TOKEN_BUCKETS, registers });
     this.completionTokensPerRequest = new Histogram({ name: "spindle_request_completion_tokens", help: "Completion tokens per request.", labelNames: mv, buckets: TOKEN_BUCKETS, registers });
-    this.stepSequences = new Histogram({ name: "spindle_decode_step_sequences", help: "Sequences carried by each decode step (batch fullness).", labelNames: mv, buckets: STEP_BUCKETS, registers });
-    this.stepTokens = new Histogram({ name: "spindle_decode_step_tokens", help: "Tokens evaluated by each decode step.", labelNames: mv, buckets: STEP_BUCKETS, registers });
+    this.stepSequences = new HotHistogram("spindle_decode_step_sequences", "Sequences carried by each decode step (batch fullness).", STEP_BUCKETS, this.registry);
+    this.stepTokens = new HotHistogram("spindle_decode_step_tokens", "Tokens evaluated by each decode step.", STEP_BUCKETS, this.registry);
     this.promptTokens = new Counter({ name: "spindle_prompt_tokens_total", help: "Prompt tokens of finished requests.", labelNames: mv, registers });
     this.cachedTokens = new Counter({ name: "spindle_cached_prompt_tokens_total", help: "Prompt tokens whose KV was reused.", labelNames: mv, registers });
     this.completionTokens = new Counter({ name: "spindle_completion_tokens_total", help: "Generated tokens.", labelNames: mv, registers });
@@ -153,9 +155,9 @@ export class Metrics {
   schedulerObserver(model: string, version: string): SchedulerObserver | undefined {
     if (!this.enabled) return undefined;
     const labels = { model, version };
-    const itl = this.itl.labels(labels);
-    const seqs = this.stepSequences.labels(labels);
-    const toks = this.stepTokens.labels(labels);
+    const itl = this.itl.child(labels);
+    const seqs = this.stepSequences.child(labels);
+    const toks = this.stepTokens.child(labels);
     return {
       interTokenLatency: (s) => itl.observe(s),
       decodeStep: (n, t) => {
