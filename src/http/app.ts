@@ -71,16 +71,17 @@ export function buildApp(opts: AppOptions): FastifyInstance {
         : process.stdout.isTTY
           ? { level: opts.logLevel, transport: { target: "pino-pretty", options: { translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" } } }
           : { level: opts.logLevel },
-    // One line per finished generation (the onResponse hook below), not two per request.
+    // One line per finished generation (RequestTelemetry), not fastify's two per request.
     logController: new LogController({ disableRequestLogging: true }),
     // Ids are our own, so no client can forge another request's log lines.
     genReqId: () => randomBytes(8).toString("hex"),
     // close() ends keep-alive connections too, instead of waiting out clients' idle timers.
     forceCloseConnections: true,
-    // A client that sends its request slowly (slowloris) gets 408 and is dropped; it
-    // never holds a slot, since slots are taken only after the body is parsed.
+    // Slow headers: Node's own request timeout (408). Slow bodies: the onRequest timer
+    // below. Either way a slowloris client never holds a slot: slots are taken only after
+    // the body is parsed.
     requestTimeout: (opts.readTimeoutSeconds ?? 30) * 1000,
-    // Node checks that timeout on an interval (30 s by default): check often enough for it to bite.
+    // Node checks its timeout on an interval (30 s by default): check often enough for it to bite.
     http: { connectionsCheckingInterval: Math.min(1000, (opts.readTimeoutSeconds ?? 30) * 250) },
     onProtoPoisoning: "error",
     onConstructorPoisoning: "error",
