@@ -39,6 +39,21 @@ function connect() {
   });
 }
 
+/**
+ * Tokens can arrive thousands a second: paint at most once a frame, so the page stays
+ * responsive (the Stop button included) however fast the model is.
+ */
+let renderPending = null;
+function scheduleRender(reply) {
+  if (renderPending === reply) return;
+  renderPending = reply;
+  requestAnimationFrame(() => {
+    renderPending = null;
+    reply.el.querySelector(".text").textContent = reply.text;
+    log.scrollTop = log.scrollHeight;
+  });
+}
+
 function onFrame(frame) {
   if (!current || frame.id !== current.id) return;
   if (frame.type === "chunk") {
@@ -47,8 +62,7 @@ function onFrame(frame) {
     if (choice?.delta?.content) {
       if (!current.firstAt) current.firstAt = performance.now();
       current.text += choice.delta.content;
-      current.el.querySelector(".text").textContent = current.text;
-      log.scrollTop = log.scrollHeight;
+      scheduleRender(current);
     }
     if (choice?.finish_reason) current.finishReason = choice.finish_reason;
   } else if (frame.type === "done") {
@@ -61,6 +75,7 @@ function onFrame(frame) {
 function finish(finishReason, problem) {
   const c = current;
   current = null;
+  c.el.querySelector(".text").textContent = c.text;
   const seconds = (performance.now() - (c.firstAt ?? c.started)) / 1000;
   const meta = document.createElement("span");
   meta.className = "meta";
