@@ -32,6 +32,9 @@ describe("completions through the OpenAI SDK", () => {
 
   it("streams the same text as the non-stream request, every chunk schema-valid", async () => {
     const body = { model: "stories260K", prompt: "Once upon a time", max_tokens: 48, temperature: 0 };
+    // A first run puts the prompt's KV in a slot, so both compared runs below reuse it and
+    // take the same numeric path (llama.cpp is not batch-invariant).
+    await client.completions.create(body);
     const full = await client.completions.create(body);
     const stream = await client.completions.create({ ...body, stream: true, stream_options: { include_usage: true } });
     let text = "";
@@ -82,6 +85,7 @@ describe("chat completions through the OpenAI SDK", () => {
       max_tokens: 40,
       temperature: 0,
     };
+    await client.chat.completions.create(body);
     const full = await client.chat.completions.create(body);
     const raw = await postSse(`${server.url}/v1/chat/completions`, { ...body, stream: true, stream_options: { include_usage: true } });
     expect(raw.status).toBe(200);
@@ -154,6 +158,7 @@ describe("stop strings and max_tokens", () => {
     const model = server.registry.resolve("stories260K").engine;
     // The stop string really spans tokens in this output.
     expect(model.tokenizePrompt("Lily. She").length - 1).toBeGreaterThan(1);
+    await client.completions.create(body);
     const full = await client.completions.create(body);
     expect(full.choices[0]!.text).toBe(", there was a little girl named ");
     expect(full.choices[0]!.finish_reason).toBe("stop");
@@ -167,6 +172,7 @@ describe("stop strings and max_tokens", () => {
 
   it("chat streams never leak a stop string either", async () => {
     const body = { model: "stories260K", messages: user("Once upon a time"), max_tokens: 60, temperature: 0 };
+    await client.chat.completions.create(body);
     const full = await client.chat.completions.create(body);
     const text = full.choices[0]!.message.content!;
     const stop = text.slice(10, 16);
@@ -192,6 +198,7 @@ describe("UTF-8 over streams", () => {
     let checked = 0;
     for (const seed of [1, 2, 3]) {
       const body = { model: "llama-2-tiny-random", prompt: "Привет, мир! สวัสดี 你好", max_tokens: 64, temperature: 1, seed };
+      await client.completions.create(body);
       const full = await client.completions.create(body);
       const raw = await postSse(`${server.url}/v1/completions`, { ...body, stream: true });
       const pieces: string[] = raw.events.slice(0, -1).map((e) => JSON.parse(e).choices[0]?.text ?? "");
