@@ -6,25 +6,13 @@ import { getLlama, LlamaLogLevel, readGgufFileInfo, type Token } from "node-llam
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { arrivalGaps } from "../bench/lib/load.js";
 import { distribution, percentile, summarize, tpot } from "../bench/lib/stats.js";
-import { sseEvents, type RequestRecord } from "../bench/lib/stream-client.js";
+import { emptyRecord, sseEvents, type RequestRecord } from "../bench/lib/stream-client.js";
 import { parameterCount, PRESETS, toHalf, writeSyntheticGguf } from "../bench/synthetic-gguf.js";
 import type { RunningServer } from "../src/server.js";
 import { parseMetrics, sum } from "./helpers/prometheus.js";
 import { sharedModel, startTestServer, STORIES } from "./helpers/server.js";
 
-const record = (over: Partial<RequestRecord>): RequestRecord => ({
-  ok: true,
-  status: 200,
-  errorType: undefined,
-  ttft: 0,
-  itl: [],
-  latency: 0,
-  promptTokens: 0,
-  outputTokens: 0,
-  usageReported: true,
-  text: "",
-  ...over,
-});
+const record = (over: Partial<RequestRecord>): RequestRecord => ({ ...emptyRecord(), ok: true, status: 200, usageReported: true, ...over });
 
 describe("metric arithmetic (vLLM definitions) on recorded timelines", () => {
   // Request A: first chunk at 100 ms, then chunks every 10 ms, 5 tokens, done at 140 ms.

@@ -7,7 +7,7 @@ import { ApiError } from "../src/errors.js";
 import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/scheduler/scheduler.js";
 import type { GenerationRequest, GenerationResult, GenerationSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
-import type { Token } from "../src/engine/llama-engine.js";
+import { GREEDY_SAMPLING, type Token } from "../src/engine/llama-engine.js";
 
 /** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
 const tok = (xs: number[]) => xs as Token[];
@@ -49,7 +49,7 @@ function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
     promptTokens: tok([1, 2, 3]),
     maxTokens: 5,
     stop: [],
-    sampling: { temperature: 0, topP: 1, topK: 40, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
+    sampling: GREEDY_SAMPLING,
     priority: "normal",
     deadline: performance.now() + 10_000,
     signal: new AbortController().signal,

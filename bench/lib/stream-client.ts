@@ -37,21 +37,15 @@ export function sseEvents(onData: (data: string) => void) {
   return (chunk: string) => parser.feed(chunk);
 }
 
+/** A record of a request not (yet) answered. */
+export function emptyRecord(): RequestRecord {
+  return { ok: false, status: 0, errorType: undefined, ttft: 0, itl: [], latency: 0, promptTokens: 0, outputTokens: 0, usageReported: false, text: "" };
+}
+
 export async function streamRequest(spec: RequestSpec): Promise<RequestRecord> {
   const url = `${spec.baseUrl.replace(/\/$/, "")}/v1/${spec.endpoint === "chat" ? "chat/completions" : "completions"}`;
   const body = { ...spec.body, stream: true, stream_options: { include_usage: true } };
-  const rec: RequestRecord = {
-    ok: false,
-    status: 0,
-    errorType: undefined,
-    ttft: 0,
-    itl: [],
-    latency: 0,
-    promptTokens: 0,
-    outputTokens: 0,
-    usageReported: false,
-    text: "",
-  };
+  const rec = emptyRecord();
   const t0 = performance.now();
   let last = 0;
   let chunks = 0;

@@ -53,6 +53,18 @@ export interface SamplingParams {
   ignoreEos: boolean;
 }
 
+/** Deterministic decoding with no penalties: warm-ups and tests. */
+export const GREEDY_SAMPLING: SamplingParams = Object.freeze({
+  temperature: 0,
+  topP: 1,
+  topK: 40,
+  seed: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  logitBias: undefined,
+  ignoreEos: false,
+});
+
 export interface ChatMessage {
   role: "system" | "user" | "assistant";
   content: string;
@@ -291,10 +303,6 @@ export class EngineModel {
 
   get parallel(): number {
     return this.sequences.length;
-  }
-
-  get trainedContextSize(): number {
-    return this.model.trainContextSize;
   }
 
   get templateName(): string {

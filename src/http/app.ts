@@ -4,13 +4,12 @@ import Fastify, { LogController, type FastifyInstance, type FastifyReply, type F
 import { ApiError, toApiError } from "../errors.js";
 import type { ModelRegistry, ModelEntry } from "../models/registry.js";
 import { prepareChat, prepareCompletion } from "../service/prepare.js";
-import { ChunkStreamSink, JsonSink, observed, SseTransport } from "./encoders.js";
-import type { RequestOutcome } from "../telemetry/request-telemetry.js";
+import { ChunkStreamSink, JsonSink, SseTransport } from "./encoders.js";
 import websocket from "@fastify/websocket";
 import cors from "@fastify/cors";
 import { AccessControl, areaOf } from "./access.js";
 import { DEFAULT_SOCKET_LIMITS, SocketSession, type SocketLimits } from "../ws/socket-session.js";
-import { RequestTelemetry, type Telemetry } from "../telemetry/request-telemetry.js";
+import { noteOutcome, RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
 
 export interface AppOptions {
   registry: ModelRegistry;
@@ -260,12 +259,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
           () => abort.abort(),
         );
         const sink = new ChunkStreamSink(meta, transport, includeUsage, echo);
-        await entry.scheduler.submit(gen, observed(sink, outcome));
+        noteOutcome(outcome, await entry.scheduler.submit(gen, sink));
         if (transport.earlyError) throw transport.earlyError;
         return reply;
       }
       const sink = new JsonSink(meta, echo);
-      await entry.scheduler.submit(gen, observed(sink, outcome));
+      noteOutcome(outcome, await entry.scheduler.submit(gen, sink));
       const result = sink.result!;
       if ("error" in result) throw result.error;
       return reply.send(result.body);

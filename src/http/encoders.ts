@@ -38,24 +38,6 @@ export function completionBody(meta: ResponseMeta, text: string, result: Generat
   };
 }
 
-/** Passes events through, noting how the generation ended (for telemetry). */
-export function observed(sink: GenerationSink, outcome: { status: number; finishReason?: string; usage?: Usage; error?: ApiError }): GenerationSink {
-  return {
-    onStart: () => sink.onStart(),
-    onText: (t) => sink.onText(t),
-    onDone: (r) => {
-      outcome.finishReason = r.finishReason;
-      outcome.usage = r.usage;
-      sink.onDone(r);
-    },
-    onError: (e, u) => {
-      outcome.error = e;
-      outcome.usage = u;
-      sink.onError(e, u);
-    },
-  };
-}
-
 /** Collects the whole text, answered as one JSON body. */
 export class JsonSink implements GenerationSink {
   private text: string;

@@ -1,6 +1,6 @@
 import { ensureArtifact } from "../config/artifact.js";
 import type { ModelSpec, SamplingDefaults } from "../config/models-file.js";
-import { Engine, type EngineFaults, type EngineModel } from "../engine/llama-engine.js";
+import { Engine, GREEDY_SAMPLING, type EngineFaults, type EngineModel } from "../engine/llama-engine.js";
 import { ApiError } from "../errors.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import type { GenerationSink } from "../scheduler/types.js";
@@ -176,27 +176,19 @@ export class ModelRegistry {
 
 /** A short real generation through the scheduler: the model is ready only once this works. */
 async function warmUp(model: EngineModel, scheduler: Scheduler): Promise<void> {
-  let failure: ApiError | undefined;
-  const sink: GenerationSink = {
-    onStart() {},
-    onText() {},
-    onDone() {},
-    onError(e) {
-      failure = e;
-    },
-  };
-  await scheduler.submit(
+  const ignore: GenerationSink = { onStart() {}, onText() {}, onDone() {}, onError() {} };
+  const outcome = await scheduler.submit(
     {
       promptTokens: model.tokenizePrompt("Hello"),
       maxTokens: 4,
       stop: [],
-      sampling: { temperature: 0, topP: 1, topK: 40, seed: 0, presencePenalty: 0, frequencyPenalty: 0, logitBias: undefined, ignoreEos: false },
+      sampling: GREEDY_SAMPLING,
       priority: "normal",
       deadline: performance.now() + 60_000,
       signal: new AbortController().signal,
       timeline: {},
     },
-    sink,
+    ignore,
   );
-  if (failure) throw new Error(`model "${model.id}": warmup failed: ${failure.message}`);
+  if ("error" in outcome) throw new Error(`model "${model.id}": warmup failed: ${outcome.error.message}`);
 }

@@ -2,7 +2,7 @@ import { ApiError } from "../errors.js";
 import type { SamplingParams, StepObserver, Token } from "../engine/llama-engine.js";
 import { StopMatcher } from "../generation/stop-matcher.js";
 import { Utf8Detokenizer } from "../generation/utf8-detokenizer.js";
-import type { FinishReason, GenerationRequest, GenerationSink, SchedulerObserver, Usage } from "./types.js";
+import type { FinishReason, GenerationOutcome, GenerationRequest, GenerationSink, SchedulerObserver, Usage } from "./types.js";
 import { WaitingQueue } from "./waiting-queue.js";
 
 /** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
@@ -41,6 +41,9 @@ interface Slot {
 interface Job {
   req: GenerationRequest;
   sink: GenerationSink;
+  /** Resolves submit()'s promise; called once, after the sink's last event. */
+  settle: (outcome: GenerationOutcome) => void;
+  ended: boolean;
   priority: GenerationRequest["priority"];
   enqueuedAt: number;
   timer: NodeJS.Timeout | undefined;
@@ -163,19 +166,21 @@ export class Scheduler implements StepObserver {
 
   /**
    * Admits a request or throws an ApiError at once (queue full, shutting down). The
-   * returned promise settles when the sink got its last event.
+   * returned promise resolves with the outcome once the sink got its last event.
    */
-  submit(req: GenerationRequest, sink: GenerationSink): Promise<void> {
+  submit(req: GenerationRequest, sink: GenerationSink): Promise<GenerationOutcome> {
     if (this.closed) {
       throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
     }
     if (req.signal.aborted) throw new ApiError("cancelled", "The client closed the request.");
     const hasFreeSlot = this.slots.some((s) => !s.busy) && this.queue.length === 0;
     if (!hasFreeSlot) this.admitToQueue(req);
-    return new Promise<void>((resolve) => {
+    return new Promise<GenerationOutcome>((settle) => {
       const job: Job = {
         req,
-        sink: wrapSink(sink, resolve),
+        sink,
+        settle,
+        ended: false,
         priority: req.priority,
         enqueuedAt: performance.now(),
         timer: undefined,
@@ -196,7 +201,7 @@ export class Scheduler implements StepObserver {
       if (!this.queue.remove(job)) return;
       this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
-      job.sink.onError(err, undefined);
+      this.end(job, { error: err, usage: undefined });
     };
     job.onAbort = () => leave(new ApiError("cancelled", "The client closed the request while it was queued."));
     job.req.signal.addEventListener("abort", job.onAbort, { once: true });
@@ -313,19 +318,30 @@ export class Scheduler implements StepObserver {
         slot.dirty = false;
       }
       const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
-      if (outcome instanceof ApiError) sink.onError(outcome, usage());
-      else sink.onDone({ finishReason: outcome, usage: usage() });
+      this.end(job, outcome instanceof ApiError ? { error: outcome, usage: usage() } : { result: { finishReason: outcome, usage: usage() } });
     } catch (err) {
       // A failed decode step fails every request in that batch (llama.cpp's scope); each
       // slot involved is cleared before reuse and the scheduler keeps serving.
       slot.dirty = true;
-      sink.onError(new ApiError("model_error", `The model failed while generating: ${(err as Error)?.message ?? err}`, { cause: err }), usage());
+      this.end(job, { error: new ApiError("model_error", `The model failed while generating: ${(err as Error)?.message ?? err}`, { cause: err }), usage: usage() });
     } finally {
       timeline.endedAt = performance.now();
       slot.busy = false;
       slot.lastUsed = timeline.endedAt;
       this.recordCompletion();
       this.pump();
+    }
+  }
+
+  /** The sink's last event, exactly once, then submit()'s promise settles with the same outcome. */
+  private end(job: Job, outcome: GenerationOutcome): void {
+    if (job.ended) return;
+    job.ended = true;
+    try {
+      if ("result" in outcome) job.sink.onDone(outcome.result);
+      else job.sink.onError(outcome.error, outcome.usage);
+    } finally {
+      job.settle(outcome);
     }
   }
 
@@ -446,7 +462,7 @@ export class Scheduler implements StepObserver {
     for (const job of this.queue.drain()) {
       this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
-      job.sink.onError(new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" }), undefined);
+      this.end(job, { error: new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" }), usage: undefined });
     }
   }
 }
@@ -456,31 +472,4 @@ function commonPrefix(a: readonly Token[], b: readonly Token[]): number {
   let i = 0;
   while (i < n && a[i] === b[i]) i++;
   return i;
-}
-
-/** Settles the submit promise after the sink's last event, exactly once. */
-function wrapSink(sink: GenerationSink, settle: () => void): GenerationSink {
-  let ended = false;
-  return {
-    onStart: () => sink.onStart(),
-    onText: (t) => sink.onText(t),
-    onDone: (r) => {
-      if (ended) return;
-      ended = true;
-      try {
-        sink.onDone(r);
-      } finally {
-        settle();
-      }
-    },
-    onError: (e, u) => {
-      if (ended) return;
-      ended = true;
-      try {
-        sink.onError(e, u);
-      } finally {
-        settle();
-      }
-    },
-  };
 }

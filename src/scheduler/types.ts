@@ -47,6 +47,9 @@ export interface GenerationResult {
   usage: Usage;
 }
 
+/** How a generation ended: what submit()'s promise resolves with. */
+export type GenerationOutcome = { result: GenerationResult } | { error: ApiError; usage: Usage | undefined };
+
 /**
  * Where a generation's events go. One event model, several encodings (SSE, JSON, and
  * later WebSocket). Calls are synchronous on purpose: the token loop must not wait on

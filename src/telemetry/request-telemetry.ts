@@ -6,7 +6,7 @@
 import { SpanKind, SpanStatusCode, type Span } from "@opentelemetry/api";
 import type { FastifyBaseLogger } from "fastify";
 import type { ApiError } from "../errors.js";
-import type { GenerationRequest, Usage } from "../scheduler/types.js";
+import type { GenerationOutcome, GenerationRequest, Usage } from "../scheduler/types.js";
 import type { PreparedGeneration } from "../service/prepare.js";
 import type { Metrics } from "./metrics.js";
 import { incomingContext, pastSpan, wallClock, type Tracing } from "./tracing.js";
@@ -22,6 +22,17 @@ export interface RequestOutcome {
   finishReason?: string;
   usage?: Usage;
   error?: ApiError;
+}
+
+/** Notes a generation's outcome on the request's (the status stays the caller's). */
+export function noteOutcome(into: RequestOutcome, outcome: GenerationOutcome): void {
+  if ("result" in outcome) {
+    into.finishReason = outcome.result.finishReason;
+    into.usage = outcome.result.usage;
+  } else {
+    into.error = outcome.error;
+    into.usage = outcome.usage;
+  }
 }
 
 const UNKNOWN_MODEL = "_unknown";

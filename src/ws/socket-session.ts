@@ -10,8 +10,8 @@
 import type { WebSocket } from "ws";
 import { ApiError, toApiError } from "../errors.js";
 import type { ChunkTransport } from "../http/encoders.js";
-import { ChunkStreamSink, observed } from "../http/encoders.js";
-import { RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
+import { ChunkStreamSink } from "../http/encoders.js";
+import { noteOutcome, RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
 import { AccessControl } from "../http/access.js";
 import { randomBytes } from "node:crypto";
 import type { ModelRegistry } from "../models/registry.js";
@@ -183,7 +183,7 @@ export class SocketSession {
       const prepare = type === "chat.completions.create" ? prepareChat : prepareCompletion;
       const p = prepare(this.registry, body, { headers, signal: entry.abort.signal, defaultTimeoutSeconds: this.opts.requestTimeoutSeconds });
       telemetry.prepare(p);
-      await p.entry.scheduler.submit(p.gen, observed(new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo), outcome));
+      noteOutcome(outcome, await p.entry.scheduler.submit(p.gen, new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo)));
       if (outcome.error) outcome.status = outcome.error.status;
     } catch (err) {
       const apiErr = toApiError(err);
