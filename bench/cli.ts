@@ -6,6 +6,7 @@
  *   engine  the engine ceiling alone (node-llama-cpp with no HTTP)
  *   telemetry  W1 with metrics and tracing on against both off (their per-token cost)
  *   w2      W1 on the ~25M-parameter synthetic model (compute-bound)
+ *   residency  estimated vs allocated memory, load/warm-up/ready times, cold swap vs warm, LRU swaps under a budget
  *   soak    minutes of mixed traffic (cancels, deadlines, overload): served, errors, RSS and heap
  *   synth   write a synthetic GGUF: --preset tiny|25m|llama-1b|llama-8b --weights f16|q8_0 --seed N --out FILE
  *
@@ -19,6 +20,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { engineCeiling } from "./engine-ceiling.js";
 import { soak } from "./soak.js";
+import { residencyBench } from "./residency.js";
 import { renderChart, type ChartPoint } from "./lib/chart.js";
 import { PRESETS, writeSyntheticGguf, type WeightType } from "./synthetic-gguf.js";
 import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
@@ -383,6 +385,17 @@ async function main(): Promise<void> {
     const header = `Telemetry cost on W1: metrics + OTLP tracing on vs off, ${threads} thread(s), ${v.rounds} rounds (medians); ${spanBytes} bytes of spans received`;
     process.stdout.write(`${header}\n\n${md}\n`);
     await writeOutputs(String(v.out), `telemetry-${Date.now()}`, { workload: w, results, spanBytes }, `# ${header}\n\n${md}\n`, "Telemetry on vs off");
+    return;
+  }
+  if (command === "residency") {
+    const { values: v } = parseArgs({ args: rest, options: { threads: { type: "string", default: "1" }, swaps: { type: "string", default: "10" }, requests: { type: "string", default: "60" }, out: { type: "string", default: join(ROOT, ".bench", "results") } } });
+    const r = await residencyBench({ threads: Number(v.threads), swaps: Number(v.swaps), sequence: Number(v.requests) });
+    process.stdout.write(`${r.markdown}\n`);
+    mkdirSync(String(v.out), { recursive: true });
+    const name = `residency-${Date.now()}`;
+    writeFileSync(join(String(v.out), `${name}.json`), JSON.stringify(r.data, null, 2));
+    writeFileSync(join(String(v.out), `${name}.md`), `# Model residency\n\n${r.markdown}\n`);
+    process.stderr.write(`wrote ${join(String(v.out), name)}.{json,md}\n`);
     return;
   }
   if (command === "soak") {

@@ -9,6 +9,7 @@ export type ErrorKind =
   | "payload_too_large"
   | "request_timeout"
   | "unsupported_media_type"
+  | "conflict"
   | "unauthorized"
   | "forbidden"
   | "rate_limited"
@@ -30,6 +31,7 @@ const KINDS: Record<ErrorKind, KindInfo> = {
   payload_too_large: { status: 413, type: "invalid_request_error" },
   request_timeout: { status: 408, type: "invalid_request_error" },
   unsupported_media_type: { status: 415, type: "invalid_request_error" },
+  conflict: { status: 409, type: "invalid_request_error" },
   unauthorized: { status: 401, type: "authentication_error" },
   forbidden: { status: 403, type: "permission_error" },
   rate_limited: { status: 429, type: "rate_limit_error" },

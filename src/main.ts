@@ -2,7 +2,7 @@ import { existsSync } from "node:fs";
 import { resolve } from "node:path";
 import { ArtifactError } from "./config/artifact.js";
 import { ConfigError, helpText, parseCommandLine, type ServerOptions } from "./config/cli.js";
-import { loadModelsFile, versionName, type ModelSpec } from "./config/models-file.js";
+import { loadModelsFile, repositoryFromSpecs, versionName, type RepositoryConfig } from "./config/models-file.js";
 import { ModelLoadError } from "./engine/llama-engine.js";
 import { startServer, type RunningServer } from "./server.js";
 
@@ -15,9 +15,9 @@ function fail(message: string): never {
   process.exit(2);
 }
 
-function modelSpecs(options: ServerOptions): ModelSpec[] {
+function repositoryConfig(options: ServerOptions): RepositoryConfig {
   if (options.models.length > 0) {
-    return options.models.map((m) => ({
+    return repositoryFromSpecs(options.models.map((m) => ({
       id: m.id,
       version: versionName(undefined, undefined),
       path: resolve(m.path),
@@ -27,7 +27,7 @@ function modelSpecs(options: ServerOptions): ModelSpec[] {
       ctxSize: undefined,
       parallel: undefined,
       sampling: {},
-    }));
+    })));
   }
   if (!options.configExplicit && !existsSync(options.configFile)) {
     throw new ConfigError(`no models to serve: ${options.configFile} not found (pass --config FILE or --model PATH)`);
@@ -37,7 +37,7 @@ function modelSpecs(options: ServerOptions): ModelSpec[] {
 
 async function main(): Promise<void> {
   let options: ServerOptions;
-  let specs: ModelSpec[];
+  let repository: RepositoryConfig;
   try {
     const parsed = parseCommandLine(process.argv.slice(2));
     if (parsed.kind === "help") {
@@ -45,10 +45,14 @@ async function main(): Promise<void> {
       return;
     }
     options = parsed.options;
-    specs = modelSpecs(options);
-    for (const s of specs) {
-      if (s.sources.length === 0 && !existsSync(s.path)) throw new ConfigError(`model "${s.id}": file not found: ${s.path}`);
+    repository = repositoryConfig(options);
+    for (const m of repository.models) {
+      for (const v of m.versions) {
+        if (v.sources.length === 0 && !existsSync(v.path)) throw new ConfigError(`model "${v.id}@${v.version}": file not found: ${v.path}`);
+      }
     }
+    // Operators' changes (promotions, canary weights) are kept beside the models file.
+    if (options.stateFile === undefined && options.models.length === 0) options.stateFile = options.configFile.replace(/\.ya?ml$/i, "") + ".state.json";
   } catch (err) {
     if (err instanceof ConfigError) fail(err.message);
     throw err;
@@ -56,7 +60,7 @@ async function main(): Promise<void> {
 
   let server: RunningServer;
   try {
-    server = await startServer(options, specs, { progressStream: process.stderr });
+    server = await startServer(options, repository, { progressStream: process.stderr });
   } catch (err) {
     if (err instanceof ModelLoadError || err instanceof ArtifactError) fail(err.message);
     fail(`cannot start: ${String((err as Error).message).split("\n")[0]}`);

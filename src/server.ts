@@ -1,6 +1,9 @@
 import type { FastifyInstance } from "fastify";
 import type { ServerOptions } from "./config/cli.js";
-import type { ModelSpec } from "./config/models-file.js";
+import { totalmem } from "node:os";
+import { repositoryFromSpecs, type ModelSpec, type RepositoryConfig } from "./config/models-file.js";
+import { formatBytes } from "./config/sizes.js";
+import { StateFile } from "./models/repository-state.js";
 import { Engine, NODE_LLAMA_CPP_VERSION, type EngineFaults } from "./engine/llama-engine.js";
 import { Metrics } from "./telemetry/metrics.js";
 import type { Telemetry } from "./telemetry/request-telemetry.js";
@@ -8,6 +11,9 @@ import { startTracing, tracesEndpoint } from "./telemetry/tracing.js";
 import { buildApp } from "./http/app.js";
 import { AccessControl } from "./http/access.js";
 import { ModelRegistry } from "./models/registry.js";
+
+const DEFAULT_RAM_SHARE = 0.7;
+const DEFAULT_VRAM_SHARE = 0.9;
 
 export interface RunningServer {
   app: FastifyInstance;
@@ -32,10 +38,16 @@ export interface RunningServer {
  */
 export async function startServer(
   options: Omit<ServerOptions, "configFile" | "configExplicit" | "models">,
-  specs: ModelSpec[],
-  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean }; faults?: EngineFaults } = {},
+  models: RepositoryConfig | ModelSpec[],
+  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean }; faults?: EngineFaults; roomWaitMs?: number } = {},
 ): Promise<RunningServer> {
   const engine = await Engine.create(options.gpu);
+  const config = Array.isArray(models) ? repositoryFromSpecs(models) : models;
+  // Default budget: a safe share of the machine, leaving room for the process, the OS and page cache.
+  const budget = {
+    ram: options.memoryBudget ?? Math.floor(totalmem() * DEFAULT_RAM_SHARE),
+    vram: engine.backend === "cpu" ? Infinity : (options.vramBudget ?? Math.floor((await engine.vramTotal()) * DEFAULT_VRAM_SHARE)),
+  };
   let accepting = true;
   const endpoint = tracesEndpoint(options.otlpEndpoint);
   const telemetry: Telemetry = {
@@ -46,14 +58,19 @@ export async function startServer(
   };
   // The registry logs through the app's logger, which exists only after buildApp.
   let app: FastifyInstance | undefined;
-  const registry = new ModelRegistry(engine, specs, {
+  const registry = new ModelRegistry(engine, config, {
     threads: options.threads,
     parallel: options.parallel,
     ctxSize: options.ctxSize,
     flashAttention: options.flashAttention,
     maxQueue: options.maxQueue,
     maxQueuedTokens: options.maxQueuedTokens,
+    budget,
+    maxLoaded: options.maxLoadedModels,
+    stateFile: options.stateFile ? new StateFile(options.stateFile) : undefined,
+    roomWaitMs: io.roomWaitMs,
     log: (msg) => app?.log.info(msg),
+    warn: (msg) => app?.log.warn(msg),
     progressStream: io.progressStream,
     telemetry,
     faults: io.faults,
@@ -77,10 +94,13 @@ export async function startServer(
   });
   telemetry.log = app.log;
   telemetry.metrics.watch(registry);
+  app.log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
-    await registry.loadAll();
+    // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.
     await app.listen({ host: options.host, port: options.port });
+    await registry.start();
   } catch (err) {
+    await app.close();
     await registry.dispose();
     await engine.dispose();
     await telemetry.tracing?.shutdown();

@@ -55,7 +55,7 @@ describe("API keys", () => {
   it("/admin: loopback only without an admin key configured", async () => {
     const res = await fetch(`${server.url}/admin/status`);
     expect(res.status).toBe(200);
-    expect((await res.json()).models[0]).toMatchObject({ id: "stories260K", state: "ready", slots: { busy: 0 } });
+    expect((await res.json()).models[0]).toMatchObject({ id: "stories260K", state: "ready", scheduler: { busy_slots: 0 } });
     const ac = new AccessControl({ keys: [], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 });
     expect(() => ac.authorizeAdmin(undefined, "10.1.2.3")).toThrow(/loopback/);
     expect(() => ac.authorizeAdmin(undefined, "::ffff:127.0.0.1")).not.toThrow();

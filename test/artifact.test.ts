@@ -1,7 +1,7 @@
 import { createServer, type Server } from "node:http";
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { Writable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ArtifactError, ensureArtifact } from "../src/config/artifact.js";
@@ -126,8 +126,8 @@ describe("model artifacts", () => {
       `models:\n  - id: dl\n    file: cache/stories.gguf\n    sha256: ${STORIES_SHA}\n    sources: ["${base}/good.gguf"]\n    chat_template: general\n    ctx_size: 256\n    parallel: 2\n`,
     );
     const specs = parseModelsFile(readFileSync(file, "utf8"), file);
-    expect(specs[0]!.version).toBe(STORIES_SHA.slice(0, 12));
-    expect(specs[0]!.path).toBe(join(dir, "cache/stories.gguf"));
+    expect(specs.models[0]!.versions[0]!.version).toBe(STORIES_SHA.slice(0, 12));
+    expect(specs.models[0]!.versions[0]!.path).toBe(join(dir, "cache/stories.gguf"));
     const server = await startServer(testServerOptions({ threads: 1 }), specs);
     try {
       const res = await openaiClient(server).completions.create({ model: "dl", prompt: "Once upon a time", max_tokens: 4, temperature: 0 });
@@ -148,12 +148,26 @@ describe("models.yaml validation", () => {
     ["models:\n  - id: a\n    file: a.gguf\n    colour: red\n", /model "a".*colour/],
     ["models:\n  - id: a\n    file: a.gguf\n  - id: a\n    file: b.gguf\n", /duplicate id/],
     ["{{{", /not valid YAML/],
+    // The versioned shape.
+    ["models:\n  - id: a\n    versions:\n      - name: v1\n        file: a.gguf\n", /model "a", field versions.0.sha256/],
+    [`models:\n  - id: a\n    default_version: v9\n    versions:\n      - { name: v1, file: a.gguf, sha256: ${"a".repeat(64)} }\n`, /model "a", field default_version: no version named "v9"/],
+    [`models:\n  - id: a\n    canary: { version: v2, weight: 0.1 }\n    versions:\n      - { name: v1, file: a.gguf, sha256: ${"a".repeat(64)} }\n`, /field canary.version: no version named "v2"/],
+    [`models:\n  - id: a\n    versions:\n      - { name: v1, file: a.gguf, sha256: ${"a".repeat(64)} }\n      - { name: v1, file: b.gguf, sha256: ${"b".repeat(64)} }\n`, /version "v1" listed twice/],
+    [`models:\n  - id: a\n    versions:\n      - { name: v1, file: a.gguf, sha256: ${"a".repeat(64)} }\naliases:\n  b: a@v2\n`, /alias "b": target "a@v2"/],
+    [`models:\n  - id: a\n    versions:\n      - { name: "v@1", file: a.gguf, sha256: ${"a".repeat(64)} }\n`, /field versions.0.name/],
   ])("%j is refused naming the problem", (text, message) => {
     expect(() => parseModelsFile(text, "/x/models.yaml")).toThrow(message);
   });
 
+  it("the repository's own models.yaml is valid and names its default version", () => {
+    const file = resolve(import.meta.dirname, "../models.yaml");
+    const config = parseModelsFile(readFileSync(file, "utf8"), file);
+    expect(config.models[0]).toMatchObject({ id: "stories260K", defaultVersion: "v1", pinned: false });
+    expect(config.models[0]!.versions[0]).toMatchObject({ version: "v1", sha256: STORIES_SHA, ctxSize: 512, parallel: 8 });
+  });
+
   it("resolves paths against the models file; a bare template name stays a built-in", () => {
-    const [m] = parseModelsFile("models:\n  - id: a\n    file: sub/a.gguf\n    chat_template: chatML\n    sources: [../x.gguf, 'https://h/x.gguf']\n", "/srv/conf/models.yaml");
+    const [m] = parseModelsFile("models:\n  - id: a\n    file: sub/a.gguf\n    chat_template: chatML\n    sources: [../x.gguf, 'https://h/x.gguf']\n", "/srv/conf/models.yaml").models[0]!.versions;
     expect(m).toMatchObject({ path: "/srv/conf/sub/a.gguf", chatTemplate: "chatML", sources: ["/srv/x.gguf", "https://h/x.gguf"] });
   });
 });

@@ -23,7 +23,8 @@ describe("completions through the OpenAI SDK", () => {
     const res = await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0 });
     assertSchema("CreateCompletionResponse", res);
     expect(res.object).toBe("text_completion");
-    expect(res.model).toBe("stories260K");
+    // The resolved, immutable version that served it, as OpenAI names a snapshot.
+    expect(res.model).toBe("stories260K@test");
     expect(res.choices[0]!.text.startsWith(STORIES_GREEDY_PREFIX)).toBe(true);
     expect(res.choices[0]!.finish_reason).toBe("length");
     expect(res.usage!.completion_tokens).toBe(32);
@@ -284,7 +285,8 @@ describe("models", () => {
     const list = await client.models.list();
     assertSchema("ListModelsResponse", { object: "list", data: list.data });
     const ids = list.data.map((m) => m.id);
-    expect(ids).toEqual(["stories260K", "stories260K-chat", "llama-2-tiny-random"]);
+    // Model ids, then every version by its exact name.
+    expect(ids).toEqual(["stories260K", "stories260K-chat", "llama-2-tiny-random", "stories260K@test", "stories260K-chat@test", "llama-2-tiny-random@test"]);
     const one = await client.models.retrieve("stories260K");
     assertSchema("Model", one);
     expect(one).toMatchObject({ id: "stories260K", context_length: 512, parallel: 8, state: "ready" });

@@ -117,11 +117,13 @@ async function send(text) {
 async function loadModels() {
   const res = await fetch("/v1/models");
   const { data } = await res.json();
-  modelSelect.replaceChildren(...data.map((m) => {
+  // Model ids and aliases; exact versions (id@version) stay out of the way. A model not
+  // in memory is still selectable: the server loads it on demand. A failed one is not.
+  modelSelect.replaceChildren(...data.filter((m) => m.kind !== "version").map((m) => {
     const o = document.createElement("option");
     o.value = m.id;
     o.textContent = m.state && m.state !== "ready" ? `${m.id} (${m.state})` : m.id;
-    o.disabled = m.state !== undefined && m.state !== "ready";
+    o.disabled = m.state === "failed";
     return o;
   }));
 }

@@ -48,8 +48,13 @@ async function waitHealthy(url: string, child: ChildProcess, name: string, path:
 }
 
 export async function startSpindle(opts: { modelPath: string; id: string; parallel: number; ctxSize: number; threads: number; extraArgs?: string[] }): Promise<ServerProcess> {
+  return startSpindleWith(["--model", `${opts.modelPath}=${opts.id}`, "--parallel", String(opts.parallel), "--ctx-size", String(opts.ctxSize), "--threads", String(opts.threads), "--max-queue", "1024", ...(opts.extraArgs ?? [])]);
+}
+
+/** This server with any arguments (a models file, a budget...), on a free port, once ready. */
+export async function startSpindleWith(extraArgs: string[]): Promise<ServerProcess> {
   const port = await freePort();
-  const args = ["src/launch.cjs", "--model", `${opts.modelPath}=${opts.id}`, "--port", String(port), "--parallel", String(opts.parallel), "--ctx-size", String(opts.ctxSize), "--threads", String(opts.threads), "--log-level", "warn", "--max-queue", "1024", ...(opts.extraArgs ?? [])];
+  const args = ["src/launch.cjs", "--port", String(port), "--log-level", "warn", ...extraArgs];
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ["ignore", "ignore", "inherit"] });
   const url = `http://127.0.0.1:${port}`;
   await waitHealthy(url, child, "spindle", "/readyz");

@@ -7,7 +7,8 @@ import { SingleBar } from "cli-progress";
 
 /** A model file that could not be made available (missing, corrupt, download failed). */
 export class ArtifactError extends Error {
-  constructor(message: string) {
+  /** A fetch that failed (network, server): trying again later may work. A hash mismatch never will. */
+  constructor(message: string, readonly transient = false) {
     super(message);
     this.name = "ArtifactError";
   }
@@ -76,7 +77,7 @@ export async function ensureArtifact(spec: ArtifactSpec, opts: ArtifactOptions =
       failures.push(`${source}: ${(err as Error).message}`);
     }
   }
-  throw new ArtifactError(`model "${spec.id}": could not fetch ${spec.path}: ${failures.join("; ")}`);
+  throw new ArtifactError(`model "${spec.id}": could not fetch ${spec.path}: ${failures.join("; ")}`, true);
 }
 
 async function fetchInto(spec: ArtifactSpec, source: string, opts: ArtifactOptions): Promise<void> {

@@ -1,6 +1,7 @@
 import { parseArgs } from "node:util";
 import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
+import { parseSize } from "./sizes.js";
 
 /** A problem with how the server was started: printed as one line, exit code 2. */
 export class ConfigError extends Error {
@@ -48,6 +49,14 @@ export interface ServerOptions {
   shutdownGraceSeconds: number;
   readTimeoutSeconds: number;
   logLevel: string;
+  /** Bytes of RAM resident model versions may take (estimated before loading); default: 70% of the machine's. */
+  memoryBudget: number | undefined;
+  /** Bytes of VRAM, on GPU backends; default: 90% of the device's. */
+  vramBudget: number | undefined;
+  /** Most model versions in memory at once; 0: no limit but the budget. */
+  maxLoadedModels: number;
+  /** Where promotions, rollbacks and canary weights are kept; default: beside the models file. */
+  stateFile: string | undefined;
 }
 
 /**
@@ -94,6 +103,10 @@ const OPTIONS: Record<string, OptionSpec> = {
   "key-tokens-per-minute": { env: "SPINDLE_KEY_TOKENS_PER_MINUTE", arg: "N", help: "prompt + completion tokens per API key per minute (default 0: no limit)" },
   "read-timeout": { env: "SPINDLE_READ_TIMEOUT", arg: "SECONDS", help: "time a client has to send its whole request; 408 after (default 30)" },
   "shutdown-grace": { env: "SPINDLE_SHUTDOWN_GRACE", arg: "SECONDS", help: "on SIGTERM/SIGINT, how long running generations may finish (default 30)" },
+  "memory-budget": { env: "SPINDLE_MEMORY_BUDGET", arg: "SIZE", help: "RAM that loaded models may take, e.g. 512MiB or 4GiB (default 70% of the machine's)" },
+  "vram-budget": { env: "SPINDLE_VRAM_BUDGET", arg: "SIZE", help: "VRAM that loaded models may take on a GPU backend (default 90% of the device's)" },
+  "max-loaded-models": { env: "SPINDLE_MAX_LOADED_MODELS", arg: "N", help: "most model versions in memory at once (default 0: only the budget limits)" },
+  "state-file": { env: "SPINDLE_STATE_FILE", arg: "FILE", help: "promotions and canary weights survive restarts here (default: <models file>.state.json)" },
   "log-level": { env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", help: "fatal|error|warn|info|debug|trace|silent (default info)" },
 };
 
@@ -216,6 +229,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   const timeout = get("request-timeout");
   const maxBody = get("max-body-bytes");
   const config = get("config");
+  const memoryBudget = get("memory-budget");
+  const vramBudget = get("vram-budget");
+  const maxLoaded = get("max-loaded-models");
+  const stateFile = get("state-file");
 
   return {
     kind: "run",
@@ -245,6 +262,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
       shutdownGraceSeconds: grace === undefined ? 30 : parseInteger("shutdown-grace", grace, 0, 3600),
       readTimeoutSeconds: readTimeout === undefined ? 30 : parseInteger("read-timeout", readTimeout, 1, 3600),
       logLevel,
+      memoryBudget: memoryBudget === undefined ? undefined : parseSize("memory-budget", memoryBudget),
+      vramBudget: vramBudget === undefined ? undefined : parseSize("vram-budget", vramBudget),
+      maxLoadedModels: maxLoaded === undefined ? 0 : parseInteger("max-loaded-models", maxLoaded, 0, 10_000),
+      stateFile,
     },
   };
 }

@@ -6,6 +6,8 @@
 import { readFileSync } from "node:fs";
 import {
   getLlama,
+  GgufInsights,
+  readGgufFileInfo,
   JinjaTemplateChatWrapper,
   LlamaLogLevel,
   resolveChatWrapper,
@@ -102,9 +104,19 @@ export interface LoadOptions {
   chatTemplate: string | undefined;
   /** "auto": on for GPU backends, off on CPU (see flashAttentionFor). */
   flashAttention?: "auto" | "on" | "off";
+  /** Layers on the GPU: a number or "max"; ignored (0) on the CPU backend. */
+  gpuLayers?: number | "max";
   observer: StepObserver;
   faults?: EngineFaults;
 }
+
+/** Bytes a loaded model version takes, in RAM and in VRAM. */
+export interface MemoryFootprint {
+  ram: number;
+  vram: number;
+}
+
+export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "flashAttention" | "gpuLayers">;
 
 export const NODE_LLAMA_CPP_VERSION = "3.21.1";
 
@@ -124,6 +136,10 @@ export class Engine {
     return new Engine(llama);
   }
 
+  async vramTotal(): Promise<number> {
+    return (await this.llama.getVramState()).total;
+  }
+
   get backend(): string {
     return this.llama.gpu === false ? "cpu" : this.llama.gpu;
   }
@@ -139,6 +155,42 @@ export class Engine {
     return this.llama.gpu === false ? false : "auto";
   }
 
+  private gpuLayersFor(choice: number | "max" | undefined, totalLayers: number): number {
+    if (this.llama.gpu === false) return 0;
+    return choice === undefined || choice === "max" ? totalLayers : Math.min(choice, totalLayers);
+  }
+
+  /** The context a load creates: one place, so the estimate and the load cannot differ. */
+  private static contextShape(ctxSize: number | undefined, trained: number | undefined, parallel: number) {
+    const contextSize = ctxSize ?? Math.min(2048, trained ?? 2048);
+    return { contextSize, batchSize: Math.min(512, contextSize * parallel) };
+  }
+
+  /**
+   * What loading this version would take (weights + KV + compute buffers), from the
+   * GGUF header alone, with node-llama-cpp's V2 estimators: the engine notes measured
+   * them exact on this build, where V1 was 12x too high.
+   */
+  async estimate(opts: EstimateOptions): Promise<MemoryFootprint> {
+    let insights: GgufInsights;
+    try {
+      insights = await GgufInsights.from(await readGgufFileInfo(opts.path, { logWarnings: false }), this.llama);
+    } catch (err) {
+      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
+    }
+    const gpuLayers = this.gpuLayersFor(opts.gpuLayers, insights.totalLayers);
+    const { contextSize, batchSize } = Engine.contextShape(opts.ctxSize, insights.trainContextSize, opts.parallel);
+    const weights = await insights.estimateModelResourceRequirementsV2({ gpuLayers });
+    const context = await insights.estimateContextResourceRequirementsV2({
+      contextSize,
+      sequences: opts.parallel,
+      batchSize,
+      modelGpuLayers: gpuLayers,
+      flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
+    });
+    return { ram: weights.cpuRam + context.cpuRam, vram: weights.gpuVram + context.gpuVram };
+  }
+
   async loadModel(opts: LoadOptions): Promise<EngineModel> {
     let model: LlamaModel;
     if (opts.faults && opts.faults.failNextLoads > 0) {
@@ -146,19 +198,18 @@ export class Engine {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: injected load failure`);
     }
     try {
-      model = await this.llama.loadModel({ modelPath: opts.path });
+      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max") });
     } catch (err) {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
     try {
-      const trained = model.trainContextSize;
-      const ctxSize = opts.ctxSize ?? Math.min(2048, trained);
+      const { contextSize: ctxSize, batchSize } = Engine.contextShape(opts.ctxSize, model.trainContextSize, opts.parallel);
       const stepGate = new StepGate(opts.observer, opts.faults);
       const context = await model.createContext({
         sequences: opts.parallel,
         contextSize: ctxSize,
         threads: opts.threads,
-        batchSize: Math.min(512, ctxSize * opts.parallel),
+        batchSize,
         batching: { itemPrioritizationStrategy: stepGate.strategy },
         flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
       });
@@ -311,6 +362,13 @@ export class EngineModel {
 
   get sizeBytes(): number {
     return this.model.size;
+  }
+
+  /** What llama.cpp reports it allocated for the weights and the context (its memory breakdown). */
+  get memoryUsage(): MemoryFootprint {
+    const m = this.model.memoryUsage;
+    const c = this.context.memoryUsage;
+    return { ram: m.ram + c.ram, vram: m.vram + c.vram };
   }
 
   /** A completion prompt: BOS (when the model wants one) and the text, special tokens parsed as llama-server does. */

@@ -2,8 +2,9 @@ import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { ApiError, toApiError } from "../errors.js";
-import type { ModelRegistry, ModelEntry } from "../models/registry.js";
-import { prepareChat, prepareCompletion } from "../service/prepare.js";
+import type { ModelRegistry } from "../models/registry.js";
+import { prepareChat, prepareCompletion, type Prepare, type PreparedGeneration } from "../service/prepare.js";
+import { registerModelRoutes } from "./model-routes.js";
 import { ChunkStreamSink, JsonSink, SseTransport } from "./encoders.js";
 import websocket from "@fastify/websocket";
 import cors from "@fastify/cors";
@@ -165,70 +166,16 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     return reply.type(metrics.contentType).send(await metrics.metrics());
   });
 
-  // What an operator asks first: which models, how loaded, how busy.
-  app.get("/admin/status", async () => ({
-    accepting: opts.isAccepting?.() ?? true,
-    models: registry.list().map((e) => ({
-      id: e.id,
-      version: e.version,
-      state: e.state,
-      error: e.error ?? null,
-      load_seconds: e.loadSeconds ?? null,
-      warmup_seconds: e.warmupSeconds ?? null,
-      slots: e.scheduler ? { busy: e.scheduler.busySlots, total: e.scheduler.totalSlots } : null,
-      waiting: e.scheduler?.waiting ?? null,
-      queued_prompt_tokens: e.scheduler?.waitingTokens ?? null,
-    })),
-  }));
-
-  app.get("/livez", async () => ({ status: "ok" }));
-  const ready = async (_req: FastifyRequest, reply: FastifyReply) => {
-    const accepting = opts.isAccepting?.() ?? true;
-    const ok = accepting && registry.ready;
-    return reply.code(ok ? 200 : 503).send({
-      status: ok ? "ready" : accepting ? "loading" : "shutting_down",
-      models: registry.list().map((e) => ({ id: e.id, state: e.state })),
-    });
-  };
-  app.get("/readyz", ready);
-  app.get("/health", ready);
-
-  const modelJson = (e: ModelEntry) => ({
-    id: e.id,
-    object: "model",
-    created: e.created,
-    owned_by: "spindle",
-    // Extras beyond OpenAI's shape: what a client needs to size its requests.
-    state: e.state,
-    ...(e.error !== undefined ? { error: e.error } : {}),
-    context_length: e.engine?.ctxSize ?? null,
-    parallel: e.engine?.parallel ?? null,
-    chat_template: e.engine?.templateName ?? null,
-    scheduler: e.scheduler
-      ? {
-          busy_slots: e.scheduler.busySlots,
-          total_slots: e.scheduler.totalSlots,
-          waiting: e.scheduler.waiting,
-          // Decode steps, sequences in them, sequences running at them, tokens in them:
-          // items / expected is how full the steps are.
-          ...{ steps: e.scheduler.stats.steps, items: e.scheduler.stats.items, expected: e.scheduler.stats.expected, tokens: e.scheduler.stats.tokens },
-        }
-      : null,
-  });
-  app.get("/v1/models", async () => ({ object: "list", data: registry.list().map(modelJson) }));
-  app.get<{ Params: { id: string } }>("/v1/models/:id", async (request) => {
-    const entry = registry.list().find((e) => e.id === request.params.id);
-    if (!entry) throw new ApiError("not_found", `The model '${request.params.id}' does not exist.`, { param: "model", code: "model_not_found" });
-    return modelJson(entry);
-  });
+  registerModelRoutes(app, registry, () => opts.isAccepting?.() ?? true);
 
   /** Runs one generation and answers it as JSON or SSE; reports it once, however it ends. */
-  async function serve(request: FastifyRequest, reply: FastifyReply, prepare: typeof prepareChat) {
+  async function serve(request: FastifyRequest, reply: FastifyReply, prepare: Prepare) {
     const endpoint = prepare === prepareChat ? "chat" : "completions";
     const telemetry = new RequestTelemetry(opts.telemetry, { id: request.id, endpoint, transport: "http", route: `POST ${request.url.split("?")[0]}`, headers: request.headers });
     if (telemetry.traceId) reply.header("x-trace-id", telemetry.traceId);
     const outcome: RequestOutcome = { status: 200 };
     let lease: ReturnType<AccessControl["admit"]> | undefined;
+    let prepared: PreparedGeneration | undefined;
     try {
       if (opts.isAccepting && !opts.isAccepting()) {
         throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
@@ -240,11 +187,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       reply.raw.on("close", () => {
         if (!reply.raw.writableFinished) abort.abort();
       });
-      const prepared = prepare(registry, request.body, {
-        headers: request.headers,
-        signal: abort.signal,
-        defaultTimeoutSeconds: opts.requestTimeoutSeconds,
-      });
+      prepared = await prepare(
+        registry,
+        request.body,
+        { headers: request.headers, signal: abort.signal, defaultTimeoutSeconds: opts.requestTimeoutSeconds },
+        opts.telemetry,
+      );
       telemetry.prepare(prepared);
       const { entry, meta, stream, includeUsage, echo, gen } = prepared;
       if (stream) {
@@ -274,6 +222,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       outcome.error = apiErr;
       throw apiErr;
     } finally {
+      prepared?.lease.release();
       lease?.release(outcome.usage ? outcome.usage.promptTokens + outcome.usage.completionTokens : 0);
       telemetry.finish(outcome);
     }

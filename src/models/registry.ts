@@ -1,27 +1,19 @@
-import { ensureArtifact } from "../config/artifact.js";
-import type { ModelSpec, SamplingDefaults } from "../config/models-file.js";
-import { Engine, GREEDY_SAMPLING, type EngineFaults, type EngineModel } from "../engine/llama-engine.js";
+/**
+ * The registry is what the HTTP and WebSocket layers talk to: it turns a requested name
+ * into a lease on a ready model version (repository routing, then residency), and it
+ * carries out operators' changes so that each is atomic for traffic — a pointer moves
+ * only after its new target is loaded and warmed, and requests in flight keep the
+ * version they started on (they hold a lease on it).
+ */
+import type { ModelConfig, RepositoryConfig, TrafficSplit } from "../config/models-file.js";
+import { ModelLoadError, type Engine, type EngineFaults, type MemoryFootprint } from "../engine/llama-engine.js";
 import { ApiError } from "../errors.js";
-import { Scheduler } from "../scheduler/scheduler.js";
-import type { GenerationSink } from "../scheduler/types.js";
-import { lifecycleSpan, type Telemetry } from "../telemetry/request-telemetry.js";
+import type { Telemetry } from "../telemetry/request-telemetry.js";
+import { Repository, refKey, type Route, type VersionRef } from "./repository.js";
+import type { StateFile } from "./repository-state.js";
+import { Residency, type Lease, type ModelEntry, type ReadyEntry } from "./residency.js";
 
-export type ModelState = "loading" | "ready" | "failed";
-
-export interface ModelEntry {
-  readonly id: string;
-  readonly version: string;
-  readonly path: string;
-  state: ModelState;
-  error: string | undefined;
-  engine: EngineModel | undefined;
-  scheduler: Scheduler | undefined;
-  readonly sampling: SamplingDefaults;
-  /** Unix seconds when it became ready (the OpenAI `created`). */
-  created: number;
-  loadSeconds: number | undefined;
-  warmupSeconds: number | undefined;
-}
+export type { ModelEntry, ModelState, Lease, ReadyEntry } from "./residency.js";
 
 export interface RegistryOptions {
   threads: number;
@@ -30,125 +22,194 @@ export interface RegistryOptions {
   flashAttention: "auto" | "on" | "off";
   maxQueue: number;
   maxQueuedTokens: number;
+  budget: MemoryFootprint;
+  maxLoaded: number;
+  stateFile: StateFile | undefined;
   log: (msg: string) => void;
+  warn: (msg: string) => void;
   telemetry?: Telemetry;
   /** Test-only fault injection. */
   faults?: EngineFaults;
   progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
+  roomWaitMs?: number;
 }
 
-const DEFAULT_PARALLEL = 4;
+export interface Acquired {
+  lease: Lease;
+  via: Route["via"];
+  /** A lease on the shadow version when the route mirrors this request and that version is ready. */
+  shadow: Lease | undefined;
+}
 
-/** The models this server serves, their state, and their schedulers. */
+/** How long an operator's change may wait for its target version to load. */
+const ADMIN_WAIT_MS = 120_000;
+
 export class ModelRegistry {
-  private readonly entries = new Map<string, ModelEntry>();
+  readonly repository: Repository;
+  readonly residency: Residency;
+  private started = false;
 
-  constructor(
-    private readonly engine: Engine,
-    private readonly specs: readonly ModelSpec[],
-    private readonly opts: RegistryOptions,
-  ) {
-    for (const s of specs) {
-      this.entries.set(s.id, {
-        id: s.id,
-        version: s.version,
-        path: s.path,
-        state: "loading",
-        error: undefined,
-        engine: undefined,
-        scheduler: undefined,
-        sampling: s.sampling,
-        created: Math.floor(Date.now() / 1000),
-        loadSeconds: undefined,
-        warmupSeconds: undefined,
-      });
+  constructor(engine: Engine, config: RepositoryConfig, private readonly opts: RegistryOptions) {
+    this.repository = new Repository(config, opts.stateFile, opts.warn);
+    this.residency = new Residency(engine, {
+      ...opts,
+      isPinned: (e) => this.isPinned(e),
+    });
+    for (const m of config.models) {
+      for (const v of m.versions) this.residency.add(v, m.warmup, this.repository.violations.get(refKey(v)));
     }
+    for (const [key, why] of this.repository.violations) opts.warn(`model version ${key} refused: ${why}`);
   }
 
+  /** Every version of every model. */
   list(): ModelEntry[] {
-    return [...this.entries.values()];
+    return [...this.residency.entries.values()];
   }
 
+  models(): ModelConfig[] {
+    return [...this.repository.models.values()];
+  }
+
+  entry(ref: VersionRef): ModelEntry {
+    return this.residency.entries.get(refKey(ref))!;
+  }
+
+  /** The version a bare model id serves now. */
+  current(id: string): ModelEntry {
+    return this.entry(this.repository.current(id));
+  }
+
+  isPinned(e: ModelEntry): boolean {
+    const m = this.repository.models.get(e.id);
+    return m !== undefined && m.pinned && this.repository.current(e.id).version === e.version;
+  }
+
+  /** The model whose version must be servable for the server to be ready: every pinned one, and the first listed. */
+  requiredModels(): ModelConfig[] {
+    const models = this.models();
+    return models.filter((m, i) => m.pinned || i === 0);
+  }
+
+  /**
+   * Ready means: start-up finished, every pinned model's current version is loaded and
+   * warmed, and the default (first) model's current version is loaded and warmed, or was
+   * and has been evicted to make room (it loads again on demand).
+   */
   get ready(): boolean {
-    return this.list().every((e) => e.state === "ready");
+    if (!this.started) return false;
+    return this.requiredModels().every((m) => {
+      const e = this.current(m.id);
+      return e.state === "ready" || (!m.pinned && e.everReady && e.state !== "failed");
+    });
   }
 
-  /** The entry serving `id`, or the error a client should see. */
-  resolve(id: string): ModelEntry & { engine: EngineModel; scheduler: Scheduler } {
-    const entry = this.entries.get(id);
-    if (entry === undefined) {
-      throw new ApiError("not_found", `The model '${id}' does not exist.`, { param: "model", code: "model_not_found" });
-    }
-    if (entry.state === "loading") {
-      throw new ApiError("unavailable", `The model '${id}' is loading.`, { code: "model_loading", retryAfter: 5 });
-    }
-    if (entry.state === "failed" || entry.engine === undefined || entry.scheduler === undefined) {
-      throw new ApiError("unavailable", `The model '${id}' failed to load: ${entry.error}`, { code: "model_failed", retryAfter: 60 });
-    }
-    return entry as ModelEntry & { engine: EngineModel; scheduler: Scheduler };
+  /** The version a name serves now when it is ready (inspection and tests; requests take a lease instead). */
+  resolve(name: string): ReadyEntry {
+    const e = this.entry(this.repository.route(name, undefined).primary);
+    if (e.state !== "ready") throw new ApiError("unavailable", `The model version '${e.key}' is ${e.state}.`, { code: "model_not_ready", retryAfter: 5 });
+    return e as ReadyEntry;
   }
 
-  /** Loads every model, one at a time. Throws the first failure (the server then exits). */
-  async loadAll(): Promise<void> {
-    for (const spec of this.specs) {
-      const entry = this.entries.get(spec.id)!;
-      const t0 = performance.now();
+  /** Routes `name` and leases the version that serves it, loading it when needed (bounded by the deadline). */
+  async acquire(name: string, user: string | undefined, deadline: number, signal?: AbortSignal): Promise<Acquired> {
+    const route = this.repository.route(name, user);
+    const lease = await this.residency.acquire(this.entry(route.primary), deadline, signal);
+    let shadow: Lease | undefined;
+    if (route.shadow) {
+      const target = this.entry(route.shadow);
+      // Mirrored traffic never loads or evicts anything: it runs only where its version is ready.
+      shadow = this.residency.tryAcquire(target);
+      if (!shadow) this.opts.telemetry?.metrics.shadowRequest(target.id, target.version, "skipped_not_ready");
+    }
+    return { lease, via: route.via, shadow };
+  }
+
+  /**
+   * Loads each model's current version, pinned ones first, then the others in file order
+   * while they fit without evicting anything. A version that fails is marked failed
+   * (visible in /v1/models) and the others keep going; only when every one fails does
+   * start-up fail.
+   */
+  async start(): Promise<void> {
+    const models = this.models();
+    const order = [...models.filter((m) => m.pinned), ...models.filter((m) => !m.pinned)];
+    for (const m of order) {
+      const entry = this.current(m.id);
+      if (entry.state === "failed") continue;
       try {
-        await this.load(spec, entry);
+        const lease = await this.residency.acquire(entry, performance.now() + 3_600_000, undefined, m.pinned);
+        lease.release();
       } catch (err) {
-        entry.state = "failed";
-        entry.error = (err as Error).message;
-        const telemetry = this.opts.telemetry;
-        if (telemetry) {
-          telemetry.metrics.modelLoadFailed(spec.id, spec.version);
-          lifecycleSpan(telemetry, "model.load", t0, performance.now(), { "gen_ai.request.model": spec.id, "spindle.model.version": spec.version }, entry.error);
-        }
-        throw err;
+        if ((entry.state as string) !== "failed") this.opts.log(`model ${entry.key} not loaded at start: ${(err as Error).message} (it loads on demand)`);
       }
     }
+    // Nothing servable at all: fail the start, with every reason, rather than serve nothing.
+    const targets = order.map((m) => this.current(m.id));
+    if (!targets.some((e) => e.state === "ready")) throw new ModelLoadError(targets.map((e) => e.error ?? `model "${e.key}": ${e.state}`).join("; "));
+    this.started = true;
   }
 
-  private async load(spec: ModelSpec, entry: ModelEntry): Promise<void> {
-    await ensureArtifact(spec, { progressStream: this.opts.progressStream, log: this.opts.log });
-    const t0 = performance.now();
-    const scheduler = new Scheduler({
-      maxQueue: this.opts.maxQueue,
-      maxQueuedTokens: this.opts.maxQueuedTokens,
-      observer: this.opts.telemetry?.metrics.schedulerObserver(spec.id, spec.version),
-    });
-    const engineModel = await this.engine.loadModel({
-      id: spec.id,
-      path: spec.path,
-      // Command-line values override the models file, so one flag tunes every model.
-      ctxSize: this.opts.ctxSize ?? spec.ctxSize,
-      parallel: this.opts.parallel ?? spec.parallel ?? DEFAULT_PARALLEL,
-      threads: this.opts.threads,
-      chatTemplate: spec.chatTemplate,
-      flashAttention: this.opts.flashAttention,
-      observer: scheduler,
-      faults: this.opts.faults,
-    });
-    scheduler.attach(engineModel);
-    entry.engine = engineModel;
-    entry.scheduler = scheduler;
-    entry.loadSeconds = (performance.now() - t0) / 1000;
-    const t1 = performance.now();
-    await warmUp(engineModel, scheduler);
-    const t2 = performance.now();
-    entry.warmupSeconds = (t2 - t1) / 1000;
-    const telemetry = this.opts.telemetry;
-    if (telemetry) {
-      telemetry.metrics.modelLoaded(spec.id, spec.version, entry.loadSeconds, entry.warmupSeconds);
-      const attrs = { "gen_ai.request.model": spec.id, "spindle.model.version": spec.version };
-      lifecycleSpan(telemetry, "model.load", t0, t1, attrs);
-      lifecycleSpan(telemetry, "model.warmup", t1, t2, attrs);
+  /** Makes `target` ready (holding it so it cannot be evicted meanwhile), then runs the change. */
+  private async withReady<T>(target: VersionRef, change: () => T): Promise<T> {
+    const lease = await this.residency.acquire(this.entry(target), performance.now() + ADMIN_WAIT_MS);
+    try {
+      return change();
+    } finally {
+      lease.release();
     }
-    entry.state = "ready";
-    entry.created = Math.floor(Date.now() / 1000);
-    this.opts.log(
-      `model "${spec.id}" ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +
-        `load ${entry.loadSeconds.toFixed(2)}s, warmup ${entry.warmupSeconds.toFixed(3)}s`,
-    );
+  }
+
+  private changed(name: string, action: string): void {
+    this.opts.telemetry?.metrics.repositoryChange(name, action);
+  }
+
+  async promote(name: string, version: string): Promise<{ from: VersionRef | undefined; to: VersionRef }> {
+    const target = this.repository.promotionTarget(name, version);
+    const result = await this.withReady(target, () => this.repository.promote(name, target));
+    this.changed(name, "promote");
+    this.opts.log(`${name} promoted: ${result.from ? refKey(result.from) : "(new)"} -> ${refKey(result.to)}`);
+    return result;
+  }
+
+  async rollback(name: string): Promise<{ from: VersionRef; to: VersionRef }> {
+    const target = this.repository.rollbackTarget(name);
+    const result = await this.withReady(target, () => this.repository.rollback(name));
+    this.changed(name, "rollback");
+    this.opts.log(`${name} rolled back: ${refKey(result.from)} -> ${refKey(result.to)}`);
+    return result;
+  }
+
+  async setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): Promise<void> {
+    if (!this.repository.models.has(id)) throw new ApiError("not_found", `The model '${id}' does not exist.`, { code: "model_not_found" });
+    if (split && split.weight > 0) {
+      const target = { id, version: split.version };
+      if (!this.repository.exists(target)) throw new ApiError("not_found", `No version ${refKey(target)} in the models file.`, { param: "version", code: "model_not_found" });
+      await this.withReady(target, () => this.repository.setTraffic(id, kind, split));
+    } else {
+      this.repository.setTraffic(id, kind, undefined);
+    }
+    this.changed(id, kind);
+    this.opts.log(`${id} ${kind}: ${split && split.weight > 0 ? `${split.weight * 100}% to ${id}@${split.version}` : "off"}`);
+  }
+
+  private known(ref: VersionRef): ModelEntry {
+    if (!this.repository.exists(ref)) throw new ApiError("not_found", `No version ${refKey(ref)} in the models file.`, { code: "model_not_found" });
+    return this.entry(ref);
+  }
+
+  async load(ref: VersionRef): Promise<ModelEntry> {
+    const entry = this.known(ref);
+    if (this.repository.violations.has(entry.key)) throw new ApiError("conflict", this.repository.violations.get(entry.key)!, { code: "version_immutable" });
+    // An explicit load is how an operator retries a version that failed.
+    this.residency.retry(entry);
+    await this.withReady(ref, () => undefined);
+    return entry;
+  }
+
+  async unload(ref: VersionRef): Promise<ModelEntry> {
+    const entry = this.known(ref);
+    await this.residency.unload(entry, 30_000);
+    return entry;
   }
 
   /**
@@ -166,29 +227,6 @@ export class ModelRegistry {
   }
 
   async dispose(): Promise<void> {
-    for (const e of this.entries.values()) {
-      e.scheduler?.close();
-      await e.engine?.dispose();
-      e.engine = undefined;
-    }
+    await this.residency.disposeAll();
   }
-}
-
-/** A short real generation through the scheduler: the model is ready only once this works. */
-async function warmUp(model: EngineModel, scheduler: Scheduler): Promise<void> {
-  const ignore: GenerationSink = { onStart() {}, onText() {}, onDone() {}, onError() {} };
-  const outcome = await scheduler.submit(
-    {
-      promptTokens: model.tokenizePrompt("Hello"),
-      maxTokens: 4,
-      stop: [],
-      sampling: GREEDY_SAMPLING,
-      priority: "normal",
-      deadline: performance.now() + 60_000,
-      signal: new AbortController().signal,
-      timeline: {},
-    },
-    ignore,
-  );
-  if ("error" in outcome) throw new Error(`model "${model.id}": warmup failed: ${outcome.error.message}`);
 }

@@ -111,22 +111,33 @@ export function resolveMaxTokens(
   return Math.min(room, fallback ?? room);
 }
 
+/** When the request must be done by and how urgent it is: read from its headers before anything waits. */
+export interface RequestTiming {
+  deadline: number;
+  priority: Priority;
+}
+
+export function requestTiming(ctx: RequestContext): RequestTiming {
+  const timeout = timeoutSecondsFrom(ctx.headers, ctx.defaultTimeoutSeconds);
+  return { deadline: performance.now() + timeout * 1000, priority: priorityFrom(ctx.headers) };
+}
+
 export function buildGenerationRequest(args: {
   promptTokens: Token[];
   maxTokens: number;
   stop: string[];
   sampling: SamplingParams;
-  ctx: RequestContext;
+  timing: RequestTiming;
+  signal: AbortSignal;
 }): GenerationRequest {
-  const timeout = timeoutSecondsFrom(args.ctx.headers, args.ctx.defaultTimeoutSeconds);
   return {
     promptTokens: args.promptTokens,
     maxTokens: args.maxTokens,
     stop: args.stop,
     sampling: args.sampling,
-    priority: priorityFrom(args.ctx.headers),
-    deadline: performance.now() + timeout * 1000,
-    signal: args.ctx.signal,
+    priority: args.timing.priority,
+    deadline: args.timing.deadline,
+    signal: args.signal,
     timeline: {},
   };
 }

@@ -54,6 +54,9 @@ export class Metrics {
   private readonly loadFailures: Counter;
   private readonly loadDuration: Histogram;
   private readonly warmupDuration: Histogram;
+  private readonly evictions: Counter;
+  private readonly shadows: Counter;
+  private readonly repositoryChanges: Counter;
 
   /** Off (--metrics off): nothing is recorded and /metrics answers 404. */
   constructor(backend: string, nodeLlamaCppVersion: string, readonly enabled = true) {
@@ -103,6 +106,14 @@ export class Metrics {
     this.loadFailures = new Counter({ name: "spindle_model_load_failures_total", help: "Model loads that failed.", labelNames: mv, registers });
     this.loadDuration = new Histogram({ name: "spindle_model_load_duration_seconds", help: "Time to load a model and create its context.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
     this.warmupDuration = new Histogram({ name: "spindle_model_warmup_duration_seconds", help: "Time of the warm-up generation after load.", labelNames: mv, buckets: LATENCY_BUCKETS, registers });
+    this.evictions = new Counter({ name: "spindle_model_evictions_total", help: "Model versions unloaded: reason lru (to make room) or admin.", labelNames: [...mv, "reason"], registers });
+    this.shadows = new Counter({
+      name: "spindle_shadow_requests_total",
+      help: "Mirrored (shadow) requests by outcome; their output never reaches a client.",
+      labelNames: [...mv, "outcome"],
+      registers,
+    });
+    this.repositoryChanges = new Counter({ name: "spindle_repository_changes_total", help: "Operator changes: promote, rollback, canary, shadow.", labelNames: ["name", "action"], registers });
     new Gauge({
       name: "spindle_build_info",
       help: "Build information; the value is always 1.",
@@ -142,13 +153,60 @@ export class Metrics {
     gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => each((e, l) => e.engine && set(l, e.engine.sizeBytes)));
     new Gauge({
       name: "spindle_models_resident",
-      help: "Models loaded and serving.",
+      help: "Model versions in memory.",
       registers,
       collect() {
-        this.set(models.list().filter((e) => e.state === "ready").length);
+        this.set(models.residency.resident().length);
       },
     });
     gauge("spindle_model_ready", "1 when the model version is loaded and warmed.", (set) => each((e, l) => set(l, e.state === "ready" ? 1 : 0)));
+    gauge("spindle_model_state", "1 for the state the model version is in.", (set) => each((e, l) => set({ ...l, state: e.state }, 1)), ["state"]);
+    gauge(
+      "spindle_model_memory_estimated_bytes",
+      "Memory a version needs when loaded (weights + KV + compute buffers), estimated before loading.",
+      (set) => each((e, l) => e.estimate && (set({ ...l, memory: "ram" }, e.estimate.ram), set({ ...l, memory: "vram" }, e.estimate.vram))),
+      ["memory"],
+    );
+    gauge(
+      "spindle_model_memory_allocated_bytes",
+      "Memory llama.cpp reports it allocated for a resident version.",
+      (set) => each((e, l) => e.actual && (set({ ...l, memory: "ram" }, e.actual.ram), set({ ...l, memory: "vram" }, e.actual.vram))),
+      ["memory"],
+    );
+    new Gauge({
+      name: "spindle_memory_budget_bytes",
+      help: "The memory budget resident versions must fit in (--memory-budget; vram: --vram-budget).",
+      labelNames: ["memory"],
+      registers,
+      collect() {
+        const b = models.residency.budget;
+        this.set({ memory: "ram" }, b.ram);
+        if (Number.isFinite(b.vram)) this.set({ memory: "vram" }, b.vram);
+      },
+    });
+    new Gauge({
+      name: "spindle_memory_resident_estimated_bytes",
+      help: "Estimated memory of the resident versions, counted against the budget.",
+      labelNames: ["memory"],
+      registers,
+      collect() {
+        const u = models.residency.used();
+        this.set({ memory: "ram" }, u.ram);
+        this.set({ memory: "vram" }, u.vram);
+      },
+    });
+  }
+
+  modelEvicted(model: string, version: string, reason: "lru" | "admin"): void {
+    this.evictions.inc({ model, version, reason });
+  }
+
+  shadowRequest(model: string, version: string, outcome: string): void {
+    if (this.enabled) this.shadows.inc({ model, version, outcome });
+  }
+
+  repositoryChange(name: string, action: string): void {
+    this.repositoryChanges.inc({ name, action });
   }
 
   /** Per-model figures, bound once, for the scheduler's hot path. */

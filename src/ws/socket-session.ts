@@ -15,7 +15,7 @@ import { noteOutcome, RequestTelemetry, type RequestOutcome, type Telemetry } fr
 import { AccessControl } from "../http/access.js";
 import { randomBytes } from "node:crypto";
 import type { ModelRegistry } from "../models/registry.js";
-import { prepareChat, prepareCompletion } from "../service/prepare.js";
+import { prepareChat, prepareCompletion, type PreparedGeneration } from "../service/prepare.js";
 
 export interface SocketLimits {
   /** Generations one connection may have in flight. */
@@ -172,6 +172,7 @@ export class SocketSession {
     });
     const outcome: RequestOutcome = { status: 200 };
     let lease: ReturnType<AccessControl["admit"]> | undefined;
+    let p: PreparedGeneration | undefined;
     try {
       if (!this.opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
       lease = this.opts.access.admit(this.apiKey);
@@ -181,7 +182,7 @@ export class SocketSession {
       if (frame.priority !== undefined) headers["x-priority"] = String(frame.priority);
       const body = frame.body !== null && typeof frame.body === "object" ? { ...(frame.body as object), stream: true } : frame.body;
       const prepare = type === "chat.completions.create" ? prepareChat : prepareCompletion;
-      const p = prepare(this.registry, body, { headers, signal: entry.abort.signal, defaultTimeoutSeconds: this.opts.requestTimeoutSeconds });
+      p = await prepare(this.registry, body, { headers, signal: entry.abort.signal, defaultTimeoutSeconds: this.opts.requestTimeoutSeconds }, this.opts.telemetry);
       telemetry.prepare(p);
       noteOutcome(outcome, await p.entry.scheduler.submit(p.gen, new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo)));
       if (outcome.error) outcome.status = outcome.error.status;
@@ -192,6 +193,7 @@ export class SocketSession {
       this.sendError(id, apiErr);
     } finally {
       this.inFlight.delete(id);
+      p?.lease.release();
       lease?.release(outcome.usage ? outcome.usage.promptTokens + outcome.usage.completionTokens : 0);
       telemetry.finish(outcome);
     }

@@ -56,6 +56,10 @@ export function testServerOptions(opts: TestServerOptions = {}): Parameters<type
       keyTokensPerMinute: 0,
       shutdownGraceSeconds: 5,
       readTimeoutSeconds: 30,
+      memoryBudget: undefined,
+      vramBudget: undefined,
+      maxLoadedModels: 0,
+      stateFile: undefined,
       ...opts,
   };
 }

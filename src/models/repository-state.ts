@@ -1,0 +1,65 @@
+/**
+ * What operators change at run time — promotions, rollbacks, alias moves, canary and
+ * shadow weights — and the hash each version was first seen with, so that a version's
+ * artifact cannot silently change under its name. Kept in one JSON file beside
+ * models.yaml, replaced atomically (write a temporary file, fsync, rename), so a crash
+ * leaves either the old state or the new one, never half of each.
+ */
+import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
+import { z } from "zod";
+import { ConfigError } from "../config/cli.js";
+
+const refSchema = z.strictObject({ id: z.string(), version: z.string() });
+const splitSchema = z.strictObject({ version: z.string(), weight: z.number().min(0).max(1) });
+
+const stateSchema = z.strictObject({
+  format: z.literal(1),
+  /** Pointer name (a model id, or an alias) -> what it serves and what it served before. */
+  pointers: z.record(z.string(), z.strictObject({ target: refSchema, history: z.array(refSchema) })),
+  /** Model id -> traffic policy set by an operator (null: cleared on purpose). */
+  traffic: z.record(z.string(), z.strictObject({ canary: splitSchema.nullable().optional(), shadow: splitSchema.nullable().optional() })),
+  /** "id@version" -> sha256 it was first served with. */
+  artifacts: z.record(z.string(), z.string()),
+});
+
+export type RepositoryState = z.infer<typeof stateSchema>;
+
+export function emptyState(): RepositoryState {
+  return { format: 1, pointers: {}, traffic: {}, artifacts: {} };
+}
+
+export class StateFile {
+  constructor(readonly path: string) {}
+
+  /** The saved state; an empty one when the file does not exist yet. A corrupt file is a start-up error, never ignored. */
+  read(): RepositoryState {
+    let text: string;
+    try {
+      text = readFileSync(this.path, "utf8");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return emptyState();
+      throw new ConfigError(`cannot read the repository state ${this.path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    let doc: unknown;
+    try {
+      doc = JSON.parse(text);
+    } catch {
+      throw new ConfigError(`${this.path}: not valid JSON (fix or remove it: it holds promotions and canary weights)`);
+    }
+    const parsed = stateSchema.safeParse(doc);
+    if (!parsed.success) throw new ConfigError(`${this.path}: ${parsed.error.issues[0]!.path.join(".")}: ${parsed.error.issues[0]!.message}`);
+    return parsed.data;
+  }
+
+  write(state: RepositoryState): void {
+    const tmp = `${this.path}.${process.pid}.tmp`;
+    const fd = openSync(tmp, "w", 0o644);
+    try {
+      writeSync(fd, `${JSON.stringify(state, null, 2)}\n`);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, this.path);
+  }
+}
