@@ -13,7 +13,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { parseModelsFile, type RepositoryConfig } from "../src/config/models-file.js";
 import { Engine, type EngineFaults } from "../src/engine/llama-engine.js";
 import { startServer, type RunningServer } from "../src/server.js";
-import { openaiClient, sharedModel, testServerOptions, waitFor, type TestServerOptions } from "./helpers/server.js";
+import { openaiClient, sharedModel, startTestServer, testServerOptions, waitFor, type TestServerOptions } from "./helpers/server.js";
 import { postSse } from "./helpers/sse.js";
 import { parseMetrics, sum } from "./helpers/prometheus.js";
 
@@ -170,6 +170,45 @@ describe("versions and residency", () => {
     expect(a.choices[0]!.finish_reason).toBe("length");
     expect(b.model).toBe("tiny@v1");
     expect(events).toEqual(["stories done", "tiny done"]);
+  });
+});
+
+describe("models given as files (--model)", () => {
+  const files = [
+    { id: "stories260K", file: "stories260K.gguf", ctxSize: 256, parallel: 2, chatTemplate: "general" },
+    { id: "llama-2-tiny-random", file: "llama-2-tiny-random.gguf", ctxSize: 256, parallel: 2 },
+  ];
+
+  it("obey the budget like any other: alternating requests all succeed by eviction and reload", async () => {
+    server = await startTestServer(files, { threads: 1, memoryBudget: est.tiny + Math.floor(est.stories / 2) });
+    for (const id of ["stories260K", "llama-2-tiny-random", "stories260K", "llama-2-tiny-random"]) {
+      expect((await complete(server, id)).model).toBe(`${id}@test`);
+    }
+    expect(metricValue(await metrics(server), "spindle_model_evictions_total", {})).toBe(3);
+  });
+
+  it("--max-loaded-models caps the resident versions whatever the budget", async () => {
+    server = await startTestServer(files, { threads: 1, maxLoadedModels: 1 });
+    expect(server.registry.residency.resident().map((e) => e.key)).toEqual(["stories260K@test"]);
+    expect((await complete(server, "llama-2-tiny-random")).model).toBe("llama-2-tiny-random@test");
+    expect(server.registry.residency.resident().map((e) => e.key)).toEqual(["llama-2-tiny-random@test"]);
+  });
+
+  it("a request whose deadline passes while its model loads gets 503 model_loading with Retry-After; the load completes for the next", async () => {
+    const faults: EngineFaults = { failNextSteps: 0, slowStepMs: 0, failNextLoads: 0 };
+    server = await startTestServer(files, { threads: 1, maxLoadedModels: 1 }, { faults });
+    faults.slowStepMs = 100;
+    const res = await fetch(`${server.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-request-timeout": "0.2" },
+      body: JSON.stringify({ model: "llama-2-tiny-random", prompt: "Hi", max_tokens: 2 }),
+    });
+    expect(res.status).toBe(503);
+    expect(res.headers.get("retry-after")).not.toBeNull();
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("model_loading");
+    await waitFor(() => server!.registry.entry({ id: "llama-2-tiny-random", version: "test" }).state === "ready", 10_000);
+    faults.slowStepMs = 0;
+    expect((await complete(server, "llama-2-tiny-random")).model).toBe("llama-2-tiny-random@test");
   });
 });
 
