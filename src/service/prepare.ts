@@ -32,6 +32,8 @@ export interface PreparedGeneration {
   /** Held until the generation ends: the version cannot be evicted under it. The caller releases it. */
   lease: Lease;
   via: Route["via"];
+  /** performance.now() before and after the lease: the time spent waiting for a load (or an eviction). */
+  acquire: { start: number; end: number };
   meta: ResponseMeta;
   stream: boolean;
   includeUsage: boolean;
@@ -145,7 +147,9 @@ async function prepare<B extends { model: string; user?: string | null; stream?:
 ): Promise<PreparedGeneration> {
   // Headers are checked before anything waits for a model.
   const timing = requestTiming(ctx);
+  const start = performance.now();
   const { lease, via, shadow } = await registry.acquire(body.model, body.user ?? undefined, timing.deadline, ctx.signal);
+  const acquire = { start, end: performance.now() };
   let built: Built;
   try {
     built = build(lease.entry, body, timing, ctx.signal);
@@ -159,6 +163,7 @@ async function prepare<B extends { model: string; user?: string | null; stream?:
     entry: lease.entry,
     lease,
     via,
+    acquire,
     meta: meta(endpoint, lease.entry),
     stream: body.stream === true,
     includeUsage: body.stream_options?.include_usage === true,

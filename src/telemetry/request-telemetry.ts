@@ -101,6 +101,7 @@ export class RequestTelemetry {
         endpoint: this.info.endpoint,
         transport: this.transport,
         model: `${model}@${version}`,
+        route: p?.via ?? null,
         status: outcome.status,
         finish_reason: outcome.finishReason ?? null,
         error_type: outcome.error?.kind ?? null,
@@ -110,6 +111,8 @@ export class RequestTelemetry {
         queue_ms: queueWait !== undefined ? round(queueWait * 1000) : null,
         ttft_ms: ttft !== undefined ? round(ttft * 1000) : null,
         total_ms: round(end - this.start),
+        // Only when the request had to wait for its model version to load.
+        ...(p && p.acquire.end - p.acquire.start >= MODEL_WAIT_REPORTED_MS ? { model_wait_ms: round(p.acquire.end - p.acquire.start) } : {}),
         ...(this.traceId ? { trace_id: this.traceId } : {}),
       },
       "request",
@@ -132,6 +135,7 @@ export class RequestTelemetry {
       "gen_ai.request.model": model,
       "gen_ai.response.model": `${model}@${version}`,
       "spindle.model.version": version,
+      ...(p ? { "spindle.route": p.via } : {}),
     };
     span.updateName(`${operation} ${model}`);
     span.setAttributes({
@@ -157,6 +161,7 @@ export class RequestTelemetry {
       span.setStatus({ code: SpanStatusCode.ERROR, message: error.message });
     }
     // Children carry only what is theirs; the model and request attributes are on the parent.
+    if (p && p.acquire.end - p.acquire.start >= MODEL_WAIT_REPORTED_MS) pastSpan(tracer, span, "model.wait", p.acquire.start, p.acquire.end, {});
     if (tl?.queuedAt !== undefined) {
       const queueEnd = tl.startedAt ?? tl.endedAt ?? end;
       pastSpan(tracer, span, "queue", tl.queuedAt, queueEnd, {}, tl.startedAt === undefined ? error?.kind : undefined);
@@ -186,4 +191,7 @@ export function lifecycleSpan(telemetry: Telemetry, name: string, start: number,
 }
 
 const round = (ms: number) => Math.round(ms * 10) / 10;
+
+/** A lease on a resident version takes microseconds; anything longer was a load or an eviction. */
+const MODEL_WAIT_REPORTED_MS = 1;
 
