@@ -153,10 +153,13 @@ export async function residencyBench(opts: { threads: number; swaps: number; seq
   const warm: number[] = [];
   const cold: number[] = [];
   let failures = 0;
+  const rssAt: number[] = [];
   try {
     const req = (model: string) => post(`${swapServer.url}/v1/completions`, { model, prompt: "Once upon a time", max_tokens: 8, temperature: 0 });
     let current = a.id;
     for (let i = 0; i < opts.swaps; i++) {
+      // Memory after each full cycle (both models loaded once more): a leak per load shows as a trend.
+      if (i % 2 === 0) rssAt.push(await rss(swapServer));
       const w = await req(current);
       if (w.status !== 200) failures++;
       warm.push(w.ms);
@@ -168,7 +171,7 @@ export async function residencyBench(opts: { threads: number; swaps: number; seq
   } finally {
     await swapServer.stop();
   }
-  data.swap = { budget: budget1, warm, cold, failures };
+  data.swap = { budget: budget1, warm, cold, failures, rssAt };
   lines.push("## Cold swap vs warm request", "");
   lines.push(
     `${a.id} and ${b.id} (${DEFAULT_SHAPE.ctx} x ${DEFAULT_SHAPE.parallel}) under a ${mib(budget1)} MiB budget, which holds one at a time. A warm request finds its model resident; a cold one must evict the other, load, warm up and then answer. 8 tokens each, ${opts.swaps} of each, alternating.`,
@@ -178,6 +181,11 @@ export async function residencyBench(opts: { threads: number; swaps: number; seq
   lines.push(`| warm | ${median(warm).toFixed(1)} | ${Math.min(...warm).toFixed(1)} | ${Math.max(...warm).toFixed(1)} |`);
   lines.push(`| cold swap | ${median(cold).toFixed(1)} | ${Math.min(...cold).toFixed(1)} | ${Math.max(...cold).toFixed(1)} |`);
   lines.push("", `Cold / warm (medians): ${(median(cold) / median(warm)).toFixed(1)}x. Failed requests: ${failures}.`, "");
+  const third = Math.max(1, Math.floor(rssAt.length / 3));
+  lines.push(
+    `Process RSS over the ${opts.swaps * 2} requests (${opts.swaps} evictions and reloads): median of the first third ${mib(median(rssAt.slice(0, third)))} MiB, of the last third ${mib(median(rssAt.slice(-third)))} MiB.`,
+    "",
+  );
 
   // 4: three models, a budget that holds two of the smaller ones or the big one alone.
   const trio = [MODELS[0]!, MODELS[1]!, MODELS[2]!];

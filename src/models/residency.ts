@@ -94,7 +94,7 @@ export class Residency {
   readonly entries = new Map<string, ModelEntry>();
   /** The tail of the load/evict queue: one at a time. */
   private exclusiveTail: Promise<unknown> = Promise.resolve();
-  private readonly loading = new Map<ModelEntry, Promise<void>>();
+  private readonly loading = new Map<ModelEntry, { promise: Promise<void>; mayEvict: boolean }>();
   /** Woken whenever a lease is released or a version leaves memory. */
   private wakers: Array<() => void> = [];
 
@@ -165,7 +165,14 @@ export class Residency {
     for (;;) {
       if (entry.state === "ready") return this.lease(entry);
       if (entry.state === "failed") throw failedError(entry);
-      await this.waitFor(this.ensureLoading(entry, mayEvict), entry, deadline, signal);
+      const load = this.ensureLoading(entry, mayEvict);
+      try {
+        await this.waitFor(load.promise, entry, deadline, signal);
+      } catch (err) {
+        // We joined a start-up load that may not evict; this request may: try again.
+        if (mayEvict && !load.mayEvict && err instanceof TransientLoadError && err.code === "insufficient_memory") continue;
+        throw err;
+      }
     }
   }
 
@@ -228,15 +235,16 @@ export class Residency {
   }
 
   /** The one load of this version in progress, started when there is none. */
-  private ensureLoading(entry: ModelEntry, mayEvict: boolean): Promise<void> {
-    let p = this.loading.get(entry);
-    if (!p) {
-      p = this.load(entry, mayEvict).finally(() => this.loading.delete(entry));
+  private ensureLoading(entry: ModelEntry, mayEvict: boolean): { promise: Promise<void>; mayEvict: boolean } {
+    let load = this.loading.get(entry);
+    if (!load) {
+      const promise = this.load(entry, mayEvict).finally(() => this.loading.delete(entry));
       // Every waiter handles the outcome; this keeps a load nobody awaits any more quiet.
-      p.catch(() => {});
-      this.loading.set(entry, p);
+      promise.catch(() => {});
+      load = { promise, mayEvict };
+      this.loading.set(entry, load);
     }
-    return p;
+    return load;
   }
 
   private exclusive<T>(fn: () => Promise<T>): Promise<T> {
