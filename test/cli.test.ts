@@ -50,6 +50,19 @@ describe("command line parsing", () => {
     expect(r.options.threads).toBeGreaterThanOrEqual(1);
   });
 
+  it("reads memory sizes in bytes, decimal and binary units", () => {
+    const budget = (raw: string) => {
+      const r = parseCommandLine(["--memory-budget", raw], {});
+      return r.kind === "run" ? r.options.memoryBudget : undefined;
+    };
+    expect(budget("800000000")).toBe(800_000_000);
+    expect(budget("512MiB")).toBe(512 * 2 ** 20);
+    expect(budget("4GiB")).toBe(4 * 2 ** 30);
+    expect(budget("1.5GB")).toBe(1_500_000_000);
+    const r = parseCommandLine([], { SPINDLE_MAX_LOADED_MODELS: "2", SPINDLE_VRAM_BUDGET: "8gib" });
+    expect(r.kind === "run" && [r.options.maxLoadedModels, r.options.vramBudget, r.options.memoryBudget]).toEqual([2, 8 * 2 ** 30, undefined]);
+  });
+
   it.each([
     [["--bogus"], /bogus/],
     [["--port", "http"], /--port: expected an integer/],
@@ -57,6 +70,9 @@ describe("command line parsing", () => {
     [["--gpu", "tpu"], /--gpu: expected one of/],
     [["--threads", "0"], /--threads/],
     [["--model", "a.gguf", "--model", "b/a.gguf"], /given twice/],
+    [["--memory-budget", "lots"], /--memory-budget: expected a size such as/],
+    [["--memory-budget", "4XB"], /--memory-budget: expected a size/],
+    [["--max-loaded-models", "-1"], /--max-loaded-models/],
   ])("refuses %j", (args, message) => {
     expect(() => parseCommandLine(args as string[], {})).toThrow(ConfigError);
     expect(() => parseCommandLine(args as string[], {})).toThrow(message);

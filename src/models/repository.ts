@@ -129,7 +129,13 @@ export class Repository {
         }
       }
     }
-    if (changed) this.save();
+    if (!changed) return;
+    try {
+      this.save();
+    } catch (err) {
+      // Serving goes on; what cannot be recorded is a version's first hash (and, later, operators' changes, which are then refused).
+      this.log(`repository state: cannot write ${this.file?.path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
   }
 
   private save(): void {
