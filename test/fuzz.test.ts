@@ -93,7 +93,9 @@ const withExtras = (arb: fc.Arbitrary<Record<string, unknown>>) =>
     const body: Record<string, unknown> = { ...b };
     // Keep generation short: the property is about answers, not long outputs.
     if (typeof body.max_tokens !== "number" || body.max_tokens > 6) body.max_tokens = 4;
-    return addExtra ? JSON.stringify(body).replace(/^\{/, `{${Object.entries(extra).map(([k, v]) => `${JSON.stringify(k)}:${JSON.stringify(v) ?? "null"},`).join("")}`) : JSON.stringify(body);
+    // A replacer function, not a string: generated text may contain "$&" or "$'", which a
+    // replacement string would expand (and so turn the body into invalid JSON).
+    return addExtra ? JSON.stringify(body).replace(/^\{/, () => `{${Object.entries(extra).map(([k, v]) => `${JSON.stringify(k)}:${JSON.stringify(v) ?? "null"},`).join("")}`) : JSON.stringify(body);
   });
 
 async function check(path: string, body: string | Buffer, contentType = "application/json"): Promise<void> {
