@@ -1,5 +1,5 @@
 import { createServer, type Server } from "node:http";
-import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { Writable } from "node:stream";
@@ -116,6 +116,35 @@ describe("model artifacts", () => {
     const path = join(dir, "stories.gguf");
     writeFileSync(path, "not a model");
     await expect(ensureArtifact({ id: "s", path, sha256: STORIES_SHA, sources: [] })).rejects.toThrow(/sha256 mismatch/);
+  });
+
+  it("a file already verified is not hashed again on the next load, but a changed file is", async () => {
+    const dir = tmp();
+    const path = join(dir, "stories.gguf");
+    writeFileSync(path, bytes);
+    const spec = { id: "s", path, sha256: STORIES_SHA, sources: [] };
+    const when = 1_700_000_000;
+    utimesSync(path, when, when);
+    await ensureArtifact(spec);
+    // Proof that it was not read again: the same inode, size and mtime is trusted
+    // (bytes changed behind its back, timestamps put back, pass unnoticed in this process).
+    const tampered = Buffer.from(bytes);
+    tampered[200] = tampered[200]! ^ 0xff;
+    writeFileSync(path, tampered);
+    utimesSync(path, when, when);
+    await ensureArtifact(spec);
+    writeFileSync(path, bytes);
+    // Replaced (a new file renamed over it), or rewritten in place later: checked again.
+    const bad = Buffer.from(bytes);
+    bad[100] = bad[100]! ^ 0xff;
+    writeFileSync(`${path}.new`, bad);
+    renameSync(`${path}.new`, path);
+    await expect(ensureArtifact(spec)).rejects.toThrow(/sha256 mismatch/);
+    writeFileSync(path, bytes);
+    await ensureArtifact(spec);
+    await new Promise((r) => setTimeout(r, 20));
+    writeFileSync(path, bad);
+    await expect(ensureArtifact(spec)).rejects.toThrow(/sha256 mismatch/);
   });
 
   it("the server starts from a models file whose model must be downloaded, and serves it", async () => {

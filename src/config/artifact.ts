@@ -37,6 +37,9 @@ async function hashFile(path: string, hash: Hash = createHash("sha256")): Promis
   return hash;
 }
 
+/** path -> "dev:ino:size:mtime:sha256" of files this process has hashed and found as pinned. */
+const verified = new Map<string, string>();
+
 async function exists(path: string): Promise<boolean> {
   try {
     await fs.access(path);
@@ -56,10 +59,16 @@ export async function ensureArtifact(spec: ArtifactSpec, opts: ArtifactOptions =
   const log = opts.log ?? (() => {});
   if (await exists(spec.path)) {
     if (spec.sha256 !== undefined) {
+      // A version evicted and loaded again (LRU swaps) is not hashed again while the file
+      // is the same file: hashing costs seconds per GB, on every cold swap.
+      const stat = await fs.stat(spec.path);
+      const identity = `${stat.dev}:${stat.ino}:${stat.size}:${stat.mtimeMs}`;
+      if (verified.get(spec.path) === `${identity}:${spec.sha256}`) return;
       const actual = (await hashFile(spec.path)).digest("hex");
       if (actual !== spec.sha256) {
         throw new ArtifactError(`model "${spec.id}": sha256 mismatch for ${spec.path}: expected ${spec.sha256}, got ${actual}`);
       }
+      verified.set(spec.path, `${identity}:${spec.sha256}`);
     }
     return;
   }
