@@ -1,4 +1,3 @@
-import { createServer, type Server } from "node:http";
 import { existsSync, mkdtempSync, readFileSync, renameSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -7,50 +6,19 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ArtifactError, ensureArtifact } from "../src/config/artifact.js";
 import { parseModelsFile } from "../src/config/models-file.js";
 import { startServer } from "../src/server.js";
+import { serveModel, type ModelHttp } from "./helpers/model-http.js";
 import { openaiClient, sharedModel, testServerOptions } from "./helpers/server.js";
 
 const STORIES_SHA = "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d";
 const bytes = readFileSync(sharedModel("stories260K.gguf"));
 
-/** A real HTTP server that serves the model: whole, corrupted, cut short once, or honouring Range. */
-let http: Server;
+let http: ModelHttp;
 let base: string;
-const hits: Array<{ path: string; range: string | undefined }> = [];
-let cutOnce = true;
+let hits: ModelHttp["hits"];
 
 beforeAll(async () => {
-  http = createServer((req, res) => {
-    hits.push({ path: req.url!, range: req.headers.range });
-    if (req.url === "/corrupt.gguf") {
-      const bad = Buffer.from(bytes);
-      bad[bad.length - 10] = bad[bad.length - 10]! ^ 0xff;
-      res.writeHead(200, { "content-length": bad.length });
-      res.end(bad);
-      return;
-    }
-    if (req.url === "/missing.gguf") {
-      res.writeHead(404).end();
-      return;
-    }
-    const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
-    if (range) {
-      const start = Number(range[1]);
-      res.writeHead(206, { "content-length": bytes.length - start, "content-range": `bytes ${start}-${bytes.length - 1}/${bytes.length}` });
-      res.end(bytes.subarray(start));
-      return;
-    }
-    res.writeHead(200, { "content-length": bytes.length });
-    if (req.url === "/flaky.gguf" && cutOnce) {
-      // Send 40% and drop the connection, as a failed network would.
-      cutOnce = false;
-      res.write(bytes.subarray(0, Math.floor(bytes.length * 0.4)), () => res.destroy());
-      return;
-    }
-    res.end(bytes);
-  });
-  await new Promise<void>((r) => http.listen(0, "127.0.0.1", r));
-  const addr = http.address();
-  base = `http://127.0.0.1:${typeof addr === "object" && addr ? addr.port : 0}`;
+  http = await serveModel(bytes);
+  ({ base, hits } = http);
 });
 afterAll(() => http?.close());
 

@@ -5,7 +5,7 @@
  * after warm-up, on-demand download.
  */
 import { createServer as createNetServer } from "node:net";
-import { createServer, type Server } from "node:http";
+import { serveModel } from "./helpers/model-http.js";
 import { existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -264,12 +264,17 @@ describe("promotion, rollback, canary, shadow", () => {
     const between = (t0: number, t1: number) => new Set(seen.filter((x) => x.started > t0 && x.started < t1).map((x) => x.model));
     expect(between(tPromoted, tRollback)).toEqual(new Set(["story@v2"]));
     expect(between(tRolled, Infinity)).toEqual(new Set(["story@v1"]));
-    // The rolled-back state survives a restart, and there is nothing further to roll back to.
+    // After the rollback there is nothing further to roll back to.
+    expect(await admin(s, "/admin/models/story/rollback", {})).toMatchObject({ status: 409, json: { error: { code: "no_history" } } });
+    // A promotion and its history survive a restart: the id serves v2 (not the file's
+    // default v1), and a rollback after the restart goes back to v1.
+    expect((await admin(s, "/admin/models/story/promote", { version: "v2" })).status).toBe(200);
     await s.close();
     server = undefined;
     const again = await start(parseModelsFile(readFileSync(join(dir, "models.yaml"), "utf8"), join(dir, "models.yaml")), { stateFile });
+    expect((await complete(again, "story")).model).toBe("story@v2");
+    expect((await admin(again, "/admin/models/story/rollback", {})).json).toMatchObject({ from: "story@v2", to: "story@v1" });
     expect((await complete(again, "story")).model).toBe("story@v1");
-    expect(await admin(again, "/admin/models/story/rollback", {})).toMatchObject({ status: 409, json: { error: { code: "no_history" } } });
   });
 
   it("an alias moves atomically, only once its new target is ready, and a promotion survives a restart", async () => {
@@ -421,28 +426,8 @@ ${version("v1", "stories260K.gguf", SHA.tiny)}${version("old", "stories260K-gguf
 
   it("a version not on disk is downloaded on its first request, resuming an interrupted transfer, hash-checked", async () => {
     const bytes = readFileSync(sharedModel("stories260K.gguf"));
-    const ranges: Array<string | undefined> = [];
-    let cut = true;
-    const http: Server = createServer((req, res) => {
-      ranges.push(req.headers.range);
-      const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? "");
-      if (range) {
-        const startAt = Number(range[1]);
-        res.writeHead(206, { "content-length": bytes.length - startAt, "content-range": `bytes ${startAt}-${bytes.length - 1}/${bytes.length}` });
-        res.end(bytes.subarray(startAt));
-        return;
-      }
-      res.writeHead(200, { "content-length": bytes.length });
-      if (cut) {
-        cut = false;
-        res.write(bytes.subarray(0, bytes.length >> 1), () => res.destroy());
-        return;
-      }
-      res.end(bytes);
-    });
-    await new Promise<void>((r) => http.listen(0, "127.0.0.1", r));
+    const http = await serveModel(bytes);
     try {
-      const addr = http.address() as { port: number };
       const dir = tmp();
       const yaml = `models:
   - id: local
@@ -452,7 +437,7 @@ ${version("v1", "stories260K.gguf", SHA.stories)}  - id: remote
       - name: v1
         file: cache/remote.gguf
         sha256: ${SHA.stories}
-        sources: ["http://127.0.0.1:${addr.port}/m.gguf"]
+        sources: ["${http.base}/flaky.gguf"]
         ${SHAPE}
 `;
       // The remote model is second and does not fit beside the first. Its fetch at start is
@@ -468,7 +453,7 @@ ${version("v1", "stories260K.gguf", SHA.stories)}  - id: remote
       expect(kept).toBeLessThan(bytes.length);
       const second = await complete(s, "remote");
       expect(second.model).toBe("remote@v1");
-      expect(ranges).toEqual([undefined, `bytes=${kept}-`]);
+      expect(http.hits.map((h) => h.range)).toEqual([undefined, `bytes=${kept}-`]);
       expect(readFileSync(join(dir, "cache/remote.gguf")).equals(bytes)).toBe(true);
       expect((await complete(s, "local")).model).toBe("local@v1");
     } finally {

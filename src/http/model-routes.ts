@@ -142,10 +142,11 @@ export function registerModelRoutes(app: FastifyInstance, registry: ModelRegistr
   app.get("/v2/health/ready", ready);
 
   // Open Inference Protocol (KServe v2) model metadata and readiness, per model and per version.
+  // An id means its current version (no canary draw); an alias, its target.
   const oipModel = (name: string) => {
-    const target = registry.repository.models.has(name) ? registry.current(name) : registry.repository.isAlias(name) ? registry.entry(registry.repository.route(name, undefined).primary) : undefined;
-    if (!target) throw new ApiError("not_found", `The model '${name}' does not exist.`, { param: "model", code: "model_not_found" });
-    return target;
+    if (registry.repository.models.has(name)) return registry.current(name);
+    if (registry.repository.isAlias(name)) return registry.entry(registry.repository.route(name, undefined).primary);
+    throw new ApiError("not_found", `The model '${name}' does not exist.`, { param: "model", code: "model_not_found" });
   };
   const oipVersion = (name: string, version: string) => {
     const id = registry.repository.models.has(name) ? name : oipModel(name).id;

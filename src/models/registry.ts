@@ -6,33 +6,16 @@
  * version they started on (they hold a lease on it).
  */
 import type { ModelConfig, RepositoryConfig, TrafficSplit } from "../config/models-file.js";
-import { ModelLoadError, type Engine, type EngineFaults, type MemoryFootprint } from "../engine/llama-engine.js";
+import { ModelLoadError, type Engine } from "../engine/llama-engine.js";
 import { ApiError } from "../errors.js";
-import type { Telemetry } from "../telemetry/request-telemetry.js";
 import { Repository, refKey, type Route, type VersionRef } from "./repository.js";
 import type { StateFile } from "./repository-state.js";
-import { Residency, type Lease, type ModelEntry, type ReadyEntry } from "./residency.js";
+import { Residency, type Lease, type ModelEntry, type ReadyEntry, type ResidencyOptions } from "./residency.js";
 
 export type { ModelEntry, ModelState, Lease, ReadyEntry } from "./residency.js";
 
-export interface RegistryOptions {
-  threads: number;
-  parallel: number | undefined;
-  ctxSize: number | undefined;
-  flashAttention: "auto" | "on" | "off";
-  maxQueue: number;
-  maxQueuedTokens: number;
-  budget: MemoryFootprint;
-  maxLoaded: number;
-  stateFile: StateFile | undefined;
-  log: (msg: string) => void;
-  warn: (msg: string) => void;
-  telemetry?: Telemetry;
-  /** Test-only fault injection. */
-  faults?: EngineFaults;
-  progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
-  roomWaitMs?: number;
-}
+/** Residency's options (the registry decides what is pinned) plus where operators' changes are kept. */
+export type RegistryOptions = Omit<ResidencyOptions, "isPinned"> & { stateFile: StateFile | undefined };
 
 export interface Acquired {
   lease: Lease;
@@ -180,10 +163,8 @@ export class ModelRegistry {
   }
 
   async setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): Promise<void> {
-    if (!this.repository.models.has(id)) throw new ApiError("not_found", `The model '${id}' does not exist.`, { code: "model_not_found" });
-    if (split && split.weight > 0) {
-      const target = { id, version: split.version };
-      if (!this.repository.exists(target)) throw new ApiError("not_found", `No version ${refKey(target)} in the models file.`, { param: "version", code: "model_not_found" });
+    const target = this.repository.trafficTarget(id, split && split.weight > 0 ? split.version : undefined);
+    if (target) {
       await this.withReady(target, () => this.repository.setTraffic(id, kind, split));
     } else {
       this.repository.setTraffic(id, kind, undefined);

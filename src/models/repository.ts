@@ -235,7 +235,7 @@ export class Repository {
     const from = p?.target;
     const next: Pointer = p ? { target, history: [...p.history, p.target].slice(-HISTORY_LIMIT) } : { target, history: [] };
     if (from && refKey(from) === refKey(target)) return { from, to: target };
-    this.commit(name, () => this.pointers.set(name, next), () => (p ? this.pointers.set(name, p) : this.pointers.delete(name)));
+    this.commit(this.operated, name, () => this.pointers.set(name, next), () => (p ? this.pointers.set(name, p) : this.pointers.delete(name)));
     return { from, to: target };
   }
 
@@ -251,37 +251,35 @@ export class Repository {
     const p = this.pointer(name);
     const to = this.rollbackTarget(name);
     const next: Pointer = { target: to, history: p.history.slice(0, -1) };
-    this.commit(name, () => this.pointers.set(name, next), () => this.pointers.set(name, p));
+    this.commit(this.operated, name, () => this.pointers.set(name, next), () => this.pointers.set(name, p));
     return { from: p.target, to };
   }
 
-  setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): void {
-    const t = this.traffic.get(id);
-    if (!t) throw new ApiError("not_found", `The model '${id}' does not exist.`, { code: "model_not_found" });
-    if (split && !this.exists({ id, version: split.version })) {
-      throw new ApiError("not_found", `No version ${id}@${split.version} in the models file.`, { param: "version", code: "model_not_found" });
-    }
-    const before = t[kind];
-    const wasOperated = this.operatedTraffic.has(id);
-    this.operatedTraffic.add(id);
-    try {
-      this.commit(undefined, () => (t[kind] = split), () => (t[kind] = before));
-    } catch (err) {
-      if (!wasOperated) this.operatedTraffic.delete(id);
-      throw err;
-    }
+  /** The version a canary or shadow of model `id` would send traffic to: checks that both exist. */
+  trafficTarget(id: string, version: string | undefined): VersionRef | undefined {
+    if (!this.traffic.has(id)) throw new ApiError("not_found", `The model '${id}' does not exist.`, { code: "model_not_found" });
+    if (version === undefined) return undefined;
+    if (!this.exists({ id, version })) throw new ApiError("not_found", `No version ${id}@${version} in the models file.`, { param: "version", code: "model_not_found" });
+    return { id, version };
   }
 
-  /** Applies a change, saves it, and undoes it when the state file cannot be written. */
-  private commit(pointer: string | undefined, apply: () => void, undo: () => void): void {
-    const wasOperated = pointer === undefined || this.operated.has(pointer);
-    if (pointer !== undefined) this.operated.add(pointer);
+  setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): void {
+    this.trafficTarget(id, split?.version);
+    const t = this.traffic.get(id)!;
+    const before = t[kind];
+    this.commit(this.operatedTraffic, id, () => (t[kind] = split), () => (t[kind] = before));
+  }
+
+  /** Applies a change, marks `key` as an operator's (so it is saved), saves, and undoes both when the state file cannot be written. */
+  private commit(operated: Set<string>, key: string, apply: () => void, undo: () => void): void {
+    const wasOperated = operated.has(key);
+    operated.add(key);
     apply();
     try {
       this.save();
     } catch (err) {
       undo();
-      if (!wasOperated) this.operated.delete(pointer!);
+      if (!wasOperated) operated.delete(key);
       throw new ApiError("internal", `The change was not made: the repository state could not be saved (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}).`, { code: "state_not_saved" });
     }
   }

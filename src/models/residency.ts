@@ -248,7 +248,8 @@ export class Residency {
   }
 
   private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.exclusiveTail.then(fn, fn);
+    // The tail never rejects (see below), so fn runs once the previous job settled.
+    const run = this.exclusiveTail.then(fn);
     this.exclusiveTail = run.catch(() => {});
     return run;
   }
