@@ -9,6 +9,7 @@
  *   residency  estimated vs allocated memory, load/warm-up/ready times, cold swap vs warm, LRU swaps under a budget
  *   soak    minutes of mixed traffic (cancels, deadlines, overload): served, errors, RSS and heap
  *   synth   write a synthetic GGUF: --preset tiny|25m|llama-1b|llama-8b --weights f16|q8_0 --seed N --out FILE
+ *   micro   small measurements behind README figures: startup, histogram, threads, top-k, flash-attention, kv-erase
  *
  * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
  * machine; compare ratios measured in one run, and read medians.
@@ -19,6 +20,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { engineCeiling } from "./engine-ceiling.js";
+import { micro, MICRO_COMMANDS, type MicroCommand } from "./micro.js";
 import { soak } from "./soak.js";
 import { residencyBench } from "./residency.js";
 import { renderChart, type ChartPoint } from "./lib/chart.js";
@@ -409,6 +411,13 @@ async function main(): Promise<void> {
     process.stdout.write(
       `soak ${r.minutes} min: ${r.served} served; errors ${JSON.stringify(r.errors)}; RSS ${r.rssStartMiB.toFixed(1)} → ${r.rssEndMiB.toFixed(1)} MiB; heap ${r.heapStartMiB.toFixed(1)} → ${r.heapEndMiB.toFixed(1)} MiB; every 30 s [min, RSS, heap]: ${JSON.stringify(r.samples)}\n`,
     );
+    return;
+  }
+  if (command === "micro") {
+    const [what, ...more] = rest;
+    if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new Error(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
+    const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" } } });
+    process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds))}\n`);
     return;
   }
   if (command === "synth") {

@@ -1,7 +1,8 @@
 /**
  * The one error taxonomy of the server. Every failure a client can see is an ApiError
  * of one of these kinds; the kind decides the HTTP status, the OpenAI envelope's `type`,
- * the SSE error event and (later) the metric label. Declared once, mapped once.
+ * the SSE error event, the WebSocket error frame and the metric label. Declared once,
+ * mapped once. A problem with how the server was started is a ConfigError instead.
  */
 export type ErrorKind =
   | "invalid_request"
@@ -92,4 +93,12 @@ export function invalidRequest(message: string, param: string | null = null, cod
 export function toApiError(err: unknown): ApiError {
   if (err instanceof ApiError) return err;
   return new ApiError("internal", "The server had an error while processing your request.", { cause: err });
+}
+
+/** A problem with how the server was started: printed as one line, exit code 2. */
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
 }

@@ -1,10 +1,12 @@
+/** The process: reads the configuration, starts the server, prints where it listens, and stops on signals. */
 import { existsSync } from "node:fs";
 import { resolve } from "node:path";
-import { ArtifactError } from "./config/artifact.js";
-import { ConfigError, helpText, parseCommandLine, type ServerOptions } from "./config/cli.js";
+import { helpText, parseCommandLine } from "./config/cli.js";
 import { loadModelsFile, repositoryFromSpecs, versionName, type RepositoryConfig } from "./config/models-file.js";
-import { ModelLoadError } from "./engine/llama-engine.js";
-import { startServer, type RunningServer } from "./server.js";
+import type { ServerOptions } from "./config/options.js";
+import { ModelLoadError } from "./engine/types.js";
+import { ConfigError } from "./errors.js";
+import type { RunningServer } from "./server.js";
 
 function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || host.startsWith("127.");
@@ -17,17 +19,19 @@ function fail(message: string): never {
 
 function repositoryConfig(options: ServerOptions): RepositoryConfig {
   if (options.models.length > 0) {
-    return repositoryFromSpecs(options.models.map((m) => ({
-      id: m.id,
-      version: versionName(undefined, undefined),
-      path: resolve(m.path),
-      sha256: undefined,
-      sources: [],
-      chatTemplate: undefined,
-      ctxSize: undefined,
-      parallel: undefined,
-      sampling: {},
-    })));
+    return repositoryFromSpecs(
+      options.models.map((m) => ({
+        id: m.id,
+        version: versionName(undefined, undefined),
+        path: resolve(m.path),
+        sha256: undefined,
+        sources: [],
+        chatTemplate: undefined,
+        ctxSize: undefined,
+        parallel: undefined,
+        sampling: {},
+      })),
+    );
   }
   if (!options.configExplicit && !existsSync(options.configFile)) {
     throw new ConfigError(`no models to serve: ${options.configFile} not found (pass --config FILE or --model PATH)`);
@@ -60,13 +64,21 @@ async function main(): Promise<void> {
 
   let server: RunningServer;
   try {
-    server = await startServer(options, repository, { progressStream: process.stderr });
+    // Loaded only now: `--help` and configuration errors answer without loading the engine and the HTTP stack.
+    const { startServer } = await import("./server.js");
+    const { ArtifactError } = await import("./config/artifact.js");
+    try {
+      server = await startServer(options, repository, { progressStream: process.stderr });
+    } catch (err) {
+      if (err instanceof ArtifactError) throw new ConfigError(err.message);
+      throw err;
+    }
   } catch (err) {
-    if (err instanceof ModelLoadError || err instanceof ArtifactError) fail(err.message);
+    if (err instanceof ConfigError || err instanceof ModelLoadError) fail(err.message);
     fail(`cannot start: ${String((err as Error).message).split("\n")[0]}`);
   }
   process.stdout.write(`listening on ${server.url}\n`);
-  if (options.apiKeys.length === 0 && !isLoopback(options.host)) {
+  if (options.apiKeys.length === 0 && options.apiKeysFile === undefined && !isLoopback(options.host)) {
     process.stderr.write(`spindle: warning: listening on ${options.host} with no API key: anyone who can reach it can use it (set --api-key)\n`);
   }
 
@@ -75,17 +87,17 @@ async function main(): Promise<void> {
     // A second signal: the operator wants out now.
     if (stopping) process.exit(1);
     stopping = true;
-    server.app.log.info(`${reason}: shutting down (grace ${options.shutdownGraceSeconds}s)`);
+    server.log.info(`${reason}: shutting down (grace ${options.shutdownGraceSeconds}s)`);
     await server.shutdown(options.shutdownGraceSeconds);
     process.exit(code);
   };
   process.on("SIGTERM", () => void shutdown("SIGTERM", 0));
   process.on("SIGINT", () => void shutdown("SIGINT", 0));
   // Logged with context; a rejection nobody handled does not stop the others' work.
-  process.on("unhandledRejection", (reason) => server.app.log.error({ err: reason }, "unhandled promise rejection"));
+  process.on("unhandledRejection", (reason) => server.log.error({ err: reason }, "unhandled promise rejection"));
   // After an exception nobody caught the process state is suspect: finish what runs, then exit 1.
   process.on("uncaughtException", (err) => {
-    server.app.log.fatal({ err }, "uncaught exception");
+    server.log.fatal({ err }, "uncaught exception");
     void shutdown("uncaught exception", 1);
   });
 }

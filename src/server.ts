@@ -1,25 +1,48 @@
-import type { FastifyInstance } from "fastify";
-import type { ServerOptions } from "./config/cli.js";
+/**
+ * The composition root: makes the logger, the engine, telemetry, the model registry,
+ * the services and the HTTP app, in that order, and plugs each into the next. Shared by
+ * the command line and the tests, so both run the same server.
+ */
 import { totalmem } from "node:os";
+import type { FastifyInstance } from "fastify";
+import { KeyRing } from "./access/keys.js";
+import { KeyLimits } from "./access/limits.js";
+import { plainKey, readKeysFile } from "./config/keys-file.js";
 import { repositoryFromSpecs, type ModelSpec, type RepositoryConfig } from "./config/models-file.js";
+import type { ServerOptions } from "./config/options.js";
 import { formatBytes } from "./config/sizes.js";
-import { StateFile } from "./models/repository-state.js";
-import { Engine, NODE_LLAMA_CPP_VERSION, type EngineFaults } from "./engine/llama-engine.js";
-import { Metrics } from "./telemetry/metrics.js";
-import type { Telemetry } from "./telemetry/request-telemetry.js";
-import { startTracing, tracesEndpoint } from "./telemetry/tracing.js";
-import { buildApp } from "./http/app.js";
-import { AccessControl } from "./http/access.js";
+import { Engine } from "./engine/engine.js";
+import { NODE_LLAMA_CPP_VERSION, type EngineFaults } from "./engine/types.js";
+import { buildApp, type AppOptions } from "./http/app.js";
+import { createLogger, type Logger } from "./log.js";
 import { ModelRegistry } from "./models/registry.js";
+import { StateFile } from "./models/repository-state.js";
+import { GenerationService } from "./service/generation-service.js";
+import { ModelService } from "./service/model-service.js";
+import { createTelemetry, type Telemetry } from "./telemetry/telemetry.js";
 
 const DEFAULT_RAM_SHARE = 0.7;
 const DEFAULT_VRAM_SHARE = 0.9;
 
+export type StartOptions = Omit<ServerOptions, "configFile" | "configExplicit" | "models">;
+
+export interface StartIo {
+  progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
+  faults?: EngineFaults;
+  roomWaitMs?: number;
+  /** A logger of the caller's (tests capture lines); default: one made from --log-level. */
+  log?: Logger;
+  /** Transport limits tests shrink. */
+  app?: Pick<AppOptions, "maxStreamBufferBytes" | "maxFrameBytes" | "socketLimits">;
+}
+
 export interface RunningServer {
   app: FastifyInstance;
   registry: ModelRegistry;
-  engine: Engine;
+  generation: GenerationService;
+  keys: KeyRing;
   telemetry: Telemetry;
+  log: Logger;
   /** http://host:port */
   url: string;
   /** Stops accepting, closes the listener, disposes the models. */
@@ -31,16 +54,14 @@ export interface RunningServer {
   shutdown(graceSeconds: number): Promise<void>;
 }
 
-/**
- * Wires engine, models and HTTP together, loads every model (throwing on the first
- * failure) and listens. Shared by the command line and the tests, so both run the
- * same server.
- */
-export async function startServer(
-  options: Omit<ServerOptions, "configFile" | "configExplicit" | "models">,
-  models: RepositoryConfig | ModelSpec[],
-  io: { progressStream?: NodeJS.WritableStream & { isTTY?: boolean }; faults?: EngineFaults; roomWaitMs?: number } = {},
-): Promise<RunningServer> {
+/** Loads every model it can (failing when none loads) and listens. */
+export async function startServer(options: StartOptions, models: RepositoryConfig | ModelSpec[], io: StartIo = {}): Promise<RunningServer> {
+  const log = io.log ?? createLogger(options.logLevel);
+  // Keys first: a bad keys file is a configuration error before anything loads.
+  const keys = new KeyRing([...options.apiKeys.map(plainKey), ...(options.apiKeysFile ? readKeysFile(options.apiKeysFile) : [])], options.adminKeys, {
+    maxConcurrent: options.keyMaxConcurrent,
+    tokensPerMinute: options.keyTokensPerMinute,
+  });
   const engine = await Engine.create(options.gpu);
   const config = Array.isArray(models) ? repositoryFromSpecs(models) : models;
   // Default budget: a safe share of the machine, leaving room for the process, the OS and page cache.
@@ -48,16 +69,7 @@ export async function startServer(
     ram: options.memoryBudget ?? Math.floor(totalmem() * DEFAULT_RAM_SHARE),
     vram: engine.backend === "cpu" ? Infinity : (options.vramBudget ?? Math.floor((await engine.vramTotal()) * DEFAULT_VRAM_SHARE)),
   };
-  let accepting = true;
-  const endpoint = tracesEndpoint(options.otlpEndpoint);
-  const telemetry: Telemetry = {
-    metrics: new Metrics(engine.backend, NODE_LLAMA_CPP_VERSION, options.metrics),
-    tracing: endpoint ? startTracing(endpoint, { "spindle.backend": engine.backend }) : undefined,
-    // Replaced by the app's logger below, before anything logs.
-    log: undefined as never,
-  };
-  // The registry logs through the app's logger, which exists only after buildApp.
-  let app: FastifyInstance | undefined;
+  const telemetry = createTelemetry({ backend: engine.backend, engineVersion: NODE_LLAMA_CPP_VERSION, metrics: options.metrics, otlpEndpoint: options.otlpEndpoint, log });
   const registry = new ModelRegistry(engine, config, {
     threads: options.threads,
     parallel: options.parallel,
@@ -69,35 +81,41 @@ export async function startServer(
     maxLoaded: options.maxLoadedModels,
     stateFile: options.stateFile ? new StateFile(options.stateFile) : undefined,
     roomWaitMs: io.roomWaitMs,
-    log: (msg) => app?.log.info(msg),
-    warn: (msg) => app?.log.warn(msg),
+    log,
+    events: telemetry.models,
     progressStream: io.progressStream,
-    telemetry,
     faults: io.faults,
   });
-  app = buildApp({
+  telemetry.metrics.watch(() => registry.snapshot());
+  let accepting = true;
+  const isAccepting = () => accepting;
+  const generation = new GenerationService({
     registry,
-    maxBodyBytes: options.maxBodyBytes,
-    requestTimeoutSeconds: options.requestTimeoutSeconds,
-    logLevel: options.logLevel,
-    isAccepting: () => accepting,
-    telemetry,
-    access: new AccessControl({
-      keys: options.apiKeys,
-      adminKeys: options.adminKeys,
-      publicAreas: options.publicAreas,
-      maxConcurrent: options.keyMaxConcurrent,
-      tokensPerMinute: options.keyTokensPerMinute,
-    }),
-    corsOrigins: options.corsOrigins,
-    readTimeoutSeconds: options.readTimeoutSeconds,
+    limits: new KeyLimits(),
+    requests: telemetry.requests,
+    onShadow: (model, version, outcome) => telemetry.models.shadow(model, version, outcome),
+    defaultTimeoutSeconds: options.requestTimeoutSeconds,
+    isAccepting,
   });
-  telemetry.log = app.log;
-  telemetry.metrics.watch(registry);
-  app.log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
+  const app = buildApp({
+    log,
+    generation,
+    models: new ModelService(registry, isAccepting),
+    keys,
+    publicAreas: options.publicAreas,
+    metrics: {
+      enabled: telemetry.metrics.enabled,
+      scrape: () => telemetry.metrics.scrape(),
+    },
+    maxBodyBytes: options.maxBodyBytes,
+    readTimeoutSeconds: options.readTimeoutSeconds,
+    corsOrigins: options.corsOrigins,
+    ...io.app,
+  });
+  log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
     // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.
-    await app.listen({ host: options.host, port: options.port });
+    await app.listen({ host: options.host, port: options.port, listenTextResolver: (address) => `accepting connections on ${address}; /readyz answers 503 until the models are loaded and warm` });
     await registry.start();
   } catch (err) {
     await app.close();
@@ -109,20 +127,21 @@ export async function startServer(
   const a = app.server.address();
   const port = typeof a === "object" && a !== null ? a.port : options.port;
   const host = options.host.includes(":") ? `[${options.host}]` : options.host;
-  const running = app;
   const close = async () => {
     accepting = false;
-    await running.close();
+    await app.close();
     await registry.dispose();
     await engine.dispose();
     // Flushes the spans still batched.
     await telemetry.tracing?.shutdown();
   };
   return {
-    app: running,
+    app,
     registry,
-    engine,
+    generation,
+    keys,
     telemetry,
+    log,
     url: `http://${host}:${port}`,
     async shutdown(graceSeconds) {
       accepting = false;

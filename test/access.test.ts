@@ -3,7 +3,8 @@ import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
-import { AccessControl } from "../src/http/access.js";
+import { KeyRing } from "../src/access/keys.js";
+import { plainKey } from "../src/config/keys-file.js";
 import type { RunningServer } from "../src/server.js";
 import { assertSchema } from "./helpers/openapi.js";
 import { sharedModel, startTestServer, STORIES, waitFor } from "./helpers/server.js";
@@ -56,9 +57,9 @@ describe("API keys", () => {
     const res = await fetch(`${server.url}/admin/status`);
     expect(res.status).toBe(200);
     expect((await res.json()).models[0]).toMatchObject({ id: "stories260K", state: "ready", scheduler: { busy_slots: 0 } });
-    const ac = new AccessControl({ keys: [], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 });
-    expect(() => ac.authorizeAdmin(undefined, "10.1.2.3")).toThrow(/loopback/);
-    expect(() => ac.authorizeAdmin(undefined, "::ffff:127.0.0.1")).not.toThrow();
+    const ring = new KeyRing([], [], { maxConcurrent: 0, tokensPerMinute: 0 });
+    expect(() => ring.authorizeAdmin(undefined, "10.1.2.3")).toThrow(/loopback/);
+    expect(() => ring.authorizeAdmin(undefined, "::ffff:127.0.0.1")).not.toThrow();
   });
 
   it("health stays public when configured so", async () => {
@@ -92,10 +93,10 @@ describe("API keys", () => {
   });
 
   it("keys are compared by digest: right, wrong, prefix, longer, empty", () => {
-    const ac = new AccessControl({ keys: ["short-key-1", "a-much-longer-key-2"], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 });
-    expect(ac.authenticate("short-key-1")).toBe(0);
-    expect(ac.authenticate("a-much-longer-key-2")).toBe(1);
-    for (const bad of ["short-key-", "short-key-12", "", "A-much-longer-key-2"]) expect(() => ac.authenticate(bad)).toThrow();
+    const ring = new KeyRing(["short-key-1", "a-much-longer-key-2"].map(plainKey), [], { maxConcurrent: 0, tokensPerMinute: 0 });
+    expect(ring.authenticate("short-key-1").index).toBe(0);
+    expect(ring.authenticate("a-much-longer-key-2").index).toBe(1);
+    for (const bad of ["short-key-", "short-key-12", "", "A-much-longer-key-2"]) expect(() => ring.authenticate(bad)).toThrow();
   });
 });
 
@@ -197,7 +198,7 @@ describe("CORS", () => {
 
 describe("binding beyond loopback without a key", () => {
   it("prints a warning at start", async () => {
-    const child = spawn(process.execPath, ["src/launch.cjs", "--model", sharedModel("stories260K.gguf"), "--host", "0.0.0.0", "--port", "0", "--log-level", "silent"], {
+    const child = spawn(process.execPath, ["dist/launch.cjs", "--model", sharedModel("stories260K.gguf"), "--host", "0.0.0.0", "--port", "0", "--log-level", "silent"], {
       cwd: resolve(import.meta.dirname, ".."),
     });
     let err = "";

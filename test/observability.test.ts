@@ -184,7 +184,7 @@ describe("OpenTelemetry traces", () => {
 
 describe("request logs", () => {
   it("one parseable JSON line per request with its figures, and never the prompt", async () => {
-    const child = spawn(process.execPath, ["src/launch.cjs", "--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0", "--log-level", "info"], {
+    const child = spawn(process.execPath, ["dist/launch.cjs", "--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0", "--log-level", "info"], {
       cwd: resolve(import.meta.dirname, ".."),
     });
     let out = "";

@@ -11,7 +11,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { parseModelsFile, type RepositoryConfig } from "../src/config/models-file.js";
-import { Engine, type EngineFaults } from "../src/engine/llama-engine.js";
+import { Engine } from "../src/engine/engine.js";
+import type { EngineFaults } from "../src/engine/types.js";
 import { startServer, type RunningServer } from "../src/server.js";
 import { openaiClient, sharedModel, startTestServer, testServerOptions, waitFor, type TestServerOptions } from "./helpers/server.js";
 import { postSse } from "./helpers/sse.js";
@@ -93,6 +94,8 @@ async function models(s: RunningServer): Promise<Array<Record<string, unknown>>>
 }
 
 const versionInfo = async (s: RunningServer, key: string) => (await models(s)).find((m) => m.id === key)!;
+/** A version as operators see it (/admin/status): with the reason it failed, which clients never see. */
+const operatorInfo = async (s: RunningServer, key: string) => ((await admin(s, "/admin/status")).json.versions as Array<Record<string, unknown>>).find((m) => m.id === key)!;
 
 async function metrics(s: RunningServer): Promise<string> {
   return (await fetch(`${s.url}/metrics`)).text();
@@ -189,9 +192,9 @@ describe("models given as files (--model)", () => {
 
   it("--max-loaded-models caps the resident versions whatever the budget", async () => {
     server = await startTestServer(files, { threads: 1, maxLoadedModels: 1 });
-    expect(server.registry.residency.resident().map((e) => e.key)).toEqual(["stories260K@test"]);
+    expect(server.registry.residentKeys()).toEqual(["stories260K@test"]);
     expect((await complete(server, "llama-2-tiny-random")).model).toBe("llama-2-tiny-random@test");
-    expect(server.registry.residency.resident().map((e) => e.key)).toEqual(["llama-2-tiny-random@test"]);
+    expect(server.registry.residentKeys()).toEqual(["llama-2-tiny-random@test"]);
   });
 
   it("a request whose deadline passes while its model loads gets 503 model_loading with Retry-After; the load completes for the next", async () => {
@@ -206,7 +209,7 @@ describe("models given as files (--model)", () => {
     expect(res.status).toBe(503);
     expect(res.headers.get("retry-after")).not.toBeNull();
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe("model_loading");
-    await waitFor(() => server!.registry.entry({ id: "llama-2-tiny-random", version: "test" }).state === "ready", 10_000);
+    await waitFor(() => server!.registry.version({ id: "llama-2-tiny-random", version: "test" }).state === "ready", 10_000);
     faults.slowStepMs = 0;
     expect((await complete(server, "llama-2-tiny-random")).model).toBe("llama-2-tiny-random@test");
   });
@@ -253,8 +256,8 @@ describe("promotion, rollback, canary, shadow", () => {
     expect(failures).toEqual([]);
     // Each version tokenizes the prompt differently: a response's usage shows which tokenizer (version) ran it.
     const tokens = {
-      "story@v1": s.registry.entry({ id: "story", version: "v1" }).engine!.tokenizePrompt(prompt).length,
-      "story@v2": s.registry.entry({ id: "story", version: "v2" }).engine!.tokenizePrompt(prompt).length,
+      "story@v1": s.registry.loaded({ id: "story", version: "v1" })!.engine.tokenizePrompt(prompt).length,
+      "story@v2": s.registry.loaded({ id: "story", version: "v2" })!.engine.tokenizePrompt(prompt).length,
     };
     expect(tokens["story@v1"]).not.toBe(tokens["story@v2"]);
     for (const x of seen) expect(x.promptTokens).toBe(tokens[x.model as keyof typeof tokens]);
@@ -288,7 +291,7 @@ describe("promotion, rollback, canary, shadow", () => {
     // v2 loads and warms slowly; while it does, "stable" still serves v1.
     faults.slowStepMs = 40;
     const moving = admin(s, "/admin/models/stable/promote", { version: "story@v2" });
-    await waitFor(() => s.registry.entry({ id: "story", version: "v2" }).state === "loading", 5000, 1);
+    await waitFor(() => s.registry.version({ id: "story", version: "v2" }).state === "loading", 5000, 1);
     expect((await fetch(`${s.url}/v2/models/story/versions/v2/ready`)).status).toBe(503);
     faults.slowStepMs = 0;
     const during = await complete(s, "stable", { max_tokens: 1 });
@@ -335,7 +338,7 @@ describe("promotion, rollback, canary, shadow", () => {
     const s = await start(writeConfig(tmp(), twoVersions("    shadow: { version: v2, weight: 1 }\n")));
     // The shadow version must be resident for mirroring: load it.
     expect((await admin(s, "/admin/models/story/versions/v2/load", {})).status).toBe(200);
-    const v1Tokens = s.registry.entry({ id: "story", version: "v1" }).engine!.tokenizePrompt("Once upon a time").length;
+    const v1Tokens = s.registry.loaded({ id: "story", version: "v1" })!.engine.tokenizePrompt("Once upon a time").length;
     for (let i = 0; i < 6; i++) {
       const r = await complete(s, "story", { max_tokens: 8 });
       expect(r.model).toBe("story@v1");
@@ -346,7 +349,7 @@ describe("promotion, rollback, canary, shadow", () => {
     const res = await postSse(`${s.url}/v1/completions`, { model: "story", prompt: "Once upon a time", max_tokens: 8, temperature: 0, stream: true });
     const chunks = res.events.filter((e) => e !== "[DONE]").map((e) => JSON.parse(e) as { model: string });
     expect(new Set(chunks.map((c) => c.model))).toEqual(new Set(["story@v1"]));
-    await waitFor(() => s.registry.entry({ id: "story", version: "v2" }).active === 0, 5000);
+    await waitFor(() => s.registry.version({ id: "story", version: "v2" }).active === 0, 5000);
     const text = await metrics(s);
     expect(metricValue(text, "spindle_shadow_requests_total", { model: "story", version: "v2", outcome: "completed" })).toBe(7);
     // Shadows are not client requests: none is counted for v2.
@@ -367,12 +370,16 @@ ${version("v1", "stories260K.gguf", SHA.tiny)}${version("old", "stories260K-gguf
     const s = await start(writeConfig(tmp(), yaml));
     const mismatch = await versionInfo(s, "broken@v1");
     expect(mismatch.state).toBe("failed");
-    expect(String(mismatch.error)).toMatch(/sha256 mismatch/);
+    // Clients get a code; operators get the reason.
+    expect(mismatch.error).toBe("model_failed");
+    expect(String((await operatorInfo(s, "broken@v1")).error)).toMatch(/sha256 mismatch/);
     const res = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "broken@old", prompt: "Hi", max_tokens: 2 }) });
     expect(res.status).toBe(503);
     const body = (await res.json()) as { error: { code: string; message: string } };
     expect(body.error.code).toBe("model_failed");
-    expect(body.error.message).toMatch(/GGUF version 1 is not supported/);
+    // Neither the file's path nor what the loader said about its bytes.
+    expect(body.error.message).not.toMatch(/\.gguf|GGUF version|shared\/models/);
+    expect(String((await operatorInfo(s, "broken@old")).error)).toMatch(/GGUF version 1 is not supported/);
     expect(await versionInfo(s, "broken@old")).toMatchObject({ state: "failed" });
     expect((await fetch(`${s.url}/v2/models/broken/versions/old/ready`)).status).toBe(503);
     expect((await complete(s, "good")).model).toBe("good@v1");
@@ -390,7 +397,7 @@ ${version("v1", "stories260K.gguf", SHA.tiny)}${version("old", "stories260K-gguf
     const s = await start(writeConfig(dir, changed), { stateFile });
     const v1 = await versionInfo(s, "m@v1");
     expect(v1.state).toBe("failed");
-    expect(String(v1.error)).toMatch(/immutable/);
+    expect(String((await operatorInfo(s, "m@v1")).error)).toMatch(/immutable/);
     expect((await admin(s, "/admin/models/m/versions/v1/load", {})).status).toBe(409);
     expect((await complete(s, "m@v2")).model).toBe("m@v2");
   });
@@ -447,7 +454,7 @@ ${version("v1", "stories260K.gguf", SHA.stories)}  - id: remote
       expect(existsSync(join(dir, "cache/remote.gguf.partial"))).toBe(true);
       const before = await versionInfo(s, "remote@v1");
       expect(before.state).toBe("unloaded");
-      expect(String(before.error)).toMatch(/could not fetch/);
+      expect(String((await operatorInfo(s, "remote@v1")).error)).toMatch(/could not fetch/);
       // The first request resumes the transfer, checks the hash, evicts the other model, loads and answers.
       const kept = statSync(join(dir, "cache/remote.gguf.partial")).size;
       expect(kept).toBeLessThan(bytes.length);

@@ -5,9 +5,10 @@
 import { describe, expect, it } from "vitest";
 import { ApiError } from "../src/errors.js";
 import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/scheduler/scheduler.js";
-import type { GenerationRequest, GenerationResult, GenerationSink } from "../src/scheduler/types.js";
+import { StepTracker } from "../src/scheduler/step-tracker.js";
+import type { GenerationRequest, GenerationResult, TokenSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
-import { GREEDY_SAMPLING, type Token } from "../src/engine/llama-engine.js";
+import { GREEDY_SAMPLING, type Token } from "../src/engine/types.js";
 
 /** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
 const tok = (xs: number[]) => xs as Token[];
@@ -58,21 +59,31 @@ function request(over: Partial<GenerationRequest> = {}): GenerationRequest {
   };
 }
 
-function recorder(name = "") {
+interface Recorder {
+  r: { name: string; text: string; result: GenerationResult | undefined; error: ApiError | undefined; started: boolean };
+  sink: TokenSink;
+}
+
+function recorder(name = ""): Recorder {
   const r = { name, text: "", result: undefined as GenerationResult | undefined, error: undefined as ApiError | undefined, started: false };
-  const sink: GenerationSink = {
+  const sink: TokenSink = {
     onStart: () => (r.started = true),
     onText: (t) => (r.text += t),
-    onDone: (res) => (r.result = res),
-    onError: (e) => (r.error = e),
   };
   return { r, sink };
 }
 
+/** Submits (throwing at once when refused) and records the outcome when it settles. */
+function run(s: Scheduler, req: GenerationRequest, rec: Recorder = recorder()): Promise<void> {
+  return s.submit(req, rec.sink).then((o) => {
+    if ("result" in o) rec.r.result = o.result;
+    else rec.r.error = o.error;
+  });
+}
+
 function scheduler(slots: number, maxQueue: number, stepMs = 2) {
-  const s = new Scheduler({ maxQueue });
   const model = fakeModel(slots, stepMs);
-  s.attach(model);
+  const s = new Scheduler(model, new StepTracker(undefined), { maxQueue });
   return { s, model };
 }
 
@@ -81,12 +92,12 @@ describe("Scheduler admission", () => {
     const { s } = scheduler(1, 1);
     const a = recorder();
     const b = recorder();
-    const running = s.submit(request({ maxTokens: 50 }), a.sink);
-    const queued = s.submit(request(), b.sink);
+    const running = run(s, request({ maxTokens: 50 }), a);
+    const queued = run(s, request(), b);
     expect(s.waiting).toBe(1);
     let refused: unknown;
     try {
-      void s.submit(request(), recorder().sink);
+      void run(s, request());
     } catch (e) {
       refused = e;
     }
@@ -97,7 +108,7 @@ describe("Scheduler admission", () => {
     await Promise.all([running, queued]);
     // Once the queue drains, the next request is admitted.
     const c = recorder();
-    await s.submit(request(), c.sink);
+    await run(s, request(), c);
     expect(c.r.result?.finishReason).toBe("length");
   });
 
@@ -105,8 +116,8 @@ describe("Scheduler admission", () => {
     const { s } = scheduler(1, 4);
     const a = recorder();
     const b = recorder();
-    const first = s.submit(request({ maxTokens: 40 }), a.sink);
-    await s.submit(request({ deadline: performance.now() + 20 }), b.sink);
+    const first = run(s, request({ maxTokens: 40 }), a);
+    await run(s, request({ deadline: performance.now() + 20 }), b);
     expect(b.r.started).toBe(false);
     expect(b.r.error?.kind).toBe("timeout");
     expect(b.r.error?.status).toBe(504);
@@ -116,10 +127,10 @@ describe("Scheduler admission", () => {
 
   it("a cancelled request leaves the queue at once", async () => {
     const { s } = scheduler(1, 4);
-    const first = s.submit(request({ maxTokens: 40 }), recorder().sink);
+    const first = run(s, request({ maxTokens: 40 }));
     const ac = new AbortController();
     const b = recorder();
-    const queued = s.submit(request({ signal: ac.signal }), b.sink);
+    const queued = run(s, request({ signal: ac.signal }), b);
     expect(s.waiting).toBe(1);
     ac.abort();
     expect(s.waiting).toBe(0);
@@ -131,7 +142,7 @@ describe("Scheduler admission", () => {
   it("a deadline mid-generation stops it with a timeout and frees the slot", async () => {
     const { s } = scheduler(1, 4, 5);
     const a = recorder();
-    await s.submit(request({ maxTokens: 10_000, deadline: performance.now() + 50 }), a.sink);
+    await run(s, request({ maxTokens: 10_000, deadline: performance.now() + 50 }), a);
     expect(a.r.started).toBe(true);
     expect(a.r.error?.kind).toBe("timeout");
     expect(s.busySlots).toBe(0);
@@ -140,15 +151,15 @@ describe("Scheduler admission", () => {
   it("higher priority is admitted first", async () => {
     const { s } = scheduler(1, 8);
     const order: string[] = [];
-    const track = (name: string) => {
-      const { sink } = recorder(name);
-      return { ...sink, onStart: () => order.push(name) };
+    const track = (name: string): Recorder => {
+      const rec = recorder(name);
+      return { ...rec, sink: { ...rec.sink, onStart: () => order.push(name) } };
     };
-    const blocker = s.submit(request({ maxTokens: 20 }), recorder().sink);
+    const blocker = run(s, request({ maxTokens: 20 }));
     const all = [
-      s.submit(request({ priority: "low" }), track("low")),
-      s.submit(request({ priority: "normal" }), track("normal")),
-      s.submit(request({ priority: "high" }), track("high")),
+      run(s, request({ priority: "low" }), track("low")),
+      run(s, request({ priority: "normal" }), track("normal")),
+      run(s, request({ priority: "high" }), track("high")),
     ];
     await Promise.all([blocker, ...all]);
     expect(order).toEqual(["high", "normal", "low"]);
@@ -160,7 +171,7 @@ describe("Scheduler admission", () => {
     model.sequences[1]!.held = tok([1, 2, 3, 4, 7, 7]);
     model.sequences[2]!.held = tok([1, 2]);
     const a = recorder();
-    await s.submit(request({ promptTokens: tok([1, 2, 3, 4, 5]), maxTokens: 1 }), a.sink);
+    await run(s, request({ promptTokens: tok([1, 2, 3, 4, 5]), maxTokens: 1 }), a);
     expect(a.r.result?.usage.cachedTokens).toBe(4);
     expect(model.sequences[1]!.held.slice(0, 5)).toEqual([1, 2, 3, 4, 5]);
   });
@@ -169,20 +180,20 @@ describe("Scheduler admission", () => {
     const { s } = scheduler(1, 4);
     const a = recorder();
     // The fake generates a, b, c, d, ...
-    await s.submit(request({ maxTokens: 20, stop: ["cd"] }), a.sink);
+    await run(s, request({ maxTokens: 20, stop: ["cd"] }), a);
     expect(a.r.text).toBe("ab");
     expect(a.r.result?.finishReason).toBe("stop");
   });
 
   it("close() refuses new work with 503 and fails what waits", async () => {
     const { s } = scheduler(1, 4);
-    const first = s.submit(request({ maxTokens: 20 }), recorder().sink);
+    const first = run(s, request({ maxTokens: 20 }));
     const b = recorder();
-    const queued = s.submit(request(), b.sink);
+    const queued = run(s, request(), b);
     s.close();
     await queued;
     expect(b.r.error?.status).toBe(503);
-    expect(() => s.submit(request(), recorder().sink)).toThrow(/shutting down/);
+    expect(() => run(s, request())).toThrow(/shutting down/);
     await first;
   });
 });

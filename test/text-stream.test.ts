@@ -2,7 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import fc from "fast-check";
 import { StopMatcher } from "../src/generation/stop-matcher.js";
 import { Utf8Detokenizer } from "../src/generation/utf8-detokenizer.js";
-import { Engine, type EngineModel } from "../src/engine/llama-engine.js";
+import { Engine } from "../src/engine/engine.js";
+import type { EngineModel } from "../src/engine/model.js";
 import { sharedModel } from "./helpers/server.js";
 
 /** Feeds pieces through a matcher the way the token loop does; returns what a client would see. */

@@ -232,14 +232,11 @@ describe("WebSocket backpressure", () => {
       ping() {},
       terminate() {},
     });
-    const { AccessControl } = await import("../src/http/access.js");
-    new SocketSession(socket as never, server.registry, {
-      access: new AccessControl({ keys: [], publicAreas: [], maxConcurrent: 0, tokensPerMinute: 0 }),
-      apiKey: undefined,
-      telemetry: server.telemetry,
-      limits: { maxInFlight: 8, framesPerSecond: 50, frameBurst: 100, maxBufferedBytes: 64 * 1024, pingIntervalSeconds: 60 },
-      requestTimeoutSeconds: 60,
-      isAccepting: () => true,
+    new SocketSession(socket as never, {
+      generation: server.generation,
+      keys: server.keys,
+      principal: undefined,
+      limits: { maxInFlight: 8, framesPerSecond: 50, frameBurst: 100, maxBufferedBytes: 64 * 1024, pingIntervalSeconds: 60, authTimeoutSeconds: 10 },
       headers: {},
     });
     for (const id of ["s1", "s2", "s3"]) {

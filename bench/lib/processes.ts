@@ -54,7 +54,7 @@ export async function startSpindle(opts: { modelPath: string; id: string; parall
 /** This server with any arguments (a models file, a budget...), on a free port, once ready. */
 export async function startSpindleWith(extraArgs: string[]): Promise<ServerProcess> {
   const port = await freePort();
-  const args = ["src/launch.cjs", "--port", String(port), "--log-level", "warn", ...extraArgs];
+  const args = ["dist/launch.cjs", "--port", String(port), "--log-level", "warn", ...extraArgs];
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ["ignore", "ignore", "inherit"] });
   const url = `http://127.0.0.1:${port}`;
   await waitHealthy(url, child, "spindle", "/readyz");

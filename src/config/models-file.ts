@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
-import { ConfigError } from "./cli.js";
+import { ConfigError } from "../errors.js";
 
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:\-]*$/;
 const VERSION_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._\-]*$/;

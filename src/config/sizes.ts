@@ -1,5 +1,5 @@
 /** Byte sizes as operators write them: "512MiB", "4GiB", "1.5GB", "800000000". */
-import { ConfigError } from "./cli.js";
+import { ConfigError } from "../errors.js";
 
 const UNITS: Record<string, number> = {
   "": 1,

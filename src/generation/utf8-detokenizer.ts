@@ -1,4 +1,4 @@
-import type { Token } from "../engine/llama-engine.js";
+import type { Token } from "../engine/types.js";
 
 const REPLACEMENT = "\uFFFD";
 /** A UTF-8 character is at most 4 bytes, so at most 4 byte-tokens can be pending. */

@@ -1,18 +1,21 @@
 /**
- * The registry is what the HTTP and WebSocket layers talk to: it turns a requested name
- * into a lease on a ready model version (repository routing, then residency), and it
- * carries out operators' changes so that each is atomic for traffic — a pointer moves
- * only after its new target is loaded and warmed, and requests in flight keep the
- * version they started on (they hold a lease on it).
+ * The registry joins the repository (names → immutable versions) and residency (what is
+ * in memory): it turns a requested name into a lease on a ready version, and carries out
+ * operators' changes so that each is atomic for traffic — a pointer moves only after its
+ * new target is loaded and warmed, and requests in flight keep the version they started
+ * on (they hold a lease on it).
  */
 import type { ModelConfig, RepositoryConfig, TrafficSplit } from "../config/models-file.js";
-import { ModelLoadError, type Engine } from "../engine/llama-engine.js";
+import type { Engine } from "../engine/engine.js";
+import { ModelLoadError } from "../engine/types.js";
 import { ApiError } from "../errors.js";
+import type { ResidencySnapshot, VersionSnapshot } from "../observers.js";
 import { Repository, refKey, type Route, type VersionRef } from "./repository.js";
 import type { StateFile } from "./repository-state.js";
-import { Residency, type Lease, type ModelEntry, type ReadyEntry, type ResidencyOptions } from "./residency.js";
+import { Residency, type Lease, type LoadedModel, type ResidencyOptions } from "./residency.js";
 
-export type { ModelEntry, ModelState, Lease, ReadyEntry } from "./residency.js";
+export type { Lease, LoadedModel } from "./residency.js";
+export type { VersionRef } from "./repository.js";
 
 /** Residency's options (the registry decides what is pinned) plus where operators' changes are kept. */
 export type RegistryOptions = Omit<ResidencyOptions, "isPinned"> & { stateFile: StateFile | undefined };
@@ -29,48 +32,56 @@ const ADMIN_WAIT_MS = 120_000;
 
 export class ModelRegistry {
   readonly repository: Repository;
-  readonly residency: Residency;
+  private readonly residency: Residency;
   private started = false;
 
   constructor(engine: Engine, config: RepositoryConfig, private readonly opts: RegistryOptions) {
-    this.repository = new Repository(config, opts.stateFile, opts.warn);
-    this.residency = new Residency(engine, {
-      ...opts,
-      isPinned: (e) => this.isPinned(e),
-    });
+    this.repository = new Repository(config, opts.stateFile, (m) => opts.log.warn(m));
+    this.residency = new Residency(engine, { ...opts, isPinned: (key) => this.isPinned(key) });
     for (const m of config.models) {
       for (const v of m.versions) this.residency.add(v, m.warmup, this.repository.violations.get(refKey(v)));
     }
-    for (const [key, why] of this.repository.violations) opts.warn(`model version ${key} refused: ${why}`);
-  }
-
-  /** Every version of every model. */
-  list(): ModelEntry[] {
-    return [...this.residency.entries.values()];
+    for (const [key, why] of this.repository.violations) opts.log.warn(`model version ${key} refused: ${why}`);
   }
 
   models(): ModelConfig[] {
     return [...this.repository.models.values()];
   }
 
-  entry(ref: VersionRef): ModelEntry {
-    return this.residency.entries.get(refKey(ref))!;
+  /** One version as it is now. */
+  version(ref: VersionRef): VersionSnapshot {
+    return this.residency.snapshot(refKey(ref));
   }
 
   /** The version a bare model id serves now. */
-  current(id: string): ModelEntry {
-    return this.entry(this.repository.current(id));
+  current(id: string): VersionSnapshot {
+    return this.version(this.repository.current(id));
   }
 
-  isPinned(e: ModelEntry): boolean {
-    const m = this.repository.models.get(e.id);
-    return m !== undefined && m.pinned && this.repository.current(e.id).version === e.version;
+  /** Budget, use and every version: what metrics and the admin routes read. */
+  snapshot(): ResidencySnapshot {
+    return { budget: this.residency.budget, used: this.residency.used(), versions: this.residency.snapshots() };
   }
 
-  /** The model whose version must be servable for the server to be ready: every pinned one, and the first listed. */
+  /** A version's engine and scheduler while it is in memory (inspection and tests; requests take a lease). */
+  loaded(ref: VersionRef): LoadedModel | undefined {
+    return this.residency.loaded(refKey(ref));
+  }
+
+  residentKeys(): string[] {
+    return this.residency.residentKeys();
+  }
+
+  private isPinned(key: string): boolean {
+    const at = key.lastIndexOf("@");
+    const id = key.slice(0, at);
+    const m = this.repository.models.get(id);
+    return m !== undefined && m.pinned && refKey(this.repository.current(id)) === key;
+  }
+
+  /** The models whose version must be servable for the server to be ready: every pinned one, and the first listed. */
   requiredModels(): ModelConfig[] {
-    const models = this.models();
-    return models.filter((m, i) => m.pinned || i === 0);
+    return this.models().filter((m, i) => m.pinned || i === 0);
   }
 
   /**
@@ -86,23 +97,23 @@ export class ModelRegistry {
     });
   }
 
-  /** The version a name serves now when it is ready (inspection and tests; requests take a lease instead). */
-  resolve(name: string): ReadyEntry {
-    const e = this.entry(this.repository.route(name, undefined).primary);
-    if (e.state !== "ready") throw new ApiError("unavailable", `The model version '${e.key}' is ${e.state}.`, { code: "model_not_ready", retryAfter: 5 });
-    return e as ReadyEntry;
+  /** The version a name serves now, when it is in memory (inspection and tests; requests take a lease instead). */
+  resolve(name: string): LoadedModel {
+    const key = refKey(this.repository.route(name, undefined).primary);
+    const loaded = this.residency.state(key) === "ready" ? this.residency.loaded(key) : undefined;
+    if (!loaded) throw new ApiError("unavailable", `The model version '${key}' is ${this.residency.state(key)}.`, { code: "model_not_ready", retryAfter: 5 });
+    return loaded;
   }
 
   /** Routes `name` and leases the version that serves it, loading it when needed (bounded by the deadline). */
   async acquire(name: string, user: string | undefined, deadline: number, signal?: AbortSignal): Promise<Acquired> {
     const route = this.repository.route(name, user);
-    const lease = await this.residency.acquire(this.entry(route.primary), deadline, signal);
+    const lease = await this.residency.acquire(refKey(route.primary), deadline, signal);
     let shadow: Lease | undefined;
     if (route.shadow) {
-      const target = this.entry(route.shadow);
       // Mirrored traffic never loads or evicts anything: it runs only where its version is ready.
-      shadow = this.residency.tryAcquire(target);
-      if (!shadow) this.opts.telemetry?.metrics.shadowRequest(target.id, target.version, "skipped_not_ready");
+      shadow = this.residency.tryAcquire(refKey(route.shadow));
+      if (!shadow) this.opts.events.shadow(route.shadow.id, route.shadow.version, "skipped_not_ready");
     }
     return { lease, via: route.via, shadow };
   }
@@ -117,13 +128,13 @@ export class ModelRegistry {
     const models = this.models();
     const order = [...models.filter((m) => m.pinned), ...models.filter((m) => !m.pinned)];
     for (const m of order) {
-      const entry = this.current(m.id);
-      if (entry.state === "failed") continue;
+      const key = refKey(this.repository.current(m.id));
+      if (this.residency.state(key) === "failed") continue;
       try {
-        const lease = await this.residency.acquire(entry, performance.now() + 3_600_000, undefined, m.pinned);
+        const lease = await this.residency.acquire(key, performance.now() + 3_600_000, undefined, m.pinned);
         lease.release();
       } catch (err) {
-        if ((entry.state as string) !== "failed") this.opts.log(`model ${entry.key} not loaded at start: ${(err as Error).message} (it loads on demand)`);
+        if (this.residency.state(key) !== "failed") this.opts.log.info(`model ${key} not loaded at start: ${(err as Error).message} (it loads on demand)`);
       }
     }
     // Nothing servable at all: fail the start, with every reason, rather than serve nothing.
@@ -134,7 +145,7 @@ export class ModelRegistry {
 
   /** Makes `target` ready (holding it so it cannot be evicted meanwhile), then runs the change. */
   private async withReady<T>(target: VersionRef, change: () => T): Promise<T> {
-    const lease = await this.residency.acquire(this.entry(target), performance.now() + ADMIN_WAIT_MS);
+    const lease = await this.residency.acquire(refKey(target), performance.now() + ADMIN_WAIT_MS);
     try {
       return change();
     } finally {
@@ -143,14 +154,14 @@ export class ModelRegistry {
   }
 
   private changed(name: string, action: string): void {
-    this.opts.telemetry?.metrics.repositoryChange(name, action);
+    this.opts.events.repositoryChange(name, action);
   }
 
   async promote(name: string, version: string): Promise<{ from: VersionRef | undefined; to: VersionRef }> {
     const target = this.repository.promotionTarget(name, version);
     const result = await this.withReady(target, () => this.repository.promote(name, target));
     this.changed(name, "promote");
-    this.opts.log(`${name} promoted: ${result.from ? refKey(result.from) : "(new)"} -> ${refKey(result.to)}`);
+    this.opts.log.info(`${name} promoted: ${result.from ? refKey(result.from) : "(new)"} -> ${refKey(result.to)}`);
     return result;
   }
 
@@ -158,7 +169,7 @@ export class ModelRegistry {
     const target = this.repository.rollbackTarget(name);
     const result = await this.withReady(target, () => this.repository.rollback(name));
     this.changed(name, "rollback");
-    this.opts.log(`${name} rolled back: ${refKey(result.from)} -> ${refKey(result.to)}`);
+    this.opts.log.info(`${name} rolled back: ${refKey(result.from)} -> ${refKey(result.to)}`);
     return result;
   }
 
@@ -170,27 +181,28 @@ export class ModelRegistry {
       this.repository.setTraffic(id, kind, undefined);
     }
     this.changed(id, kind);
-    this.opts.log(`${id} ${kind}: ${split && split.weight > 0 ? `${split.weight * 100}% to ${id}@${split.version}` : "off"}`);
+    this.opts.log.info(`${id} ${kind}: ${split && split.weight > 0 ? `${split.weight * 100}% to ${id}@${split.version}` : "off"}`);
   }
 
-  private known(ref: VersionRef): ModelEntry {
+  private known(ref: VersionRef): string {
     if (!this.repository.exists(ref)) throw new ApiError("not_found", `No version ${refKey(ref)} in the models file.`, { code: "model_not_found" });
-    return this.entry(ref);
+    return refKey(ref);
   }
 
-  async load(ref: VersionRef): Promise<ModelEntry> {
-    const entry = this.known(ref);
-    if (this.repository.violations.has(entry.key)) throw new ApiError("conflict", this.repository.violations.get(entry.key)!, { code: "version_immutable" });
+  async load(ref: VersionRef): Promise<VersionSnapshot> {
+    const key = this.known(ref);
+    const violation = this.repository.violations.get(key);
+    if (violation !== undefined) throw new ApiError("conflict", violation, { code: "version_immutable" });
     // An explicit load is how an operator retries a version that failed.
-    this.residency.retry(entry);
+    this.residency.retry(key);
     await this.withReady(ref, () => undefined);
-    return entry;
+    return this.version(ref);
   }
 
-  async unload(ref: VersionRef): Promise<ModelEntry> {
-    const entry = this.known(ref);
-    await this.residency.unload(entry, 30_000);
-    return entry;
+  async unload(ref: VersionRef): Promise<VersionSnapshot> {
+    const key = this.known(ref);
+    await this.residency.unload(key, 30_000);
+    return this.version(ref);
   }
 
   /**
@@ -198,7 +210,7 @@ export class ModelRegistry {
    * up to `graceMs`, then ends the rest with a clear error.
    */
   async drain(graceMs: number): Promise<void> {
-    const schedulers = this.list().flatMap((e) => (e.scheduler ? [e.scheduler] : []));
+    const schedulers = this.residency.schedulers();
     for (const s of schedulers) s.close();
     const idle = await Promise.all(schedulers.map((s) => s.idle(graceMs)));
     if (idle.every(Boolean)) return;

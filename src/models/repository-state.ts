@@ -7,7 +7,7 @@
  */
 import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
 import { z } from "zod";
-import { ConfigError } from "../config/cli.js";
+import { ConfigError } from "../errors.js";
 
 const refSchema = z.strictObject({ id: z.string(), version: z.string() });
 const splitSchema = z.strictObject({ version: z.string(), weight: z.number().min(0).max(1) });

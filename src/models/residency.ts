@@ -1,65 +1,38 @@
 /**
  * Residency: which model versions are in memory, within a budget decided before any load.
  *
- * Every version has an entry. A request takes a lease on its version (acquire), which
- * loads the version when it is not resident: the load waits its turn (one load or
- * eviction at a time, so the budget arithmetic is never raced), evicts least recently
- * used idle versions until the estimate fits, loads, warms up, and only then marks the
- * version ready. A version with leases is never evicted under them; a pinned one never.
- * The request waits for all this up to its own deadline, then gets 503 + Retry-After.
+ * Every version has a record, owned here and changed only by this module. A request
+ * takes a lease on its version (acquire), which loads the version when it is not
+ * resident: the load waits its turn (one load or eviction at a time, so the budget
+ * arithmetic is never raced), evicts least recently used idle versions until the
+ * estimate fits, loads, warms up, and only then marks the version ready. A version with
+ * leases is never evicted under them; a pinned one never. The request waits for all this
+ * up to its own deadline, then gets 503 + Retry-After. Everyone else reads snapshots.
  */
 import { ArtifactError, ensureArtifact } from "../config/artifact.js";
-import type { ModelSpec, SamplingDefaults, WarmupFixture } from "../config/models-file.js";
-import { Engine, GREEDY_SAMPLING, type EngineFaults, type EngineModel, type MemoryFootprint } from "../engine/llama-engine.js";
-import { ApiError } from "../errors.js";
-import { Scheduler } from "../scheduler/scheduler.js";
-import type { GenerationSink } from "../scheduler/types.js";
-import { lifecycleSpan, type Telemetry } from "../telemetry/request-telemetry.js";
+import type { ModelSpec, WarmupFixture } from "../config/models-file.js";
 import { formatBytes } from "../config/sizes.js";
+import type { Engine } from "../engine/engine.js";
+import type { EngineModel } from "../engine/model.js";
+import { GREEDY_SAMPLING, type EngineFaults, type MemoryFootprint } from "../engine/types.js";
+import { ApiError } from "../errors.js";
+import type { Logger } from "../log.js";
+import type { EvictionReason, ModelEvents, ModelState, VersionSnapshot } from "../observers.js";
+import { Scheduler } from "../scheduler/scheduler.js";
+import { StepTracker } from "../scheduler/step-tracker.js";
 
-/**
- * unloaded: known, not in memory (never loaded, or evicted); loading: artifact, load or
- * warm-up under way; ready: loaded and warmed, serving; unloading: being evicted;
- * failed: cannot be served (bad artifact, load or warm-up error), with the reason.
- */
-export type ModelState = "unloaded" | "loading" | "ready" | "unloading" | "failed";
-
-export interface ModelEntry {
+/** A version while it is in memory: what a lease hands out. Immutable; a reload makes a new one. */
+export interface LoadedModel {
+  readonly key: string;
   readonly id: string;
   readonly version: string;
-  /** "id@version" */
-  readonly key: string;
   readonly spec: ModelSpec;
-  readonly warmup: WarmupFixture;
-  state: ModelState;
-  error: string | undefined;
-  engine: EngineModel | undefined;
-  scheduler: Scheduler | undefined;
-  readonly sampling: SamplingDefaults;
-  /** Unix seconds when it last became ready (the OpenAI `created`). */
-  created: number;
-  loadSeconds: number | undefined;
-  warmupSeconds: number | undefined;
-  /** Seconds from the load's start (artifact check included) to ready. */
-  readySeconds: number | undefined;
-  estimate: MemoryFootprint | undefined;
-  /** What llama.cpp reported it allocated, once loaded. */
-  actual: MemoryFootprint | undefined;
-  /** Leases held: requests (and promotions) using it now. */
-  active: number;
-  /** performance.now() of its last acquire or release: the LRU order. */
-  lastUsed: number;
-  /** Completed loads, evictions: the swap count. */
-  loads: number;
-  evictions: number;
-  /** It has been ready at least once (an evicted version is known good). */
-  everReady: boolean;
+  readonly engine: EngineModel;
+  readonly scheduler: Scheduler;
 }
 
-export type ReadyEntry = ModelEntry & { engine: EngineModel; scheduler: Scheduler };
-
 export interface Lease {
-  readonly entry: ReadyEntry;
+  readonly model: LoadedModel;
   /** Idempotent. */
   release(): void;
 }
@@ -74,13 +47,12 @@ export interface ResidencyOptions {
   flashAttention: "auto" | "on" | "off";
   maxQueue: number;
   maxQueuedTokens: number;
-  log: (msg: string) => void;
-  warn: (msg: string) => void;
-  telemetry?: Telemetry;
+  log: Logger;
+  events: ModelEvents;
   faults?: EngineFaults;
   progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
   /** Pinned versions are never evicted. */
-  isPinned: (entry: ModelEntry) => boolean;
+  isPinned: (key: string) => boolean;
   /** How long a load may wait for busy versions to become evictable before it gives up. */
   roomWaitMs?: number;
 }
@@ -90,11 +62,47 @@ const DEFAULT_PARALLEL = 4;
 /** Errors that end a load for now but say nothing about the version itself (it may load later). */
 class TransientLoadError extends ApiError {}
 
+/** One version's mutable state: private to residency. */
+class VersionRecord {
+  state: ModelState;
+  error: string | undefined;
+  loaded: LoadedModel | undefined;
+  created = Math.floor(Date.now() / 1000);
+  loadSeconds: number | undefined;
+  warmupSeconds: number | undefined;
+  /** Seconds from the load's start (artifact check included) to ready. */
+  readySeconds: number | undefined;
+  estimate: MemoryFootprint | undefined;
+  /** What llama.cpp reported it allocated, once loaded. */
+  actual: MemoryFootprint | undefined;
+  /** Leases held: requests (and operators' changes) using it now. */
+  active = 0;
+  /** performance.now() of its last acquire or release: the LRU order. */
+  lastUsed = 0;
+  loads = 0;
+  evictions = 0;
+  /** It has been ready at least once (an evicted version is known good). */
+  everReady = false;
+
+  constructor(
+    readonly spec: ModelSpec,
+    readonly warmup: WarmupFixture,
+    failure: string | undefined,
+  ) {
+    this.state = failure === undefined ? "unloaded" : "failed";
+    this.error = failure;
+  }
+
+  get key(): string {
+    return `${this.spec.id}@${this.spec.version}`;
+  }
+}
+
 export class Residency {
-  readonly entries = new Map<string, ModelEntry>();
+  private readonly records = new Map<string, VersionRecord>();
   /** The tail of the load/evict queue: one at a time. */
   private exclusiveTail: Promise<unknown> = Promise.resolve();
-  private readonly loading = new Map<ModelEntry, { promise: Promise<void>; mayEvict: boolean }>();
+  private readonly loading = new Map<VersionRecord, { promise: Promise<void>; mayEvict: boolean }>();
   /** Woken whenever a lease is released or a version leaves memory. */
   private wakers: Array<() => void> = [];
 
@@ -103,71 +111,113 @@ export class Residency {
     private readonly opts: ResidencyOptions,
   ) {}
 
-  add(spec: ModelSpec, warmup: WarmupFixture, failure: string | undefined): ModelEntry {
-    const entry: ModelEntry = {
-      id: spec.id,
-      version: spec.version,
-      key: `${spec.id}@${spec.version}`,
-      spec,
-      warmup,
-      state: failure === undefined ? "unloaded" : "failed",
-      error: failure,
-      engine: undefined,
-      scheduler: undefined,
-      sampling: spec.sampling,
-      created: Math.floor(Date.now() / 1000),
-      loadSeconds: undefined,
-      warmupSeconds: undefined,
-      readySeconds: undefined,
-      estimate: undefined,
-      actual: undefined,
-      active: 0,
-      lastUsed: 0,
-      loads: 0,
-      evictions: 0,
-      everReady: false,
-    };
-    this.entries.set(entry.key, entry);
-    return entry;
+  add(spec: ModelSpec, warmup: WarmupFixture, failure: string | undefined): void {
+    const r = new VersionRecord(spec, warmup, failure);
+    this.records.set(r.key, r);
+  }
+
+  private record(key: string): VersionRecord {
+    const r = this.records.get(key);
+    if (!r) throw new Error(`unknown model version ${key}`);
+    return r;
   }
 
   get budget(): MemoryFootprint {
     return this.opts.budget;
   }
 
+  state(key: string): ModelState {
+    return this.record(key).state;
+  }
+
+  /** The version's engine and scheduler while it is in memory (inspection; requests take a lease). */
+  loaded(key: string): LoadedModel | undefined {
+    return this.record(key).loaded;
+  }
+
+  snapshot(key: string): VersionSnapshot {
+    const r = this.record(key);
+    const l = r.loaded;
+    return {
+      key: r.key,
+      id: r.spec.id,
+      version: r.spec.version,
+      state: r.state,
+      error: r.error,
+      pinned: this.opts.isPinned(r.key),
+      sha256: r.spec.sha256,
+      license: r.spec.license,
+      source: r.spec.source,
+      estimate: r.estimate ? { ...r.estimate } : undefined,
+      actual: r.actual ? { ...r.actual } : undefined,
+      loadSeconds: r.loadSeconds,
+      warmupSeconds: r.warmupSeconds,
+      readySeconds: r.readySeconds,
+      loads: r.loads,
+      evictions: r.evictions,
+      active: r.active,
+      everReady: r.everReady,
+      created: r.created,
+      loaded: l
+        ? {
+            contextLength: l.engine.ctxSize,
+            parallel: l.engine.parallel,
+            chatTemplate: l.engine.templateName,
+            kvBytesPerToken: l.engine.kvBytesPerToken,
+            weightsBytes: l.engine.sizeBytes,
+            scheduler: l.scheduler.snapshot(),
+          }
+        : undefined,
+    };
+  }
+
+  snapshots(): VersionSnapshot[] {
+    return [...this.records.keys()].map((k) => this.snapshot(k));
+  }
+
   /** Estimated bytes of what is in memory now (loaded, warming, or being unloaded). */
   used(): MemoryFootprint {
     let ram = 0;
     let vram = 0;
-    for (const e of this.entries.values()) {
-      if (e.engine !== undefined && e.estimate) {
-        ram += e.estimate.ram;
-        vram += e.estimate.vram;
+    for (const r of this.records.values()) {
+      if (r.loaded !== undefined && r.estimate) {
+        ram += r.estimate.ram;
+        vram += r.estimate.vram;
       }
     }
     return { ram, vram };
   }
 
-  resident(): ModelEntry[] {
-    return [...this.entries.values()].filter((e) => e.engine !== undefined);
+  residentKeys(): string[] {
+    return [...this.records.values()].filter((r) => r.loaded !== undefined).map((r) => r.key);
+  }
+
+  private resident(): VersionRecord[] {
+    return [...this.records.values()].filter((r) => r.loaded !== undefined);
+  }
+
+  schedulers(): Scheduler[] {
+    return this.resident().map((r) => r.loaded!.scheduler);
   }
 
   /** A lease when the version is ready now, without loading or waiting: shadow traffic. */
-  tryAcquire(entry: ModelEntry): Lease | undefined {
-    return entry.state === "ready" ? this.lease(entry) : undefined;
+  tryAcquire(key: string): Lease | undefined {
+    const r = this.record(key);
+    return r.state === "ready" ? this.lease(r) : undefined;
   }
 
   /**
    * A lease on a ready version, loading it first when it is not resident. Waits at most
    * until `deadline` (performance.now() ms) or the signal, then 503 with Retry-After.
    */
-  async acquire(entry: ModelEntry, deadline: number, signal?: AbortSignal, mayEvict = true): Promise<Lease> {
+  async acquire(key: string, deadline: number, signal?: AbortSignal, mayEvict = true): Promise<Lease> {
+    const r = this.record(key);
     for (;;) {
-      if (entry.state === "ready") return this.lease(entry);
-      if (entry.state === "failed") throw failedError(entry);
-      const load = this.ensureLoading(entry, mayEvict);
+      if (r.state === "ready") return this.lease(r);
+      if (r.state === "failed") throw failedError(r);
+      const load = this.ensureLoading(r, mayEvict);
       try {
-        await this.waitFor(load.promise, entry, deadline, signal);
+        await this.waitFor(load.promise, r, deadline, signal);
       } catch (err) {
         // We joined a start-up load that may not evict; this request may: try again.
         if (mayEvict && !load.mayEvict && err instanceof TransientLoadError && err.code === "insufficient_memory") continue;
@@ -176,17 +226,17 @@ export class Residency {
     }
   }
 
-  private lease(entry: ModelEntry): Lease {
-    entry.active++;
-    entry.lastUsed = performance.now();
+  private lease(r: VersionRecord): Lease {
+    r.active++;
+    r.lastUsed = performance.now();
     let released = false;
     return {
-      entry: entry as ReadyEntry,
+      model: r.loaded!,
       release: () => {
         if (released) return;
         released = true;
-        entry.active--;
-        entry.lastUsed = performance.now();
+        r.active--;
+        r.lastUsed = performance.now();
         this.wake();
       },
     };
@@ -209,17 +259,17 @@ export class Residency {
     });
   }
 
-  private async waitFor(load: Promise<void>, entry: ModelEntry, deadline: number, signal: AbortSignal | undefined): Promise<void> {
+  private async waitFor(load: Promise<void>, r: VersionRecord, deadline: number, signal: AbortSignal | undefined): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
     const limit = new Promise<never>((_, reject) => {
       const left = deadline - performance.now();
       const late = () =>
-        new ApiError("unavailable", `The model version '${entry.key}' is loading and was not ready within the request's deadline.`, {
+        new ApiError("unavailable", `The model version '${r.key}' is loading and was not ready within the request's deadline.`, {
           code: "model_loading",
-          retryAfter: Math.max(1, Math.ceil(entry.readySeconds ?? 5)),
+          retryAfter: Math.max(1, Math.ceil(r.readySeconds ?? 5)),
         });
-      timer = setTimeout(() => reject(late()), Math.max(0, left));
+      timer = setTimeout(() => reject(late()), clampTimer(left));
       if (signal) {
         onAbort = () => reject(new ApiError("cancelled", "The client went away while the model was loading.", { code: "client_disconnected" }));
         if (signal.aborted) onAbort();
@@ -235,14 +285,14 @@ export class Residency {
   }
 
   /** The one load of this version in progress, started when there is none. */
-  private ensureLoading(entry: ModelEntry, mayEvict: boolean): { promise: Promise<void>; mayEvict: boolean } {
-    let load = this.loading.get(entry);
+  private ensureLoading(r: VersionRecord, mayEvict: boolean): { promise: Promise<void>; mayEvict: boolean } {
+    let load = this.loading.get(r);
     if (!load) {
-      const promise = this.load(entry, mayEvict).finally(() => this.loading.delete(entry));
+      const promise = this.load(r, mayEvict).finally(() => this.loading.delete(r));
       // Every waiter handles the outcome; this keeps a load nobody awaits any more quiet.
       promise.catch(() => {});
       load = { promise, mayEvict };
-      this.loading.set(entry, load);
+      this.loading.set(r, load);
     }
     return load;
   }
@@ -254,53 +304,49 @@ export class Residency {
     return run;
   }
 
-  private async load(entry: ModelEntry, mayEvict: boolean): Promise<void> {
+  private async load(r: VersionRecord, mayEvict: boolean): Promise<void> {
     const t0 = performance.now();
-    entry.state = "loading";
-    entry.error = undefined;
-    const spec = entry.spec;
-    const telemetry = this.opts.telemetry;
+    r.state = "loading";
+    r.error = undefined;
+    const log = this.opts.log;
     try {
       // Fetching the artifact does not hold the queue: other versions load meanwhile.
       try {
-        await ensureArtifact(spec, { progressStream: this.opts.progressStream, log: this.opts.log });
+        await ensureArtifact(r.spec, { progressStream: this.opts.progressStream, log: (m) => log.info(m) });
       } catch (err) {
         // A download that failed is kept (.partial) and resumed by the next request's load.
         if (err instanceof ArtifactError && err.transient) throw new TransientLoadError("unavailable", err.message, { code: "artifact_unavailable", retryAfter: 10 });
         throw err;
       }
-      entry.estimate ??= await this.engine.estimate(this.loadShape(entry));
+      r.estimate ??= await this.engine.estimate(this.loadShape(r));
       await this.exclusive(async () => {
-        // An eviction of this very entry may have been queued before us: wait it out.
-        if (entry.engine !== undefined) {
-          entry.state = "ready";
+        // An eviction of this very version may have been queued before us: wait it out.
+        if (r.loaded !== undefined) {
+          r.state = "ready";
           return;
         }
-        await this.makeRoom(entry, mayEvict);
-        await this.loadInto(entry, t0);
+        await this.makeRoom(r, mayEvict);
+        await this.loadInto(r, t0);
       });
     } catch (err) {
       if (err instanceof TransientLoadError) {
-        entry.state = "unloaded";
-        entry.error = err.message;
-        this.opts.warn(`model version ${entry.key} not loaded: ${err.message}`);
+        r.state = "unloaded";
+        r.error = err.message;
+        log.warn(`model version ${r.key} not loaded: ${err.message}`);
         throw err;
       }
-      entry.state = "failed";
-      entry.error = (err as Error).message;
-      this.opts.warn(`model version ${entry.key} failed: ${entry.error}`);
-      if (telemetry) {
-        telemetry.metrics.modelLoadFailed(entry.id, entry.version);
-        lifecycleSpan(telemetry, "model.load", t0, performance.now(), { "gen_ai.request.model": entry.id, "spindle.model.version": entry.version }, entry.error);
-      }
-      throw failedError(entry);
+      r.state = "failed";
+      r.error = (err as Error).message;
+      log.warn(`model version ${r.key} failed: ${r.error}`);
+      this.opts.events.loadFailed(r.spec.id, r.spec.version, { start: t0, end: performance.now() }, r.error);
+      throw failedError(r);
     }
   }
 
-  private loadShape(entry: ModelEntry) {
-    const spec = entry.spec;
+  private loadShape(r: VersionRecord) {
+    const spec = r.spec;
     return {
-      id: entry.key,
+      id: r.key,
       path: spec.path,
       // Command-line values override the models file, so one flag tunes every model.
       ctxSize: this.opts.ctxSize ?? spec.ctxSize,
@@ -318,11 +364,11 @@ export class Residency {
   }
 
   /**
-   * Evicts least recently used idle, unpinned versions until `entry` fits. Busy ones are
+   * Evicts least recently used idle, unpinned versions until `r` fits. Busy ones are
    * waited for (bounded); a version larger than the whole budget fails at once.
    */
-  private async makeRoom(entry: ModelEntry, mayEvict: boolean): Promise<void> {
-    const need = entry.estimate!;
+  private async makeRoom(r: VersionRecord, mayEvict: boolean): Promise<void> {
+    const need = r.estimate!;
     const budget = this.opts.budget;
     if (need.ram > budget.ram || need.vram > budget.vram) {
       throw new Error(
@@ -332,15 +378,15 @@ export class Residency {
     }
     const giveUp = performance.now() + (this.opts.roomWaitMs ?? 30_000);
     while (!this.fits(need)) {
-      const candidates = this.resident().filter((e) => !this.opts.isPinned(e));
-      if (!mayEvict) throw new TransientLoadError("unavailable", `The model version '${entry.key}' does not fit beside the resident ones.`, { code: "insufficient_memory", retryAfter: 5 });
+      const candidates = this.resident().filter((c) => !this.opts.isPinned(c.key));
+      if (!mayEvict) throw new TransientLoadError("unavailable", `The model version '${r.key}' does not fit beside the resident ones.`, { code: "insufficient_memory", retryAfter: 5 });
       if (candidates.length === 0) {
-        throw new TransientLoadError("unavailable", `The model version '${entry.key}' does not fit beside the pinned versions (${this.resident().map((e) => e.key).join(", ")}).`, {
+        throw new TransientLoadError("unavailable", `The model version '${r.key}' does not fit beside the pinned versions (${this.residentKeys().join(", ")}).`, {
           code: "insufficient_memory",
           retryAfter: 30,
         });
       }
-      const idle = candidates.filter((e) => e.state === "ready" && e.active === 0 && e.scheduler!.busySlots === 0 && e.scheduler!.waiting === 0);
+      const idle = candidates.filter((c) => c.state === "ready" && c.active === 0 && c.loaded!.scheduler.busySlots === 0 && c.loaded!.scheduler.waiting === 0);
       idle.sort((a, b) => a.lastUsed - b.lastUsed);
       const victim = idle[0];
       if (victim) {
@@ -349,7 +395,7 @@ export class Residency {
       }
       const left = giveUp - performance.now();
       if (left <= 0) {
-        throw new TransientLoadError("unavailable", `The model version '${entry.key}' needs memory that busy versions hold (${candidates.map((e) => e.key).join(", ")}); try again shortly.`, {
+        throw new TransientLoadError("unavailable", `The model version '${r.key}' needs memory that busy versions hold (${candidates.map((c) => c.key).join(", ")}); try again shortly.`, {
           code: "insufficient_memory",
           retryAfter: 5,
         });
@@ -358,120 +404,119 @@ export class Residency {
     }
   }
 
-  private async loadInto(entry: ModelEntry, t0: number): Promise<void> {
-    const shape = this.loadShape(entry);
-    const scheduler = new Scheduler({
-      maxQueue: this.opts.maxQueue,
-      maxQueuedTokens: this.opts.maxQueuedTokens,
-      observer: this.opts.telemetry?.metrics.schedulerObserver(entry.id, entry.version),
-    });
+  private async loadInto(r: VersionRecord, t0: number): Promise<void> {
+    const shape = this.loadShape(r);
+    const { id, version } = r.spec;
+    const steps = new StepTracker(this.opts.events.schedulerObserver(id, version));
     const tLoad = performance.now();
     const engineModel = await this.engine.loadModel({
       ...shape,
-      threads: entry.spec.threads ?? this.opts.threads,
-      chatTemplate: entry.spec.chatTemplate,
-      observer: scheduler,
+      threads: r.spec.threads ?? this.opts.threads,
+      chatTemplate: r.spec.chatTemplate,
+      observer: steps,
       faults: this.opts.faults,
     });
-    scheduler.attach(engineModel);
-    entry.engine = engineModel;
-    entry.scheduler = scheduler;
-    entry.actual = engineModel.memoryUsage;
+    const scheduler = new Scheduler(engineModel, steps, { maxQueue: this.opts.maxQueue, maxQueuedTokens: this.opts.maxQueuedTokens });
+    r.loaded = { key: r.key, id, version, spec: r.spec, engine: engineModel, scheduler };
+    r.actual = engineModel.memoryUsage;
     const t1 = performance.now();
-    entry.loadSeconds = (t1 - tLoad) / 1000;
+    r.loadSeconds = (t1 - tLoad) / 1000;
     try {
-      await warmUp(engineModel, scheduler, entry.warmup);
+      await warmUp(r.loaded, r.warmup);
     } catch (err) {
-      await this.release(entry);
+      await this.release(r);
       throw err;
     }
     const t2 = performance.now();
-    entry.warmupSeconds = (t2 - t1) / 1000;
-    entry.readySeconds = (t2 - t0) / 1000;
-    entry.loads++;
-    entry.everReady = true;
-    entry.lastUsed = performance.now();
-    entry.created = Math.floor(Date.now() / 1000);
-    entry.state = "ready";
-    entry.error = undefined;
-    const telemetry = this.opts.telemetry;
-    if (telemetry) {
-      telemetry.metrics.modelLoaded(entry.id, entry.version, entry.loadSeconds, entry.warmupSeconds);
-      const attrs = { "gen_ai.request.model": entry.id, "spindle.model.version": entry.version };
-      lifecycleSpan(telemetry, "model.load", tLoad, t1, attrs);
-      lifecycleSpan(telemetry, "model.warmup", t1, t2, attrs);
-    }
+    r.warmupSeconds = (t2 - t1) / 1000;
+    r.readySeconds = (t2 - t0) / 1000;
+    r.loads++;
+    r.everReady = true;
+    r.lastUsed = performance.now();
+    r.created = Math.floor(Date.now() / 1000);
+    r.state = "ready";
+    r.error = undefined;
+    this.opts.events.loaded(id, version, { loadStart: tLoad, loadEnd: t1, warmupEnd: t2 });
     const u = this.used();
-    this.opts.log(
-      `model ${entry.key} ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +
-        `memory ${formatBytes(entry.actual.ram)} (estimated ${formatBytes(entry.estimate!.ram)}), load ${entry.loadSeconds.toFixed(2)}s, ` +
-        `warmup ${entry.warmupSeconds.toFixed(3)}s; resident ${formatBytes(u.ram)} of ${formatBytes(this.opts.budget.ram)}`,
+    this.opts.log.info(
+      `model ${r.key} ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +
+        `memory ${formatBytes(r.actual.ram)} (estimated ${formatBytes(r.estimate!.ram)}), load ${r.loadSeconds.toFixed(2)}s, ` +
+        `warmup ${r.warmupSeconds.toFixed(3)}s; resident ${formatBytes(u.ram)} of ${formatBytes(this.opts.budget.ram)}`,
     );
   }
 
   /** Frees a version's memory. Callers hold the exclusive queue. */
-  private async release(entry: ModelEntry): Promise<void> {
-    entry.scheduler?.close();
-    const engineModel = entry.engine;
-    entry.engine = undefined;
-    entry.scheduler = undefined;
-    entry.actual = undefined;
+  private async release(r: VersionRecord): Promise<void> {
+    const loaded = r.loaded;
+    loaded?.scheduler.close();
+    r.loaded = undefined;
+    r.actual = undefined;
     // Estimates stay: the next load of this version needs no GGUF read.
-    await engineModel?.dispose();
+    await loaded?.engine.dispose();
     this.wake();
   }
 
-  private async evict(entry: ModelEntry, reason: "lru" | "admin"): Promise<void> {
-    entry.state = "unloading";
-    const idleFor = (performance.now() - entry.lastUsed) / 1000;
-    await this.release(entry);
-    entry.evictions++;
-    if (entry.state === "unloading") entry.state = "unloaded";
-    this.opts.telemetry?.metrics.modelEvicted(entry.id, entry.version, reason);
-    this.opts.log(`model ${entry.key} unloaded (${reason === "lru" ? `least recently used, idle ${idleFor.toFixed(1)}s` : "by an operator"})`);
+  private async evict(r: VersionRecord, reason: EvictionReason): Promise<void> {
+    r.state = "unloading";
+    const idleFor = (performance.now() - r.lastUsed) / 1000;
+    await this.release(r);
+    r.evictions++;
+    if (r.state === "unloading") r.state = "unloaded";
+    this.opts.events.evicted(r.spec.id, r.spec.version, reason);
+    this.opts.log.info(`model ${r.key} unloaded (${reason === "lru" ? `least recently used, idle ${idleFor.toFixed(1)}s` : "by an operator"})`);
   }
 
   /** An operator's unload: refused for pinned versions, waits (bounded) for running requests. */
-  async unload(entry: ModelEntry, waitMs: number): Promise<void> {
-    if (this.opts.isPinned(entry)) throw new ApiError("conflict", `${entry.key} is pinned: it is never unloaded.`, { code: "model_pinned" });
+  async unload(key: string, waitMs: number): Promise<void> {
+    const r = this.record(key);
+    if (this.opts.isPinned(key)) throw new ApiError("conflict", `${key} is pinned: it is never unloaded.`, { code: "model_pinned" });
     await this.exclusive(async () => {
       const giveUp = performance.now() + waitMs;
-      while (entry.state === "ready" && entry.active > 0) {
-        if (performance.now() >= giveUp) throw new ApiError("conflict", `${entry.key} is serving ${entry.active} request(s); try again when it is idle.`, { code: "model_busy" });
+      while (r.state === "ready" && r.active > 0) {
+        if (performance.now() >= giveUp) throw new ApiError("conflict", `${key} is serving ${r.active} request(s); try again when it is idle.`, { code: "model_busy" });
         await this.nextChange(giveUp - performance.now());
       }
-      if (entry.state === "ready") await this.evict(entry, "admin");
+      if (r.state === "ready") await this.evict(r, "admin");
     });
   }
 
   /** Clears a failure so the version may be loaded again (an operator fixed the artifact). */
-  retry(entry: ModelEntry): void {
-    if (entry.state === "failed") {
-      entry.state = "unloaded";
-      entry.error = undefined;
+  retry(key: string): void {
+    const r = this.record(key);
+    if (r.state === "failed") {
+      r.state = "unloaded";
+      r.error = undefined;
     }
   }
 
   async disposeAll(): Promise<void> {
     await this.exclusive(async () => {
-      for (const e of this.entries.values()) {
-        if (e.engine) await this.release(e);
-        if (e.state !== "failed") e.state = "unloaded";
+      for (const r of this.records.values()) {
+        if (r.loaded) await this.release(r);
+        if (r.state !== "failed") r.state = "unloaded";
       }
     });
   }
 }
 
-function failedError(entry: ModelEntry): ApiError {
-  return new ApiError("unavailable", `The model version '${entry.key}' failed to load: ${entry.error}`, { code: "model_failed", retryAfter: 60 });
+/** setTimeout's delay is a signed 32-bit number of milliseconds: longer waits fire at once. */
+export function clampTimer(ms: number): number {
+  return Math.min(Math.max(0, ms), 2 ** 31 - 1);
+}
+
+/** What a client learns of a failed version: that it failed, never why (paths, URLs, file bytes stay in the log and /admin/status). */
+function failedError(r: VersionRecord): ApiError {
+  return new ApiError("unavailable", `The model version '${r.key}' failed to load; its operator can see why in the server log or GET /admin/status.`, {
+    code: "model_failed",
+    retryAfter: 60,
+  });
 }
 
 /** A short real generation through the scheduler: the version is ready only once this works. */
-async function warmUp(model: EngineModel, scheduler: Scheduler, fixture: WarmupFixture): Promise<void> {
-  const ignore: GenerationSink = { onStart() {}, onText() {}, onDone() {}, onError() {} };
-  const outcome = await scheduler.submit(
+async function warmUp(model: LoadedModel, fixture: WarmupFixture): Promise<void> {
+  const outcome = await model.scheduler.submit(
     {
-      promptTokens: model.tokenizePrompt(fixture.prompt),
+      promptTokens: model.engine.tokenizePrompt(fixture.prompt),
       maxTokens: fixture.maxTokens,
       stop: [],
       sampling: GREEDY_SAMPLING,
@@ -480,7 +525,7 @@ async function warmUp(model: EngineModel, scheduler: Scheduler, fixture: WarmupF
       signal: new AbortController().signal,
       timeline: {},
     },
-    ignore,
+    { onStart() {}, onText() {} },
   );
   if ("error" in outcome) throw new Error(`warmup failed: ${outcome.error.message}`);
 }

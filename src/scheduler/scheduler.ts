@@ -1,8 +1,10 @@
 import { ApiError } from "../errors.js";
-import type { SamplingParams, StepObserver, Token } from "../engine/llama-engine.js";
+import type { SamplingParams, Token } from "../engine/types.js";
 import { StopMatcher } from "../generation/stop-matcher.js";
 import { Utf8Detokenizer } from "../generation/utf8-detokenizer.js";
-import type { FinishReason, GenerationOutcome, GenerationRequest, GenerationSink, SchedulerObserver, Usage } from "./types.js";
+import type { SchedulerSnapshot } from "../observers.js";
+import { StepTracker } from "./step-tracker.js";
+import type { FinishReason, GenerationOutcome, GenerationRequest, TokenSink, Usage } from "./types.js";
 import { WaitingQueue } from "./waiting-queue.js";
 
 /** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
@@ -27,7 +29,6 @@ export interface SchedulerOptions {
   maxQueuedTokens?: number;
   /** Prompt tokens evaluated per prefill chunk; cancel and deadline are checked between chunks. */
   prefillChunk?: number;
-  observer?: SchedulerObserver;
 }
 
 interface Slot {
@@ -40,7 +41,7 @@ interface Slot {
 
 interface Job {
   req: GenerationRequest;
-  sink: GenerationSink;
+  sink: TokenSink;
   /** Resolves submit()'s promise; called once, after the sink's last event. */
   settle: (outcome: GenerationOutcome) => void;
   ended: boolean;
@@ -53,13 +54,9 @@ interface Job {
 
 const EVALUATION_PRIORITY = { high: 5, normal: 3, low: 1 } as const;
 
-export interface StepStats {
-  steps: number;
-  /** Sequences that took part in steps, summed. */
-  items: number;
-  /** Sequences that were running at those steps, summed: items / expected is step fullness. */
-  expected: number;
-  tokens: number;
+/** Why a generation was aborted: the transport's own reason when it gave one. */
+function abortReason(signal: AbortSignal): ApiError {
+  return signal.reason instanceof ApiError ? signal.reason : new ApiError("cancelled", "The client closed the request.", { code: "client_disconnected" });
 }
 
 /**
@@ -67,15 +64,13 @@ export interface StepStats {
  * requests wait in a bounded queue for a free slot; each running request drives its
  * own token loop and the engine batches the loops' tokens into shared decode steps.
  */
-export class Scheduler implements StepObserver {
-  private readonly slots: Slot[];
+export class Scheduler {
+  private readonly slots: Slot[] = [];
   private readonly queue = new WaitingQueue<Job>();
   private readonly maxQueue: number;
   private readonly maxQueuedTokens: number;
   private queuedTokens = 0;
   private readonly prefillChunk: number;
-  /** Token loops between their first step and their end, not paused. */
-  private running = 0;
   private pauseDepth = 0;
   private resumeGate: Promise<void> | null = null;
   private releaseGate: (() => void) | null = null;
@@ -83,35 +78,25 @@ export class Scheduler implements StepObserver {
   private closed = false;
   /** Set by terminate(): every running generation ends with it at its next step. */
   private terminating: ApiError | undefined;
-  private model!: SchedulerModel;
-  private readonly observer: SchedulerObserver | undefined;
-  readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
 
-  constructor(opts: SchedulerOptions) {
+  /**
+   * `steps` is the tracker the engine's batch strategy was given when the model loaded:
+   * the scheduler counts its running token loops there, the strategy reads them.
+   */
+  constructor(
+    private readonly model: SchedulerModel,
+    private readonly steps: StepTracker,
+    opts: SchedulerOptions,
+  ) {
     this.maxQueue = opts.maxQueue;
     this.maxQueuedTokens = opts.maxQueuedTokens ?? Infinity;
     this.prefillChunk = opts.prefillChunk ?? 256;
-    this.observer = opts.observer;
-    this.slots = [];
-  }
-
-  /** Binds the model; separate from the constructor because the engine needs the scheduler as its step observer first. */
-  attach(model: SchedulerModel): void {
-    this.model = model;
     for (const seq of model.sequences) this.slots.push({ seq, busy: false, lastUsed: 0, dirty: false });
   }
 
-  // StepObserver: called by the engine's batch strategy.
-  expectedItems(): number {
-    return this.running;
-  }
-
-  onStep(items: number, tokens: number): void {
-    this.stats.steps++;
-    this.stats.items += items;
-    this.stats.expected += Math.max(items, this.running);
-    this.stats.tokens += tokens;
-    this.observer?.decodeStep(items, tokens);
+  snapshot(): SchedulerSnapshot {
+    const { steps, items, expected, tokens } = this.steps.stats;
+    return { busySlots: this.busySlots, totalSlots: this.totalSlots, waiting: this.waiting, waitingTokens: this.queuedTokens, heldTokens: this.heldTokens(), steps, items, expected, tokens };
   }
 
   /** Tokens whose KV the slots hold (in use, of what the context reserves). */
@@ -168,11 +153,11 @@ export class Scheduler implements StepObserver {
    * Admits a request or throws an ApiError at once (queue full, shutting down). The
    * returned promise resolves with the outcome once the sink got its last event.
    */
-  submit(req: GenerationRequest, sink: GenerationSink): Promise<GenerationOutcome> {
+  submit(req: GenerationRequest, sink: TokenSink): Promise<GenerationOutcome> {
     if (this.closed) {
       throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
     }
-    if (req.signal.aborted) throw new ApiError("cancelled", "The client closed the request.");
+    if (req.signal.aborted) throw abortReason(req.signal);
     const hasFreeSlot = this.slots.some((s) => !s.busy) && this.queue.length === 0;
     if (!hasFreeSlot) this.admitToQueue(req);
     return new Promise<GenerationOutcome>((settle) => {
@@ -203,7 +188,7 @@ export class Scheduler implements StepObserver {
       this.unwatch(job);
       this.end(job, { error: err, usage: undefined });
     };
-    job.onAbort = () => leave(new ApiError("cancelled", "The client closed the request while it was queued."));
+    job.onAbort = () => leave(abortReason(job.req.signal));
     job.req.signal.addEventListener("abort", job.onAbort, { once: true });
     const wait = Math.max(0, job.req.deadline - performance.now());
     job.timer = setTimeout(
@@ -291,9 +276,9 @@ export class Scheduler implements StepObserver {
 
   private async waitIfPaused(): Promise<void> {
     while (this.resumeGate !== null) {
-      this.running--;
+      this.steps.running--;
       await this.resumeGate;
-      this.running++;
+      this.steps.running++;
     }
   }
 
@@ -333,16 +318,11 @@ export class Scheduler implements StepObserver {
     }
   }
 
-  /** The sink's last event, exactly once, then submit()'s promise settles with the same outcome. */
+  /** Settles submit()'s promise, exactly once: the sink gets nothing after this. */
   private end(job: Job, outcome: GenerationOutcome): void {
     if (job.ended) return;
     job.ended = true;
-    try {
-      if ("result" in outcome) job.sink.onDone(outcome.result);
-      else job.sink.onError(outcome.error, outcome.usage);
-    } finally {
-      job.settle(outcome);
-    }
+    job.settle(outcome);
   }
 
   private recordCompletion(): void {
@@ -352,7 +332,7 @@ export class Scheduler implements StepObserver {
 
   private checkLive(req: GenerationRequest): ApiError | undefined {
     if (this.terminating) return this.terminating;
-    if (req.signal.aborted) return new ApiError("cancelled", "The client closed the request.");
+    if (req.signal.aborted) return abortReason(req.signal);
     if (performance.now() > req.deadline) {
       return new ApiError("timeout", "The request's deadline passed during generation.", { code: "generation_timeout" });
     }
@@ -364,14 +344,15 @@ export class Scheduler implements StepObserver {
     req: GenerationRequest,
     seq: SlotSequence,
     input: Token[],
-    sink: GenerationSink,
+    sink: TokenSink,
     count: (n: number) => void,
   ): Promise<FinishReason | ApiError> {
     const priority = EVALUATION_PRIORITY[req.priority];
-    this.running++;
+    const steps = this.steps;
+    steps.running++;
     let stillRunning = true;
     const stopRunning = () => {
-      if (stillRunning) this.running--;
+      if (stillRunning) steps.running--;
       stillRunning = false;
     };
     try {
@@ -409,7 +390,7 @@ export class Scheduler implements StepObserver {
           generated.push(step.value);
           const now = performance.now();
           if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
-          else this.observer?.interTokenLatency((now - lastTokenAt) / 1000);
+          else steps.observer?.interTokenLatency((now - lastTokenAt) / 1000);
           lastTokenAt = now;
           const text = detok.push(step.value);
           if (text !== "") {

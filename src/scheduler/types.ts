@@ -1,6 +1,8 @@
 import type { ApiError } from "../errors.js";
-import type { SamplingParams, Token } from "../engine/llama-engine.js";
+import type { SamplingParams, Token } from "../engine/types.js";
+import type { Timeline, Usage } from "../observers.js";
 
+export type { Timeline, Usage };
 export type Priority = "high" | "normal" | "low";
 export type FinishReason = "stop" | "length";
 
@@ -14,32 +16,13 @@ export interface GenerationRequest {
   priority: Priority;
   /** performance.now() by which the request must be finished. */
   deadline: number;
+  /**
+   * Aborted when the client goes away or a transport gives up on it; an ApiError as the
+   * abort reason says why (e.g. a slow reader), else it ends as "cancelled".
+   */
   signal: AbortSignal;
   /** Filled in by the scheduler as the request moves on; read by telemetry at the end. */
   timeline: Timeline;
-}
-
-/** performance.now() timestamps of a request's life in the scheduler. */
-export interface Timeline {
-  queuedAt?: number;
-  startedAt?: number;
-  firstTokenAt?: number;
-  endedAt?: number;
-  slot?: number;
-  cachedTokens?: number;
-}
-
-/** Per-model figures the scheduler reports as they happen (metrics); all optional work. */
-export interface SchedulerObserver {
-  /** Seconds between two tokens of one sequence. */
-  interTokenLatency(seconds: number): void;
-  decodeStep(sequences: number, tokens: number): void;
-}
-
-export interface Usage {
-  promptTokens: number;
-  completionTokens: number;
-  cachedTokens: number;
 }
 
 export interface GenerationResult {
@@ -51,15 +34,11 @@ export interface GenerationResult {
 export type GenerationOutcome = { result: GenerationResult } | { error: ApiError; usage: Usage | undefined };
 
 /**
- * Where a generation's events go. One event model, several encodings (SSE, JSON, and
- * later WebSocket). Calls are synchronous on purpose: the token loop must not wait on
- * the network, or it would miss decode steps.
+ * Where a generation's tokens go, as they are made. Calls are synchronous on purpose:
+ * the token loop must not wait on the network, or it would miss decode steps.
  */
-export interface GenerationSink {
+export interface TokenSink {
   /** The request got a slot; nothing was sent before this. */
   onStart(): void;
   onText(text: string): void;
-  onDone(result: GenerationResult): void;
-  /** Called at most once, instead of onDone; before or after onStart. */
-  onError(error: ApiError, usage: Usage | undefined): void;
 }

@@ -8,9 +8,7 @@
  * computed at scrape time from the live objects, never maintained on the hot path.
  */
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
-import type { ModelRegistry } from "../models/registry.js";
-import type { SchedulerObserver } from "../scheduler/types.js";
-import type { ErrorKind } from "../errors.js";
+import type { EvictionReason, RequestRecord, ResidencySnapshot, SchedulerObserver, VersionSnapshot } from "../observers.js";
 import { HotHistogram } from "./hot-histogram.js";
 
 export const SPINDLE_VERSION = "0.1.0";
@@ -20,20 +18,7 @@ const ITL_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 
 const TOKEN_BUCKETS = [1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768];
 const STEP_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048];
 
-export interface FinishedRequest {
-  endpoint: "chat" | "completions";
-  model: string;
-  version: string;
-  status: number;
-  finishReason: string | undefined;
-  errorKind: ErrorKind | undefined;
-  durationSeconds: number;
-  queueWaitSeconds: number | undefined;
-  ttftSeconds: number | undefined;
-  promptTokens: number | undefined;
-  cachedTokens: number | undefined;
-  completionTokens: number | undefined;
-}
+const UNKNOWN = "_unknown";
 
 export class Metrics {
   readonly registry = new Registry();
@@ -122,8 +107,21 @@ export class Metrics {
     }).set({ version: SPINDLE_VERSION, node_llama_cpp_version: nodeLlamaCppVersion, backend }, 1);
   }
 
-  /** Gauges read from the models at scrape time. */
-  watch(models: ModelRegistry): void {
+  private read: (() => ResidencySnapshot) | undefined;
+  private scraping: ResidencySnapshot | undefined;
+
+  /** The exposition text; the models' gauges all read one snapshot taken now. */
+  async scrape(): Promise<{ contentType: string; body: string }> {
+    this.scraping = this.read?.();
+    try {
+      return { contentType: this.registry.contentType, body: await this.registry.metrics() };
+    } finally {
+      this.scraping = undefined;
+    }
+  }
+
+  /** Gauges read from a snapshot of the models at scrape time. */
+  watch(read: () => ResidencySnapshot): void {
     const registers = [this.registry];
     const gauge = (name: string, help: string, read: (set: (labels: Record<string, string>, v: number) => void) => void, extra: string[] = []) =>
       new Gauge({
@@ -136,27 +134,30 @@ export class Metrics {
           read((labels, v) => this.set(labels, v));
         },
       });
-    const each = (fn: (e: ReturnType<ModelRegistry["list"]>[number], labels: { model: string; version: string }) => void) => {
-      for (const e of models.list()) fn(e, { model: e.id, version: e.version });
+    this.read = read;
+    // One snapshot per scrape (see scrape()), shared by every gauge collected in it.
+    const snapshot = () => this.scraping ?? read();
+    const each = (fn: (v: VersionSnapshot, labels: { model: string; version: string }) => void) => {
+      for (const v of snapshot().versions) fn(v, { model: v.id, version: v.version });
     };
-    gauge("spindle_requests_running", "Requests holding a slot.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.busySlots)));
-    gauge("spindle_requests_waiting", "Requests waiting for a slot.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waiting)));
-    gauge("spindle_queued_prompt_tokens", "Prompt tokens of the waiting requests.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.waitingTokens)));
-    gauge("spindle_slots_busy", "Slots (sequences) in use.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.busySlots)));
-    gauge("spindle_slots", "Slots (sequences) of the model's context.", (set) => each((e, l) => e.scheduler && set(l, e.scheduler.totalSlots)));
+    const loaded = (fn: (l: NonNullable<VersionSnapshot["loaded"]>, labels: { model: string; version: string }) => void) =>
+      each((v, labels) => v.loaded && fn(v.loaded, labels));
+    gauge("spindle_requests_running", "Requests holding a slot.", (set) => loaded((l, labels) => set(labels, l.scheduler.busySlots)));
+    gauge("spindle_requests_waiting", "Requests waiting for a slot.", (set) => loaded((l, labels) => set(labels, l.scheduler.waiting)));
+    gauge("spindle_queued_prompt_tokens", "Prompt tokens of the waiting requests.", (set) => loaded((l, labels) => set(labels, l.scheduler.waitingTokens)));
+    gauge("spindle_slots_busy", "Slots (sequences) in use.", (set) => loaded((l, labels) => set(labels, l.scheduler.busySlots)));
+    gauge("spindle_slots", "Slots (sequences) of the model's context.", (set) => loaded((l, labels) => set(labels, l.scheduler.totalSlots)));
     gauge("spindle_kv_cache_reserved_bytes", "KV cache reserved by the context.", (set) =>
-      each((e, l) => e.engine && set(l, e.engine.kvBytesPerToken * e.engine.ctxSize * e.engine.parallel)),
+      loaded((l, labels) => set(labels, l.kvBytesPerToken * l.contextLength * l.parallel)),
     );
-    gauge("spindle_kv_cache_used_bytes", "KV cache holding tokens now.", (set) =>
-      each((e, l) => e.engine && e.scheduler && set(l, e.engine.kvBytesPerToken * e.scheduler.heldTokens())),
-    );
-    gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => each((e, l) => e.engine && set(l, e.engine.sizeBytes)));
+    gauge("spindle_kv_cache_used_bytes", "KV cache holding tokens now.", (set) => loaded((l, labels) => set(labels, l.kvBytesPerToken * l.scheduler.heldTokens)));
+    gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => loaded((l, labels) => set(labels, l.weightsBytes)));
     new Gauge({
       name: "spindle_models_resident",
       help: "Model versions in memory.",
       registers,
       collect() {
-        this.set(models.residency.resident().length);
+        this.set(snapshot().versions.filter((v) => v.loaded !== undefined).length);
       },
     });
     gauge("spindle_model_ready", "1 when the model version is loaded and warmed.", (set) => each((e, l) => set(l, e.state === "ready" ? 1 : 0)));
@@ -179,7 +180,7 @@ export class Metrics {
       labelNames: ["memory"],
       registers,
       collect() {
-        const b = models.residency.budget;
+        const b = snapshot().budget;
         this.set({ memory: "ram" }, b.ram);
         if (Number.isFinite(b.vram)) this.set({ memory: "vram" }, b.vram);
       },
@@ -190,14 +191,14 @@ export class Metrics {
       labelNames: ["memory"],
       registers,
       collect() {
-        const u = models.residency.used();
+        const u = snapshot().used;
         this.set({ memory: "ram" }, u.ram);
         this.set({ memory: "vram" }, u.vram);
       },
     });
   }
 
-  modelEvicted(model: string, version: string, reason: "lru" | "admin"): void {
+  modelEvicted(model: string, version: string, reason: EvictionReason): void {
     this.evictions.inc({ model, version, reason });
   }
 
@@ -236,22 +237,23 @@ export class Metrics {
   }
 
   /** Once per request, when it ends (whatever the transport). */
-  requestFinished(r: FinishedRequest): void {
+  requestFinished(r: RequestRecord): void {
     if (!this.enabled) return;
-    const mv = { model: r.model, version: r.version };
-    this.requests.inc({ endpoint: r.endpoint, ...mv, status_class: `${Math.floor(r.status / 100)}xx`, finish_reason: r.finishReason ?? "none" });
-    if (r.errorKind !== undefined) this.errors.inc({ endpoint: r.endpoint, ...mv, type: r.errorKind });
-    this.duration.observe({ endpoint: r.endpoint, ...mv }, r.durationSeconds);
-    if (r.queueWaitSeconds !== undefined) this.queueWait.observe(mv, r.queueWaitSeconds);
-    if (r.ttftSeconds !== undefined) this.ttft.observe(mv, r.ttftSeconds);
-    if (r.promptTokens !== undefined) {
-      this.promptTokensPerRequest.observe(mv, r.promptTokens);
-      this.promptTokens.inc(mv, r.promptTokens);
-      this.cachedTokens.inc(mv, r.cachedTokens ?? 0);
-    }
-    if (r.completionTokens !== undefined) {
-      this.completionTokensPerRequest.observe(mv, r.completionTokens);
-      this.completionTokens.inc(mv, r.completionTokens);
+    const mv = { model: r.model?.id ?? UNKNOWN, version: r.model?.version ?? UNKNOWN };
+    const endpoint = r.endpoint;
+    this.requests.inc({ endpoint, ...mv, status_class: `${Math.floor(r.status / 100)}xx`, finish_reason: r.finishReason ?? "none" });
+    if (r.error !== undefined) this.errors.inc({ endpoint, ...mv, type: r.error.kind });
+    this.duration.observe({ endpoint, ...mv }, (r.end - r.start) / 1000);
+    const tl = r.timeline;
+    if (tl?.queuedAt !== undefined && tl.startedAt !== undefined) this.queueWait.observe(mv, (tl.startedAt - tl.queuedAt) / 1000);
+    if (tl?.firstTokenAt !== undefined) this.ttft.observe(mv, (tl.firstTokenAt - r.start) / 1000);
+    const u = r.usage;
+    if (u !== undefined) {
+      this.promptTokensPerRequest.observe(mv, u.promptTokens);
+      this.promptTokens.inc(mv, u.promptTokens);
+      this.cachedTokens.inc(mv, u.cachedTokens);
+      this.completionTokensPerRequest.observe(mv, u.completionTokens);
+      this.completionTokens.inc(mv, u.completionTokens);
     }
   }
 }

@@ -1,197 +1,130 @@
 /**
- * What is known about one request, gathered as it goes and reported once when it ends:
- * one metrics update, one log line, one trace (the request span and its queue, prefill
- * and decode children). Shared by every transport.
+ * What is known about one request, reported once when it ends: one metrics update, one
+ * log line, one trace (the request span and its model-wait, queue, prefill and decode
+ * children). Fed by the generation service through the RequestObserver contract; it
+ * reads only the record it is given.
  */
 import { SpanKind, SpanStatusCode, type Span } from "@opentelemetry/api";
-import type { FastifyBaseLogger } from "fastify";
-import type { ApiError } from "../errors.js";
-import type { GenerationOutcome, GenerationRequest, Usage } from "../scheduler/types.js";
-import type { PreparedGeneration } from "../service/prepare.js";
+import type { Logger } from "../log.js";
+import type { RequestObservation, RequestObserver, RequestRecord, RequestStart } from "../observers.js";
 import type { Metrics } from "./metrics.js";
 import { incomingContext, pastSpan, wallClock, type Tracing } from "./tracing.js";
 
-export interface Telemetry {
-  metrics: Metrics;
-  tracing: Tracing | undefined;
-  log: FastifyBaseLogger;
-}
+const OPERATIONS: Record<RequestRecord["endpoint"], string> = {
+  chat: "chat",
+  completions: "text_completion",
+  responses: "chat",
+  messages: "chat",
+  embeddings: "embeddings",
+};
 
-export interface RequestOutcome {
-  status: number;
-  finishReason?: string;
-  usage?: Usage;
-  error?: ApiError;
-}
+const round = (ms: number) => Math.round(ms * 10) / 10;
 
-/** Notes a generation's outcome on the request's (the status stays the caller's). */
-export function noteOutcome(into: RequestOutcome, outcome: GenerationOutcome): void {
-  if ("result" in outcome) {
-    into.finishReason = outcome.result.finishReason;
-    into.usage = outcome.result.usage;
-  } else {
-    into.error = outcome.error;
-    into.usage = outcome.usage;
-  }
-}
-
-const UNKNOWN_MODEL = "_unknown";
-
-export class RequestTelemetry {
-  private readonly start = performance.now();
-  private readonly span: Span | undefined;
-  private prepared: PreparedGeneration | undefined;
-  private transport: string;
-  private finished = false;
-
+export class RequestTelemetry implements RequestObserver {
   constructor(
-    private readonly telemetry: Telemetry,
-    private readonly info: { id: string; endpoint: "chat" | "completions"; transport: "http" | "ws"; route: string; headers: Record<string, string | string[] | undefined> },
-  ) {
-    this.transport = info.transport;
-    const tracer = telemetry.tracing?.tracer;
-    if (tracer) {
-      this.span = tracer.startSpan(
-        info.route,
-        { kind: info.transport === "ws" ? SpanKind.INTERNAL : SpanKind.SERVER, startTime: wallClock(this.start), attributes: { "spindle.request_id": info.id, "spindle.transport": info.transport } },
-        incomingContext(info.headers),
-      );
-    }
-  }
+    private readonly metrics: Metrics,
+    private readonly tracing: Tracing | undefined,
+    private readonly log: Logger,
+  ) {}
 
-  /** The trace id to hand back to the client, when tracing is on. */
-  get traceId(): string | undefined {
-    return this.span?.spanContext().traceId;
-  }
-
-  /** The request was understood: its model, version and parameters are known. */
-  prepare(p: PreparedGeneration): void {
-    this.prepared = p;
-    if (p.stream && this.transport === "http") this.transport = "sse";
-  }
-
-  finish(outcome: RequestOutcome): void {
-    if (this.finished) return;
-    this.finished = true;
-    const end = performance.now();
-    const p = this.prepared;
-    const model = p?.entry.id ?? UNKNOWN_MODEL;
-    const version = p?.entry.version ?? UNKNOWN_MODEL;
-    const tl = p?.gen.timeline;
-    const queueWait = tl?.queuedAt !== undefined && tl.startedAt !== undefined ? (tl.startedAt - tl.queuedAt) / 1000 : undefined;
-    const ttft = tl?.firstTokenAt !== undefined ? (tl.firstTokenAt - this.start) / 1000 : undefined;
-    this.telemetry.metrics.requestFinished({
-      endpoint: this.info.endpoint,
-      model,
-      version,
-      status: outcome.status,
-      finishReason: outcome.finishReason,
-      errorKind: outcome.error?.kind,
-      durationSeconds: (end - this.start) / 1000,
-      queueWaitSeconds: queueWait,
-      ttftSeconds: ttft,
-      promptTokens: outcome.usage?.promptTokens,
-      cachedTokens: outcome.usage?.cachedTokens,
-      completionTokens: outcome.usage?.completionTokens,
-    });
-    // One line per request; never the prompt or the output.
-    this.telemetry.log.info(
+  start(info: RequestStart): RequestObservation {
+    const span = this.tracing?.tracer.startSpan(
+      `${info.transport === "ws" ? "WS" : "POST"} ${info.endpoint}`,
       {
-        reqId: this.info.id,
-        endpoint: this.info.endpoint,
-        transport: this.transport,
-        model: `${model}@${version}`,
-        route: p?.via ?? null,
-        status: outcome.status,
-        finish_reason: outcome.finishReason ?? null,
-        error_type: outcome.error?.kind ?? null,
-        prompt_tokens: outcome.usage?.promptTokens ?? null,
-        cached_tokens: outcome.usage?.cachedTokens ?? null,
-        completion_tokens: outcome.usage?.completionTokens ?? null,
-        queue_ms: queueWait !== undefined ? round(queueWait * 1000) : null,
-        ttft_ms: ttft !== undefined ? round(ttft * 1000) : null,
-        total_ms: round(end - this.start),
+        kind: info.transport === "ws" ? SpanKind.INTERNAL : SpanKind.SERVER,
+        startTime: wallClock(performance.now()),
+        attributes: { "spindle.request_id": info.id, "spindle.transport": info.transport },
+      },
+      incomingContext(info.headers),
+    );
+    let finished = false;
+    return {
+      traceId: span?.spanContext().traceId,
+      finish: (record) => {
+        if (finished) return;
+        finished = true;
+        this.metrics.requestFinished(record);
+        this.logLine(record, span?.spanContext().traceId);
+        if (span) this.endSpans(span, record);
+      },
+    };
+  }
+
+  /** One line per request; never the prompt or the output. */
+  private logLine(r: RequestRecord, traceId: string | undefined): void {
+    const tl = r.timeline;
+    const queueMs = tl?.queuedAt !== undefined && tl.startedAt !== undefined ? round(tl.startedAt - tl.queuedAt) : null;
+    const ttftMs = tl?.firstTokenAt !== undefined ? round(tl.firstTokenAt - r.start) : null;
+    this.log.info(
+      {
+        reqId: r.id,
+        endpoint: r.endpoint,
+        transport: r.transport,
+        model: r.model ? `${r.model.id}@${r.model.version}` : "_unknown@_unknown",
+        route: r.route ?? null,
+        ...(r.key !== undefined ? { key: r.key } : {}),
+        status: r.status,
+        finish_reason: r.finishReason ?? null,
+        error_type: r.error?.kind ?? null,
+        error_code: r.error?.code ?? null,
+        prompt_tokens: r.usage?.promptTokens ?? null,
+        cached_tokens: r.usage?.cachedTokens ?? null,
+        completion_tokens: r.usage?.completionTokens ?? null,
+        queue_ms: queueMs,
+        ttft_ms: ttftMs,
+        total_ms: round(r.end - r.start),
         // Only when the request had to wait for its model version to load.
-        ...(p && p.acquire.end - p.acquire.start >= MODEL_WAIT_REPORTED_MS ? { model_wait_ms: round(p.acquire.end - p.acquire.start) } : {}),
-        ...(this.traceId ? { trace_id: this.traceId } : {}),
+        ...(r.modelWait ? { model_wait_ms: round(r.modelWait.end - r.modelWait.start) } : {}),
+        ...(traceId ? { trace_id: traceId } : {}),
       },
       "request",
     );
-    if (this.span) this.endSpans(end, outcome, model, version);
   }
 
-  private endSpans(end: number, outcome: RequestOutcome, model: string, version: string): void {
-    const span = this.span!;
-    const tracer = this.telemetry.tracing!.tracer;
-    const p = this.prepared;
-    const gen: GenerationRequest | undefined = p?.gen;
-    const tl = gen?.timeline;
-    const operation = this.info.endpoint === "chat" ? "chat" : "text_completion";
-    const usage = outcome.usage;
-    const common = {
+  private endSpans(span: Span, r: RequestRecord): void {
+    const tracer = this.tracing!.tracer;
+    const model = r.model?.id ?? "_unknown";
+    const operation = OPERATIONS[r.endpoint];
+    const tl = r.timeline;
+    const s = r.sampling;
+    span.updateName(`${operation} ${model}`);
+    span.setAttributes({
       "gen_ai.operation.name": operation,
       "gen_ai.provider.name": "llama.cpp",
       "gen_ai.system": "llama.cpp",
       "gen_ai.request.model": model,
-      "gen_ai.response.model": `${model}@${version}`,
-      "spindle.model.version": version,
-      ...(p ? { "spindle.route": p.via } : {}),
-    };
-    span.updateName(`${operation} ${model}`);
-    span.setAttributes({
-      ...common,
-      "http.response.status_code": outcome.status,
-      ...(gen
-        ? {
-            "gen_ai.request.max_tokens": gen.maxTokens,
-            "gen_ai.request.temperature": gen.sampling.temperature,
-            "gen_ai.request.top_p": gen.sampling.topP,
-            "gen_ai.request.seed": gen.sampling.seed,
-          }
-        : {}),
-      ...(p ? { "gen_ai.response.id": p.meta.id } : {}),
-      ...(usage ? { "gen_ai.usage.input_tokens": usage.promptTokens, "gen_ai.usage.output_tokens": usage.completionTokens, "spindle.cached_tokens": usage.cachedTokens } : {}),
-      ...(outcome.finishReason ? { "gen_ai.response.finish_reasons": [outcome.finishReason] } : {}),
+      ...(r.model ? { "gen_ai.response.model": `${r.model.id}@${r.model.version}`, "spindle.model.version": r.model.version } : {}),
+      ...(r.route ? { "spindle.route": r.route } : {}),
+      "http.response.status_code": r.status,
+      ...(s ? { "gen_ai.request.max_tokens": s.maxTokens, "gen_ai.request.temperature": s.temperature, "gen_ai.request.top_p": s.topP, "gen_ai.request.seed": s.seed } : {}),
+      ...(r.responseId ? { "gen_ai.response.id": r.responseId } : {}),
+      ...(r.usage ? { "gen_ai.usage.input_tokens": r.usage.promptTokens, "gen_ai.usage.output_tokens": r.usage.completionTokens, "spindle.cached_tokens": r.usage.cachedTokens } : {}),
+      ...(r.finishReason ? { "gen_ai.response.finish_reasons": [r.finishReason] } : {}),
       ...(tl?.slot !== undefined ? { "spindle.slot": tl.slot } : {}),
-      ...(tl?.firstTokenAt !== undefined ? { "spindle.ttft_ms": round(tl.firstTokenAt - this.start) } : {}),
+      ...(tl?.firstTokenAt !== undefined ? { "spindle.ttft_ms": round(tl.firstTokenAt - r.start) } : {}),
     });
-    const error = outcome.error;
+    const error = r.error;
     if (error) {
       span.setAttribute("error.type", error.kind);
       span.setStatus({ code: SpanStatusCode.ERROR, message: error.message });
     }
     // Children carry only what is theirs; the model and request attributes are on the parent.
-    if (p && p.acquire.end - p.acquire.start >= MODEL_WAIT_REPORTED_MS) pastSpan(tracer, span, "model.wait", p.acquire.start, p.acquire.end, {});
+    if (r.modelWait) pastSpan(tracer, span, "model.wait", r.modelWait.start, r.modelWait.end, {});
     if (tl?.queuedAt !== undefined) {
-      const queueEnd = tl.startedAt ?? tl.endedAt ?? end;
+      const queueEnd = tl.startedAt ?? tl.endedAt ?? r.end;
       pastSpan(tracer, span, "queue", tl.queuedAt, queueEnd, {}, tl.startedAt === undefined ? error?.kind : undefined);
     }
     if (tl?.startedAt !== undefined) {
-      const decodeFrom = tl.firstTokenAt ?? tl.endedAt ?? end;
+      const decodeFrom = tl.firstTokenAt ?? tl.endedAt ?? r.end;
       pastSpan(tracer, span, "prefill", tl.startedAt, decodeFrom, {
-        "gen_ai.usage.input_tokens": gen!.promptTokens.length,
+        "gen_ai.usage.input_tokens": s?.promptTokens ?? 0,
         "spindle.cached_tokens": tl.cachedTokens ?? 0,
         "spindle.slot": tl.slot ?? -1,
       });
       if (tl.firstTokenAt !== undefined) {
-        pastSpan(tracer, span, "decode", tl.firstTokenAt, tl.endedAt ?? end, { "gen_ai.usage.output_tokens": usage?.completionTokens ?? 0 }, error?.kind);
+        pastSpan(tracer, span, "decode", tl.firstTokenAt, tl.endedAt ?? r.end, { "gen_ai.usage.output_tokens": r.usage?.completionTokens ?? 0 }, error?.kind);
       }
     }
-    span.end(wallClock(end));
+    span.end(wallClock(r.end));
   }
 }
-
-/** A lifecycle event (load, warm-up) as a root span of its own. */
-export function lifecycleSpan(telemetry: Telemetry, name: string, start: number, end: number, attributes: Record<string, string | number>, error?: string): void {
-  const tracer = telemetry.tracing?.tracer;
-  if (!tracer) return;
-  const span = tracer.startSpan(name, { startTime: wallClock(start), attributes, root: true });
-  if (error) span.setStatus({ code: SpanStatusCode.ERROR, message: error });
-  span.end(wallClock(end));
-}
-
-const round = (ms: number) => Math.round(ms * 10) / 10;
-
-/** A lease on a resident version takes microseconds; anything longer was a load or an eviction. */
-const MODEL_WAIT_REPORTED_MS = 1;
-

@@ -10,16 +10,15 @@
  * scheduler's timestamps: nothing is traced per token.
  */
 import { context as otelContext, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace, type Attributes, type Context, type Span, type Tracer } from "@opentelemetry/api";
-import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
-import { resources, tracing } from "@opentelemetry/sdk-node";
+import { core, resources, tracing } from "@opentelemetry/sdk-node";
 
 export interface Tracing {
   tracer: Tracer;
   shutdown(): Promise<void>;
 }
 
-const propagator = new W3CTraceContextPropagator();
+const propagator = new core.W3CTraceContextPropagator();
 
 /** The traces endpoint from the flag, else the environment; undefined: tracing off. */
 export function tracesEndpoint(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string | undefined {

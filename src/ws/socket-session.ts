@@ -2,20 +2,26 @@
  * One WebSocket connection of `GET /v1/ws`: many generations in flight, interleaved,
  * each streamed as the same chunk objects the SSE stream carries.
  *
+ *   client → {"type":"auth","token":"…"}                       (first, when keys are required and the upgrade had none)
  *   client → {"type":"chat.completions.create"|"completions.create","id":"…","body":{…},"timeout"?:s,"priority"?:p}
  *   client → {"type":"cancel","id":"…"}
  *   server → {"type":"chunk","id":"…","chunk":{…}} … {"type":"done","id":"…"}
  *   server → {"type":"error","id":"…"|null,"error":{message,type,param,code}}
+ *
+ * Every frame is checked (size by the socket, then JSON depth, then its shape) before
+ * any of its fields is used, and every handler is contained: whatever a client sends
+ * ends as an error frame or a close for that connection only.
  */
-import type { WebSocket } from "ws";
-import { ApiError, toApiError } from "../errors.js";
-import type { ChunkTransport } from "../http/encoders.js";
-import { ChunkStreamSink } from "../http/encoders.js";
-import { noteOutcome, RequestTelemetry, type RequestOutcome, type Telemetry } from "../telemetry/request-telemetry.js";
-import { AccessControl } from "../http/access.js";
 import { randomBytes } from "node:crypto";
-import type { ModelRegistry } from "../models/registry.js";
-import { prepareChat, prepareCompletion, type PreparedGeneration } from "../service/prepare.js";
+import type { WebSocket } from "ws";
+import type { KeyRing, Principal } from "../access/keys.js";
+import { ApiError, toApiError } from "../errors.js";
+import type { Headers } from "../observers.js";
+import { jsonDepthExceeds } from "../protocol/json-limits.js";
+import { parseChat } from "../protocol/openai-chat.js";
+import { parseCompletion } from "../protocol/openai-completions.js";
+import type { OpenAIPlan, StreamTransport } from "../protocol/openai-output.js";
+import type { GenerationService } from "../service/generation-service.js";
 
 export interface SocketLimits {
   /** Generations one connection may have in flight. */
@@ -27,6 +33,8 @@ export interface SocketLimits {
   maxBufferedBytes: number;
   /** Seconds between pings; a connection that missed one pong is dropped. */
   pingIntervalSeconds: number;
+  /** Seconds a connection that must authenticate has to send its auth frame. */
+  authTimeoutSeconds: number;
 }
 
 export const DEFAULT_SOCKET_LIMITS: SocketLimits = {
@@ -35,15 +43,35 @@ export const DEFAULT_SOCKET_LIMITS: SocketLimits = {
   frameBurst: 100,
   maxBufferedBytes: 4 * 1024 * 1024,
   pingIntervalSeconds: 20,
+  authTimeoutSeconds: 10,
 };
 
 /** Close codes (RFC 6455): 1008 policy violation, 1009 message too big (sent by ws itself). */
 export const CLOSE_POLICY = 1008;
 
+/** Frames nest a body a few levels deep; far deeper than any request needs is refused unread. */
+const MAX_FRAME_DEPTH = 64;
+
+const REQUEST_TYPES = {
+  "chat.completions.create": { endpoint: "chat", parse: parseChat },
+  "completions.create": { endpoint: "completions", parse: parseCompletion },
+} as const;
+type RequestType = keyof typeof REQUEST_TYPES;
+
 interface InFlight {
   abort: AbortController;
-  /** Set when the server ended it (slow reader), so the error frame says why. */
-  reason: ApiError | undefined;
+}
+
+function frameError(message: string, param: string | null = null, code = "invalid_frame"): ApiError {
+  return new ApiError("invalid_request", message, { param, code });
+}
+
+/** A frame's scalar field, or an error naming it. */
+function optionalNumber(frame: Record<string, unknown>, field: string): number | undefined {
+  const v = frame[field];
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) throw frameError(`Invalid '${field}': expected a positive number of seconds.`, field);
+  return v;
 }
 
 export class SocketSession {
@@ -51,20 +79,26 @@ export class SocketSession {
   private tokens: number;
   private lastRefill = performance.now();
   private alive = true;
-  /** The key this connection authenticated with (header or first frame). */
-  private apiKey: number | undefined;
+  private principal: Principal | undefined;
   private authenticated: boolean;
   private readonly pinger: NodeJS.Timeout;
+  private authTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly socket: WebSocket,
-    private readonly registry: ModelRegistry,
-    private readonly opts: { access: AccessControl; apiKey: number | undefined; telemetry: Telemetry; limits: SocketLimits; requestTimeoutSeconds: number; isAccepting: () => boolean; headers: Record<string, string | string[] | undefined> },
+    private readonly opts: { generation: GenerationService; keys: KeyRing; principal: Principal | undefined; limits: SocketLimits; headers: Headers },
   ) {
     this.tokens = opts.limits.frameBurst;
-    this.apiKey = opts.apiKey;
-    this.authenticated = !opts.access.enabled || opts.apiKey !== undefined;
-    socket.on("message", (data, isBinary) => this.onMessage(data as Buffer, isBinary));
+    this.principal = opts.principal;
+    this.authenticated = !opts.keys.enabled || opts.principal !== undefined;
+    socket.on("message", (data, isBinary) => {
+      try {
+        this.onMessage(data as Buffer, isBinary);
+      } catch (err) {
+        // Nothing a client sends may escape: the worst a frame gets is an error frame.
+        this.sendError(null, toApiError(err));
+      }
+    });
     socket.on("close", () => this.onClose());
     socket.on("error", () => this.onClose());
     socket.on("pong", () => (this.alive = true));
@@ -77,6 +111,14 @@ export class SocketSession {
       socket.ping();
     }, opts.limits.pingIntervalSeconds * 1000);
     this.pinger.unref();
+    if (!this.authenticated) {
+      // A connection that never authenticates must not live on the server's pings.
+      this.authTimer = setTimeout(() => {
+        this.sendError(null, new ApiError("unauthorized", `Authenticate within ${opts.limits.authTimeoutSeconds} s of connecting.`, { code: "auth_timeout" }));
+        socket.close(CLOSE_POLICY, "authentication timeout");
+      }, opts.limits.authTimeoutSeconds * 1000);
+      this.authTimer.unref();
+    }
   }
 
   get generations(): number {
@@ -106,121 +148,115 @@ export class SocketSession {
       this.socket.close(CLOSE_POLICY, "too many frames");
       return;
     }
-    if (isBinary) {
-      this.sendError(null, new ApiError("invalid_request", "Binary frames are not supported: send JSON text frames.", { code: "invalid_frame" }));
-      return;
-    }
+    if (isBinary) return this.sendError(null, frameError("Binary frames are not supported: send JSON text frames."));
+    const text = data.toString("utf8");
+    if (jsonDepthExceeds(text, MAX_FRAME_DEPTH)) return this.sendError(null, frameError(`The frame nests deeper than ${MAX_FRAME_DEPTH} levels.`));
     let msg: unknown;
     try {
-      msg = JSON.parse(data.toString("utf8"));
+      msg = JSON.parse(text);
     } catch {
-      this.sendError(null, new ApiError("invalid_request", "The frame is not valid JSON.", { code: "invalid_frame" }));
-      return;
+      return this.sendError(null, frameError("The frame is not valid JSON."));
     }
-    if (msg === null || typeof msg !== "object" || Array.isArray(msg)) {
-      this.sendError(null, new ApiError("invalid_request", "A frame must be a JSON object with a type.", { code: "invalid_frame" }));
-      return;
-    }
-    const frame = msg as { type?: unknown; id?: unknown; body?: unknown; timeout?: unknown; priority?: unknown; token?: unknown };
+    if (msg === null || typeof msg !== "object" || Array.isArray(msg)) return this.sendError(null, frameError("A frame must be a JSON object with a type."));
+    const frame = msg as Record<string, unknown>;
     const id = typeof frame.id === "string" && frame.id.length > 0 && frame.id.length <= 256 ? frame.id : null;
-    if (!this.authenticated) {
-      // Without a key on the upgrade, the first frame must carry one: {"type":"auth","token":"…"}.
-      try {
-        if (frame.type !== "auth") throw new ApiError("unauthorized", "Authenticate first: send {\"type\":\"auth\",\"token\":\"<key>\"} or connect with an Authorization header.", { code: "missing_api_key" });
-        this.apiKey = this.opts.access.authenticate(typeof frame.token === "string" ? frame.token : undefined);
-        this.authenticated = true;
-      } catch (err) {
-        this.sendError(null, toApiError(err));
-        this.socket.close(CLOSE_POLICY, "authentication required");
-      }
-      return;
-    }
-    if (frame.type === "auth") return;
-    if (frame.type === "cancel") {
+    const type = typeof frame.type === "string" && frame.type.length <= 64 ? frame.type : undefined;
+    if (!this.authenticated) return this.authenticate(type, frame.token);
+    if (type === "auth") return;
+    if (type === "cancel") {
       // A generation that already finished is not an error: the race is normal.
       if (id !== null) this.inFlight.get(id)?.abort.abort();
       return;
     }
-    if (frame.type !== "chat.completions.create" && frame.type !== "completions.create") {
-      this.sendError(id, new ApiError("invalid_request", `Unknown frame type ${JSON.stringify(frame.type)}: expected chat.completions.create, completions.create or cancel.`, { param: "type", code: "invalid_frame" }));
-      return;
+    if (type === undefined || !Object.hasOwn(REQUEST_TYPES, type)) {
+      const shown = type === undefined ? (typeof frame.type === "string" ? "a string over 64 characters" : `a value of type ${Array.isArray(frame.type) ? "array" : frame.type === null ? "null" : typeof frame.type}`) : JSON.stringify(type);
+      return this.sendError(id, frameError(`Unknown frame type ${shown}: expected ${Object.keys(REQUEST_TYPES).join(", ")}, cancel or auth.`, "type"));
     }
-    if (id === null) {
-      this.sendError(null, new ApiError("invalid_request", "A request frame needs an id: a non-empty string of at most 256 characters.", { param: "id", code: "invalid_frame" }));
-      return;
-    }
-    if (this.inFlight.has(id)) {
-      this.sendError(id, new ApiError("invalid_request", `The id "${id}" is already in flight on this connection.`, { param: "id", code: "duplicate_id" }));
-      return;
-    }
+    if (id === null) return this.sendError(null, frameError("A request frame needs an id: a non-empty string of at most 256 characters.", "id"));
+    if (this.inFlight.has(id)) return this.sendError(id, frameError(`The id "${id}" is already in flight on this connection.`, "id", "duplicate_id"));
     if (this.inFlight.size >= this.opts.limits.maxInFlight) {
-      this.sendError(id, new ApiError("overloaded", `At most ${this.opts.limits.maxInFlight} generations may be in flight on one connection.`, { code: "too_many_in_flight", retryAfter: 1 }));
-      return;
+      return this.sendError(id, new ApiError("overloaded", `At most ${this.opts.limits.maxInFlight} generations may be in flight on one connection.`, { code: "too_many_in_flight", retryAfter: 1 }));
     }
-    void this.generate(id, frame.type, frame);
+    let headers: Headers;
+    try {
+      headers = this.frameHeaders(frame);
+    } catch (err) {
+      return this.sendError(id, toApiError(err));
+    }
+    void this.generate(id, type as RequestType, frame.body, headers);
   }
 
-  private async generate(id: string, type: "chat.completions.create" | "completions.create", frame: { body?: unknown; timeout?: unknown; priority?: unknown }): Promise<void> {
-    const entry: InFlight = { abort: new AbortController(), reason: undefined };
-    this.inFlight.set(id, entry);
-    const telemetry = new RequestTelemetry(this.opts.telemetry, {
-      id: randomBytes(8).toString("hex"),
-      endpoint: type === "chat.completions.create" ? "chat" : "completions",
-      transport: "ws",
-      route: `WS ${type}`,
-      headers: this.opts.headers,
-    });
-    const outcome: RequestOutcome = { status: 200 };
-    let lease: ReturnType<AccessControl["admit"]> | undefined;
-    let p: PreparedGeneration | undefined;
+  /** The frame's own timeout and priority take the place of the HTTP headers. */
+  private frameHeaders(frame: Record<string, unknown>): Headers {
+    const headers: Headers = { ...this.opts.headers };
+    const timeout = optionalNumber(frame, "timeout");
+    if (timeout !== undefined) headers["x-request-timeout"] = String(timeout);
+    if (frame.priority !== undefined && frame.priority !== null) {
+      if (typeof frame.priority !== "string" || frame.priority.length > 16) throw frameError("Invalid 'priority': expected high, normal or low.", "priority");
+      headers["x-priority"] = frame.priority;
+    }
+    return headers;
+  }
+
+  private authenticate(type: string | undefined, token: unknown): void {
+    // Without a key on the upgrade, the first frame must carry one: {"type":"auth","token":"…"}.
     try {
-      if (!this.opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
-      lease = this.opts.access.admit(this.apiKey);
-      // The frame's own timeout and priority take the place of the HTTP headers.
-      const headers: Record<string, string | string[] | undefined> = { ...this.opts.headers };
-      if (frame.timeout !== undefined) headers["x-request-timeout"] = String(frame.timeout);
-      if (frame.priority !== undefined) headers["x-priority"] = String(frame.priority);
-      const body = frame.body !== null && typeof frame.body === "object" ? { ...(frame.body as object), stream: true } : frame.body;
-      const prepare = type === "chat.completions.create" ? prepareChat : prepareCompletion;
-      p = await prepare(this.registry, body, { headers, signal: entry.abort.signal, defaultTimeoutSeconds: this.opts.requestTimeoutSeconds }, this.opts.telemetry);
-      telemetry.prepare(p);
-      noteOutcome(outcome, await p.entry.scheduler.submit(p.gen, new ChunkStreamSink(p.meta, this.transport(id, entry), p.includeUsage, p.echo)));
-      if (outcome.error) outcome.status = outcome.error.status;
+      if (type !== "auth") throw new ApiError("unauthorized", 'Authenticate first: send {"type":"auth","token":"<key>"} or connect with an Authorization header.', { code: "missing_api_key" });
+      this.principal = this.opts.keys.authenticate(typeof token === "string" ? token : undefined);
+      this.authenticated = true;
+      clearTimeout(this.authTimer);
     } catch (err) {
-      const apiErr = toApiError(err);
-      outcome.status = apiErr.status;
-      outcome.error = apiErr;
-      this.sendError(id, apiErr);
+      this.sendError(null, toApiError(err));
+      this.socket.close(CLOSE_POLICY, "authentication required");
+    }
+  }
+
+  private async generate(id: string, type: RequestType, body: unknown, headers: Headers): Promise<void> {
+    const entry: InFlight = { abort: new AbortController() };
+    this.inFlight.set(id, entry);
+    try {
+      const { endpoint, parse } = REQUEST_TYPES[type];
+      const run = this.opts.generation.open({ id: randomBytes(8).toString("hex"), endpoint, transport: "ws", headers, principal: this.principal, signal: entry.abort.signal });
+      const outcome = await run.generate(
+        // Frames always stream: the body's own `stream` does not change the framing.
+        () => parse(body !== null && typeof body === "object" && !Array.isArray(body) ? { ...body, stream: true } : body) as OpenAIPlan,
+        (plan) => {
+          run.responseId = plan.id;
+          return plan.streamAnswer(this.transport(id, entry));
+        },
+      );
+      if (outcome.error && !outcome.started) this.sendError(id, outcome.error);
+    } catch (err) {
+      this.sendError(id, toApiError(err));
     } finally {
       this.inFlight.delete(id);
-      p?.lease.release();
-      lease?.release(outcome.usage ? outcome.usage.promptTokens + outcome.usage.completionTokens : 0);
-      telemetry.finish(outcome);
     }
   }
 
-  private transport(id: string, entry: InFlight): ChunkTransport {
+  private transport(id: string, entry: InFlight): StreamTransport {
     const open = `{"type":"chunk","id":${JSON.stringify(id)},"chunk":`;
     const limit = this.opts.limits.maxBufferedBytes;
     return {
       open: () => {},
-      chunk: (json) => {
+      send: (json) => {
         // A reader that does not keep up must not grow our memory or hold its slot.
-        if (this.socket.bufferedAmount > limit && entry.reason === undefined) {
-          entry.reason = new ApiError("cancelled", `The connection is reading too slowly (over ${limit} bytes buffered): the generation was cancelled.`, { code: "slow_consumer" });
-          entry.abort.abort();
+        if (this.socket.bufferedAmount > limit) {
+          if (!entry.abort.signal.aborted) {
+            entry.abort.abort(new ApiError("cancelled", `The connection is reading too slowly (over ${limit} bytes buffered): the generation was cancelled.`, { code: "slow_consumer" }));
+          }
           return;
         }
         this.send(open + json + "}");
       },
       close: () => this.send(`{"type":"done","id":${JSON.stringify(id)}}`),
-      fail: (error) => this.sendError(id, entry.reason ?? error),
+      fail: (error) => this.sendError(id, error),
     };
   }
 
   /** A closed or broken connection cancels everything it had in flight. */
   private onClose(): void {
     clearInterval(this.pinger);
+    clearTimeout(this.authTimer);
     for (const g of this.inFlight.values()) g.abort.abort();
   }
 }

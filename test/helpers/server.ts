@@ -1,8 +1,11 @@
 import { resolve } from "node:path";
+import { Writable } from "node:stream";
+import { pino } from "pino";
+import type { Logger } from "../../src/log.js";
 import OpenAI from "openai";
-import { defaultThreads, type ServerOptions } from "../../src/config/cli.js";
 import type { ModelSpec } from "../../src/config/models-file.js";
-import { startServer, type RunningServer } from "../../src/server.js";
+import { defaultServerOptions } from "../../src/config/options.js";
+import { startServer, type RunningServer, type StartOptions } from "../../src/server.js";
 
 export const SHARED_MODELS = resolve(import.meta.dirname, "../../../shared/models");
 export const sharedModel = (file: string) => resolve(SHARED_MODELS, file);
@@ -29,39 +32,11 @@ export function spec(m: TestModel): ModelSpec {
   };
 }
 
-export type TestServerOptions = Partial<Omit<ServerOptions, "configFile" | "configExplicit" | "models">>;
+export type TestServerOptions = Partial<StartOptions>;
 
-/** Options for a test server: a free loopback port, no auth, quiet logs, unless overridden. */
-export function testServerOptions(opts: TestServerOptions = {}): Parameters<typeof startServer>[0] {
-  return {
-      host: "127.0.0.1",
-      port: 0,
-      threads: defaultThreads(),
-      gpu: "cpu",
-      parallel: undefined,
-      ctxSize: undefined,
-      flashAttention: "auto",
-      maxQueue: 64,
-      maxQueuedTokens: 65536,
-      requestTimeoutSeconds: 600,
-      maxBodyBytes: 4 * 1024 * 1024,
-      logLevel: "silent",
-      otlpEndpoint: undefined,
-      metrics: true,
-      apiKeys: [],
-      adminKeys: [],
-      publicAreas: ["health", "page"],
-      corsOrigins: [],
-      keyMaxConcurrent: 0,
-      keyTokensPerMinute: 0,
-      shutdownGraceSeconds: 5,
-      readTimeoutSeconds: 30,
-      memoryBudget: undefined,
-      vramBudget: undefined,
-      maxLoadedModels: 0,
-      stateFile: undefined,
-      ...opts,
-  };
+/** Options for a test server: the declared defaults, on a free loopback port, on the CPU, quiet, unless overridden. */
+export function testServerOptions(opts: TestServerOptions = {}): StartOptions {
+  return { ...defaultServerOptions(), port: 0, gpu: "cpu", logLevel: "silent", shutdownGraceSeconds: 5, ...opts };
 }
 
 /** The real server, real engine, on a free port. */
@@ -87,4 +62,16 @@ export async function waitFor(cond: () => boolean, timeoutMs = 5000, stepMs = 5)
     if (Date.now() > end) throw new Error("condition not met in time");
     await new Promise((r) => setTimeout(r, stepMs));
   }
+}
+
+/** A logger whose JSON lines the test can read (the server logs through it instead of stdout). */
+export function captureLog(): { log: Logger; lines: Array<Record<string, unknown>> } {
+  const lines: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      for (const l of chunk.toString("utf8").split("\n")) if (l.trim() !== "") lines.push(JSON.parse(l) as Record<string, unknown>);
+      done();
+    },
+  });
+  return { log: pino({ level: "info" }, sink), lines };
 }

@@ -1,3 +1,7 @@
+/**
+ * What the OpenAI APIs share: the sampling and stopping fields, their bounds, and zod
+ * issues turned into OpenAI's 400 envelope naming the parameter.
+ */
 import { z } from "zod";
 import { ApiError, invalidRequest } from "../errors.js";
 

@@ -1,8 +1,8 @@
-// The process entry (`npm start`). CommonJS on purpose: it loads with synchronous file
-// reads, so it runs before anything has started libuv's thread pool, whose size can
-// only be set before first use (see src/config/threadpool.ts for why it matters).
-"use strict";
-const { availableParallelism } = require("node:os");
+// The process entry (`npm start` runs its build, dist/launch.cjs). CommonJS on purpose:
+// it runs before anything has started libuv's thread pool, whose size can only be set
+// before first use. node-llama-cpp runs every decode step and sampling call on that
+// pool, and surplus pool threads fight the compute threads for the cores.
+import { availableParallelism } from "node:os";
 
 if (process.env.UV_THREADPOOL_SIZE === undefined) {
   const at = process.argv.indexOf("--threads");
@@ -13,11 +13,7 @@ if (process.env.UV_THREADPOOL_SIZE === undefined) {
   process.env.UV_THREADPOOL_SIZE = String(Math.max(1, Math.min(4, cores - compute - 1)));
 }
 
-(async () => {
-  const { register } = await import("tsx/esm/api");
-  register();
-  await import("./main.ts");
-})().catch((err) => {
-  process.stderr.write(`spindle: ${err?.stack ?? err}\n`);
+import("./main.js").catch((err: unknown) => {
+  process.stderr.write(`spindle: ${(err as Error)?.stack ?? String(err)}\n`);
   process.exit(1);
 });

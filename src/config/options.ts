@@ -1,0 +1,313 @@
+/**
+ * Every server option, declared once: its flag, environment variable, argument, default
+ * and help text, and how its value is read. The command-line parser, `--help`, the
+ * tests' defaults and the README's option table all derive from this list (a test
+ * fails when the README's table differs from it).
+ */
+import { availableParallelism } from "node:os";
+import { ConfigError } from "../errors.js";
+import { parseSize } from "./sizes.js";
+
+export type PublicArea = "health" | "metrics" | "page";
+export const PUBLIC_AREAS: readonly PublicArea[] = ["health", "metrics", "page"];
+export const GPU_CHOICES = ["auto", "cuda", "metal", "vulkan", "cpu"] as const;
+export type GpuChoice = (typeof GPU_CHOICES)[number];
+const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
+
+export interface CliModel {
+  path: string;
+  id: string;
+}
+
+export interface ServerOptions {
+  configFile: string;
+  /** True when --config/SPINDLE_CONFIG was given: then a missing file is an error. */
+  configExplicit: boolean;
+  models: CliModel[];
+  host: string;
+  port: number;
+  threads: number;
+  gpu: GpuChoice;
+  parallel: number | undefined;
+  ctxSize: number | undefined;
+  flashAttention: "auto" | "on" | "off";
+  maxQueue: number;
+  maxQueuedTokens: number;
+  requestTimeoutSeconds: number;
+  maxBodyBytes: number;
+  metrics: boolean;
+  otlpEndpoint: string | undefined;
+  apiKeys: string[];
+  adminKeys: string[];
+  apiKeysFile: string | undefined;
+  publicAreas: PublicArea[];
+  corsOrigins: string[];
+  keyMaxConcurrent: number;
+  keyTokensPerMinute: number;
+  readTimeoutSeconds: number;
+  shutdownGraceSeconds: number;
+  /** Bytes of RAM resident model versions may take (estimated before loading); default: 70% of the machine's. */
+  memoryBudget: number | undefined;
+  /** Bytes of VRAM, on GPU backends; default: 90% of the device's. */
+  vramBudget: number | undefined;
+  /** Most model versions in memory at once; 0: no limit but the budget. */
+  maxLoadedModels: number;
+  /** Where promotions, rollbacks and canary weights are kept; default: beside the models file. */
+  stateFile: string | undefined;
+  logLevel: (typeof LOG_LEVELS)[number];
+}
+
+/**
+ * One compute thread per spare core: the JavaScript thread that drives the batch loop
+ * needs a core of its own (see the engine notes on threads).
+ */
+export function defaultThreads(): number {
+  return Math.max(1, availableParallelism() - 1);
+}
+
+interface Declared<K extends keyof ServerOptions> {
+  flag: string;
+  env: string;
+  arg: string;
+  help: string;
+  /** The default as people read it (help, README). */
+  defaultText: string;
+  field: K;
+  /** Repeatable on the command line; comma-separated in the environment variable. */
+  multiple?: boolean;
+  /** Reads the given value(s); `raw` is one string, or every occurrence for `multiple`. */
+  read(raw: string[]): ServerOptions[K];
+  fallback(): ServerOptions[K];
+}
+
+/** A declaration, with the type of its field checked against ServerOptions. */
+function option<K extends keyof ServerOptions>(d: Declared<K>): Declared<K> {
+  return d;
+}
+
+function integer(flag: string, raw: string, min: number, max: number): number {
+  if (!/^\d+$/.test(raw.trim())) throw new ConfigError(`--${flag}: expected an integer, got "${raw}"`);
+  const n = Number(raw);
+  if (n < min || n > max) throw new ConfigError(`--${flag}: must be between ${min} and ${max}, got ${n}`);
+  return n;
+}
+
+/** Seconds: positive, and small enough for a Node timer (setTimeout overflows past 2^31-1 ms). */
+export const MAX_TIMER_SECONDS = Math.floor((2 ** 31 - 1) / 1000);
+
+function seconds(flag: string, raw: string): number {
+  const n = Number(raw);
+  if (raw.trim() === "" || !Number.isFinite(n) || n <= 0) throw new ConfigError(`--${flag}: expected a positive number of seconds, got "${raw}"`);
+  if (n > MAX_TIMER_SECONDS) throw new ConfigError(`--${flag}: at most ${MAX_TIMER_SECONDS} seconds, got ${raw}`);
+  return n;
+}
+
+function choice<T extends string>(flag: string, raw: string, choices: readonly T[]): T {
+  if (!(choices as readonly string[]).includes(raw)) throw new ConfigError(`--${flag}: expected one of ${choices.join("|")}, got "${raw}"`);
+  return raw as T;
+}
+
+const last = (raw: string[]) => raw[raw.length - 1]!;
+
+export function parseModelArg(raw: string): CliModel {
+  const eq = raw.lastIndexOf("=");
+  const path = eq > 0 ? raw.slice(0, eq) : raw;
+  const explicitId = eq > 0 ? raw.slice(eq + 1) : "";
+  if (path === "") throw new ConfigError(`--model: empty path in "${raw}"`);
+  const base = path.split(/[\\/]/).pop() ?? path;
+  const id = explicitId !== "" ? explicitId : base.replace(/\.gguf$/i, "");
+  if (!/^[A-Za-z0-9][A-Za-z0-9._:\-]*$/.test(id)) {
+    throw new ConfigError(`--model: invalid model id "${id}" (letters, digits, '.', '_', ':' and '-')`);
+  }
+  return { path, id };
+}
+
+function keys(flag: string, raw: string[]): string[] {
+  for (const k of raw) if (k.length < 8) throw new ConfigError(`--${flag}: keys must be at least 8 characters`);
+  return raw;
+}
+
+export const OPTIONS = [
+  option({
+    flag: "config", env: "SPINDLE_CONFIG", arg: "FILE", field: "configFile", defaultText: "`models.yaml`",
+    help: "the models file",
+    read: last, fallback: () => "models.yaml",
+  }),
+  option({
+    flag: "model", env: "SPINDLE_MODEL", arg: "PATH[=ID]", field: "models", defaultText: "–", multiple: true,
+    help: "serve these GGUF files instead of a models file; repeatable; ID defaults to the file name without `.gguf`",
+    read: (raw) => {
+      const models = raw.map(parseModelArg);
+      const ids = new Set<string>();
+      for (const m of models) {
+        if (ids.has(m.id)) throw new ConfigError(`--model: model id "${m.id}" given twice`);
+        ids.add(m.id);
+      }
+      return models;
+    },
+    fallback: () => [],
+  }),
+  option({ flag: "host", env: "SPINDLE_HOST", arg: "ADDR", field: "host", defaultText: "`127.0.0.1`", help: "address to bind", read: last, fallback: () => "127.0.0.1" }),
+  option({
+    flag: "port", env: "SPINDLE_PORT", arg: "N", field: "port", defaultText: "`8080`",
+    help: "port; `0` picks a free one (the `listening on` line tells which)",
+    read: (r) => integer("port", last(r), 0, 65535), fallback: () => 8080,
+  }),
+  option({
+    flag: "threads", env: "SPINDLE_THREADS", arg: "N", field: "threads", defaultText: "cores − 1, at least 1",
+    help: "compute threads per model",
+    read: (r) => integer("threads", last(r), 1, 1024), fallback: defaultThreads,
+  }),
+  option({
+    flag: "gpu", env: "SPINDLE_GPU", arg: GPU_CHOICES.join("|"), field: "gpu", defaultText: "`auto`",
+    help: "compute backend",
+    read: (r) => choice("gpu", last(r), GPU_CHOICES), fallback: () => "auto" as const,
+  }),
+  option({
+    flag: "parallel", env: "SPINDLE_PARALLEL", arg: "N", field: "parallel", defaultText: "4 (or the models file)",
+    help: "concurrent sequences (slots) per model",
+    read: (r) => integer("parallel", last(r), 1, 256), fallback: () => undefined,
+  }),
+  option({
+    flag: "ctx-size", env: "SPINDLE_CTX_SIZE", arg: "N", field: "ctxSize", defaultText: "2048, capped at the model's trained size (or the models file)",
+    help: "context tokens **per sequence**",
+    read: (r) => integer("ctx-size", last(r), 16, 1 << 20), fallback: () => undefined,
+  }),
+  option({
+    flag: "flash-attention", env: "SPINDLE_FLASH_ATTENTION", arg: "auto|on|off", field: "flashAttention", defaultText: "`auto`",
+    help: "on for GPU backends, off on CPU",
+    read: (r) => choice("flash-attention", last(r), ["auto", "on", "off"] as const), fallback: () => "auto" as const,
+  }),
+  option({
+    flag: "max-queue", env: "SPINDLE_MAX_QUEUE", arg: "N", field: "maxQueue", defaultText: "64",
+    help: "requests that may wait for a slot, per model; beyond it 429",
+    read: (r) => integer("max-queue", last(r), 0, 1_000_000), fallback: () => 64,
+  }),
+  option({
+    flag: "max-queued-tokens", env: "SPINDLE_MAX_QUEUED_TOKENS", arg: "N", field: "maxQueuedTokens", defaultText: "65536",
+    help: "prompt tokens that may wait, per model; beyond it 429",
+    read: (r) => integer("max-queued-tokens", last(r), 1, 2 ** 30), fallback: () => 65536,
+  }),
+  option({
+    flag: "request-timeout", env: "SPINDLE_REQUEST_TIMEOUT", arg: "S", field: "requestTimeoutSeconds", defaultText: "600",
+    help: "default deadline in seconds, queue included",
+    read: (r) => seconds("request-timeout", last(r)), fallback: () => 600,
+  }),
+  option({
+    flag: "max-body-bytes", env: "SPINDLE_MAX_BODY_BYTES", arg: "N", field: "maxBodyBytes", defaultText: "4194304",
+    help: "largest request body; beyond it 413",
+    read: (r) => integer("max-body-bytes", last(r), 1024, 2 ** 30), fallback: () => 4 * 1024 * 1024,
+  }),
+  option({
+    flag: "metrics", env: "SPINDLE_METRICS", arg: "on|off", field: "metrics", defaultText: "`on`",
+    help: "Prometheus metrics at `/metrics`",
+    read: (r) => choice("metrics", last(r), ["on", "off"] as const) === "on", fallback: () => true,
+  }),
+  option({
+    flag: "otlp-endpoint", env: "SPINDLE_OTLP_ENDPOINT", arg: "URL", field: "otlpEndpoint", defaultText: "off",
+    help: "send OpenTelemetry traces over OTLP/HTTP (`/v1/traces` is appended to a base URL; also `OTEL_EXPORTER_OTLP_ENDPOINT`)",
+    read: last, fallback: () => undefined,
+  }),
+  option({
+    flag: "api-key", env: "SPINDLE_API_KEYS", arg: "KEY", field: "apiKeys", defaultText: "none", multiple: true,
+    help: "require a key (`Authorization: Bearer KEY` or `X-Api-Key: KEY`); repeatable",
+    read: (r) => keys("api-key", r), fallback: () => [],
+  }),
+  option({
+    flag: "admin-key", env: "SPINDLE_ADMIN_KEYS", arg: "KEY", field: "adminKeys", defaultText: "none (loopback only)", multiple: true,
+    help: "key for the `/admin` routes; without one they answer loopback clients only; repeatable",
+    read: (r) => keys("admin-key", r), fallback: () => [],
+  }),
+  option({
+    flag: "api-keys-file", env: "SPINDLE_API_KEYS_FILE", arg: "FILE", field: "apiKeysFile", defaultText: "–",
+    help: "more keys, one per line (`#` comments)",
+    read: last, fallback: () => undefined,
+  }),
+  option({
+    flag: "public", env: "SPINDLE_PUBLIC", arg: "LIST", field: "publicAreas", defaultText: "`health,page`",
+    help: "what stays open when keys are required: `health` (`/livez`, `/readyz`, `/health`), `metrics`, `page` (`/`)",
+    read: (r) =>
+      last(r)
+        .split(",")
+        .map((s) => s.trim())
+        .filter((s) => s !== "")
+        .map((a) => {
+          if (!PUBLIC_AREAS.includes(a as PublicArea)) throw new ConfigError(`--public: unknown area "${a}" (health, metrics, page)`);
+          return a as PublicArea;
+        }),
+    fallback: () => ["health", "page"],
+  }),
+  option({
+    flag: "cors-origin", env: "SPINDLE_CORS_ORIGINS", arg: "ORIGIN", field: "corsOrigins", defaultText: "none (CORS off)", multiple: true,
+    help: "allowed browser origin (`*` for any); repeatable",
+    read: (r) => {
+      for (const o of r) if (o !== "*" && !/^https?:\/\/[^/]+$/.test(o)) throw new ConfigError(`--cors-origin: expected an origin like https://app.example.com, got "${o}"`);
+      return r;
+    },
+    fallback: () => [],
+  }),
+  option({
+    flag: "key-max-concurrent", env: "SPINDLE_KEY_MAX_CONCURRENT", arg: "N", field: "keyMaxConcurrent", defaultText: "0 (off)",
+    help: "requests in flight per key",
+    read: (r) => integer("key-max-concurrent", last(r), 0, 1_000_000), fallback: () => 0,
+  }),
+  option({
+    flag: "key-tokens-per-minute", env: "SPINDLE_KEY_TOKENS_PER_MINUTE", arg: "N", field: "keyTokensPerMinute", defaultText: "0 (off)",
+    help: "prompt + completion tokens per key per minute",
+    read: (r) => integer("key-tokens-per-minute", last(r), 0, Number.MAX_SAFE_INTEGER), fallback: () => 0,
+  }),
+  option({
+    flag: "read-timeout", env: "SPINDLE_READ_TIMEOUT", arg: "S", field: "readTimeoutSeconds", defaultText: "30",
+    help: "time a client has to send its whole request; then 408",
+    read: (r) => integer("read-timeout", last(r), 1, 3600), fallback: () => 30,
+  }),
+  option({
+    flag: "shutdown-grace", env: "SPINDLE_SHUTDOWN_GRACE", arg: "S", field: "shutdownGraceSeconds", defaultText: "30",
+    help: "on SIGTERM/SIGINT, how long running generations may finish",
+    read: (r) => integer("shutdown-grace", last(r), 0, 3600), fallback: () => 30,
+  }),
+  option({
+    flag: "memory-budget", env: "SPINDLE_MEMORY_BUDGET", arg: "SIZE", field: "memoryBudget", defaultText: "70% of RAM",
+    help: "RAM that loaded model versions may take (`800000000`, `512MiB`, `4GiB`, `1.5GB`); estimated before each load",
+    read: (r) => parseSize("memory-budget", last(r)), fallback: () => undefined,
+  }),
+  option({
+    flag: "vram-budget", env: "SPINDLE_VRAM_BUDGET", arg: "SIZE", field: "vramBudget", defaultText: "90% of the device",
+    help: "VRAM, on GPU backends",
+    read: (r) => parseSize("vram-budget", last(r)), fallback: () => undefined,
+  }),
+  option({
+    flag: "max-loaded-models", env: "SPINDLE_MAX_LOADED_MODELS", arg: "N", field: "maxLoadedModels", defaultText: "0 (no cap)",
+    help: "most versions in memory at once",
+    read: (r) => integer("max-loaded-models", last(r), 0, 10_000), fallback: () => 0,
+  }),
+  option({
+    flag: "state-file", env: "SPINDLE_STATE_FILE", arg: "FILE", field: "stateFile", defaultText: "`<models file>.state.json`",
+    help: "where promotions, rollbacks, canary/shadow weights and first-served hashes are kept",
+    read: last, fallback: () => undefined,
+  }),
+  option({
+    flag: "log-level", env: "SPINDLE_LOG_LEVEL", arg: "LEVEL", field: "logLevel", defaultText: "`info`",
+    help: "`fatal` … `trace`, or `silent`",
+    read: (r) => choice("log-level", last(r), LOG_LEVELS), fallback: () => "info" as const,
+  }),
+] as const;
+
+export type OptionDeclaration = (typeof OPTIONS)[number];
+
+/** Every option at its default: what a server started with no flags and no environment runs with. */
+export function defaultServerOptions(): ServerOptions {
+  const out: Record<string, unknown> = { configExplicit: false };
+  for (const o of OPTIONS) out[o.field] = o.fallback();
+  return out as unknown as ServerOptions;
+}
+
+/** The README's option table, as this declaration writes it. */
+export function optionsTable(): string {
+  const rows = ["| option | environment | default | meaning |", "|---|---|---|---|"];
+  for (const o of OPTIONS) {
+    const env = `\`${o.env}\`${o.multiple ? " (comma-separated)" : ""}`;
+    rows.push(`| \`--${o.flag} ${o.arg.replaceAll("|", "\\|")}\` | ${env} | ${o.defaultText} | ${o.help} |`);
+  }
+  return rows.join("\n");
+}

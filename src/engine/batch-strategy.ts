@@ -1,0 +1,82 @@
+/**
+ * How each decode step's batch is formed: the one hook node-llama-cpp offers inside its
+ * batching loop (`itemPrioritizationStrategy`).
+ */
+import type { BatchItem, PrioritizedBatchItem } from "node-llama-cpp";
+import type { EngineFaults, StepObserver } from "./types.js";
+
+/**
+ * Makes every decode step carry a token for every running sequence.
+ *
+ * node-llama-cpp re-forms the next batch as soon as the previous decode returns; a
+ * sequence whose consumer is still a few microtasks away from asking for its next
+ * token misses that step and joins the one after, so steps alternate half-full. While
+ * fewer sequences are queued than are running, the strategy returns an empty batch,
+ * which makes the loop go round once more after a microtask turn. The wait is bounded by
+ * a spin count, so a sequence that is really waiting on I/O delays the others by
+ * microseconds, never by a step.
+ */
+export class StepGate {
+  private spins = 0;
+  static readonly MAX_SPINS = 64;
+
+  constructor(private readonly observer: StepObserver, private readonly faults: EngineFaults | undefined) {}
+
+  readonly strategy = ({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] => {
+    if (items.length < this.observer.expectedItems() && this.spins < StepGate.MAX_SPINS) {
+      this.spins++;
+      return [];
+    }
+    this.spins = 0;
+    // Where a real decode failure would strike: the batch as it is about to be decoded.
+    if (this.faults) this.injectFaults(items.length);
+    const batch = fairShare(items, size);
+    let tokens = 0;
+    for (const b of batch) tokens += b.processAmount;
+    this.observer.onStep(batch.length, tokens);
+    return batch;
+  };
+
+  /** A throw here is how llama.cpp's own decode failures reach callers: every queued item of the batch is rejected. */
+  private injectFaults(items: number): void {
+    const f = this.faults!;
+    if (f.slowStepMs > 0) {
+      const until = performance.now() + f.slowStepMs;
+      while (performance.now() < until) {
+        /* a slow step, on purpose */
+      }
+    }
+    if (f.failNextSteps > 0 && items > 0) {
+      f.failNextSteps--;
+      throw new Error("injected decode failure");
+    }
+  }
+}
+
+/**
+ * Every item gets one token first (a decoding sequence needs exactly one), then the
+ * rest of the batch is spread over the items that have more (prompts being prefilled),
+ * higher evaluation priority first. So a long prompt is prefilled in batch-sized chunks
+ * while every running stream still advances one token per step.
+ */
+export function fairShare(items: readonly BatchItem[], size: number): PrioritizedBatchItem[] {
+  const out: PrioritizedBatchItem[] = [];
+  let left = size;
+  for (const item of items) {
+    if (left === 0) break;
+    out.push({ item, processAmount: 1 });
+    left--;
+  }
+  if (left > 0 && out.length > 0) {
+    const hungry = out.filter((p) => p.item.tokens.length > 1);
+    hungry.sort((a, b) => b.item.evaluationPriority - a.item.evaluationPriority);
+    for (let i = 0; i < hungry.length && left > 0; i++) {
+      const p = hungry[i]!;
+      const share = Math.max(1, Math.floor(left / (hungry.length - i)));
+      const add = Math.min(p.item.tokens.length - 1, share, left);
+      p.processAmount += add;
+      left -= add;
+    }
+  }
+  return out;
+}

@@ -1,0 +1,116 @@
+/**
+ * The engine adapter: with its sibling files, the only code that imports node-llama-cpp.
+ * It loads models, owns their contexts and sequences, estimates what a load will take,
+ * and exposes tokens in and tokens out. It knows nothing of HTTP or of requests.
+ */
+import { getLlama, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, type LlamaModel } from "node-llama-cpp";
+import { StepGate } from "./batch-strategy.js";
+import { EngineModel } from "./model.js";
+import { resolveTemplate } from "./templates.js";
+import { firstLine, ModelLoadError, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+
+export class Engine {
+  private constructor(readonly llama: Llama) {}
+
+  static async create(gpu: GpuBackend): Promise<Engine> {
+    const llama = await getLlama({
+      gpu: gpu === "cpu" ? false : gpu,
+      // Never download or compile a binary at start: a missing one is an error.
+      build: "never",
+      // 0: every context uses exactly the threads it asks for, no library-side splitting.
+      maxThreads: 0,
+      logLevel: LlamaLogLevel.error,
+      progressLogs: false,
+    });
+    return new Engine(llama);
+  }
+
+  async vramTotal(): Promise<number> {
+    return (await this.llama.getVramState()).total;
+  }
+
+  get backend(): string {
+    return this.llama.gpu === false ? "cpu" : this.llama.gpu;
+  }
+
+  /**
+   * "auto" means on for GPU backends, where it pays, and off on the CPU, where llama.cpp's
+   * flash-attention path prefilled slower here (`npm run bench -- flash-attention`).
+   */
+  private flashAttentionFor(choice: "auto" | "on" | "off"): boolean | "auto" {
+    if (choice === "on") return true;
+    if (choice === "off") return false;
+    return this.llama.gpu === false ? false : "auto";
+  }
+
+  private gpuLayersFor(choice: number | "max" | undefined, totalLayers: number): number {
+    if (this.llama.gpu === false) return 0;
+    return choice === undefined || choice === "max" ? totalLayers : Math.min(choice, totalLayers);
+  }
+
+  /** The context a load creates: one place, so the estimate and the load cannot differ. */
+  private static contextShape(ctxSize: number | undefined, trained: number | undefined, parallel: number) {
+    const contextSize = ctxSize ?? Math.min(2048, trained ?? 2048);
+    return { contextSize, batchSize: Math.min(512, contextSize * parallel) };
+  }
+
+  /**
+   * What loading this version would take (weights + KV + compute buffers), from the GGUF
+   * header alone, with node-llama-cpp's V2 estimators (`npm run bench -- residency`
+   * compares them with what llama.cpp then allocates).
+   */
+  async estimate(opts: EstimateOptions): Promise<MemoryFootprint> {
+    let insights: GgufInsights;
+    try {
+      insights = await GgufInsights.from(await readGgufFileInfo(opts.path, { logWarnings: false }), this.llama);
+    } catch (err) {
+      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
+    }
+    const gpuLayers = this.gpuLayersFor(opts.gpuLayers, insights.totalLayers);
+    const { contextSize, batchSize } = Engine.contextShape(opts.ctxSize, insights.trainContextSize, opts.parallel);
+    const weights = await insights.estimateModelResourceRequirementsV2({ gpuLayers });
+    const context = await insights.estimateContextResourceRequirementsV2({
+      contextSize,
+      sequences: opts.parallel,
+      batchSize,
+      modelGpuLayers: gpuLayers,
+      flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
+    });
+    return { ram: weights.cpuRam + context.cpuRam, vram: weights.gpuVram + context.gpuVram };
+  }
+
+  async loadModel(opts: LoadOptions): Promise<EngineModel> {
+    let model: LlamaModel;
+    if (opts.faults && opts.faults.failNextLoads > 0) {
+      opts.faults.failNextLoads--;
+      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: injected load failure`);
+    }
+    try {
+      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max") });
+    } catch (err) {
+      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
+    }
+    try {
+      const { contextSize: ctxSize, batchSize } = Engine.contextShape(opts.ctxSize, model.trainContextSize, opts.parallel);
+      const stepGate = new StepGate(opts.observer, opts.faults);
+      const context = await model.createContext({
+        sequences: opts.parallel,
+        contextSize: ctxSize,
+        threads: opts.threads,
+        batchSize,
+        batching: { itemPrioritizationStrategy: stepGate.strategy },
+        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
+      });
+      const chatWrapper = resolveTemplate(model, opts.chatTemplate, opts.id);
+      return new EngineModel(opts.id, model, context, chatWrapper, ctxSize);
+    } catch (err) {
+      await model.dispose();
+      if (err instanceof ModelLoadError) throw err;
+      throw new ModelLoadError(`model "${opts.id}": cannot create a context: ${firstLine(err)}`);
+    }
+  }
+
+  async dispose(): Promise<void> {
+    await this.llama.dispose();
+  }
+}

@@ -1,0 +1,103 @@
+/** The engine's vocabulary: what callers pass in and get back. No node-llama-cpp types leak out but Token. */
+import type { Token } from "node-llama-cpp";
+
+export type { Token };
+
+export type GpuBackend = "auto" | "cuda" | "metal" | "vulkan" | "cpu";
+
+export class ModelLoadError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ModelLoadError";
+  }
+}
+
+/** The prompt cannot be rendered (e.g. a template that rejects the role order). */
+export class PromptRenderError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "PromptRenderError";
+  }
+}
+
+export interface SamplingParams {
+  temperature: number;
+  topP: number;
+  /** 0 = no top-k. */
+  topK: number;
+  seed: number;
+  presencePenalty: number;
+  frequencyPenalty: number;
+  logitBias: ReadonlyMap<number, number> | undefined;
+  /** Keep generating past end-of-generation tokens (benchmarks' fixed output length). */
+  ignoreEos: boolean;
+}
+
+/** Deterministic decoding with no penalties: warm-ups and tests. */
+export const GREEDY_SAMPLING: SamplingParams = Object.freeze({
+  temperature: 0,
+  topP: 1,
+  topK: 40,
+  seed: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  logitBias: undefined,
+  ignoreEos: false,
+});
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant";
+  content: string;
+}
+
+export interface RenderedPrompt {
+  tokens: Token[];
+  /** Plain-text stop triggers of the chat template (e.g. "\n### Human"); never sent to the client. */
+  stopStrings: string[];
+}
+
+/** What the batch strategy learns and asks about each decode step; the engine notes say this is the only window. */
+export interface StepObserver {
+  /** Sequences that are running a generation and will ask for a token soon. */
+  expectedItems(): number;
+  onStep(items: number, tokens: number): void;
+}
+
+/**
+ * Test-only fault injection (never reachable from the command line): fail the next
+ * decode steps as llama.cpp would (the whole batch), slow every step, fail a load.
+ */
+export interface EngineFaults {
+  failNextSteps: number;
+  slowStepMs: number;
+  failNextLoads: number;
+}
+
+export interface LoadOptions {
+  id: string;
+  path: string;
+  ctxSize: number | undefined;
+  parallel: number;
+  threads: number;
+  chatTemplate: string | undefined;
+  /** "auto": on for GPU backends, off on CPU. */
+  flashAttention?: "auto" | "on" | "off";
+  /** Layers on the GPU: a number or "max"; ignored (0) on the CPU backend. */
+  gpuLayers?: number | "max";
+  observer: StepObserver;
+  faults?: EngineFaults;
+}
+
+/** Bytes a loaded model version takes, in RAM and in VRAM. */
+export interface MemoryFootprint {
+  ram: number;
+  vram: number;
+}
+
+export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "flashAttention" | "gpuLayers">;
+
+export const NODE_LLAMA_CPP_VERSION = "3.21.1";
+
+export function firstLine(err: unknown): string {
+  return String((err as Error)?.message ?? err).split("\n")[0]!;
+}

@@ -1,0 +1,23 @@
+/**
+ * Bounds on JSON checked on the raw text, before it is parsed: parsing and walking a
+ * value nested thousands deep costs stack (JSON.stringify of one throws RangeError).
+ */
+
+/** Whether `text` nests arrays/objects deeper than `max` (strings are skipped). A linear scan. */
+export function jsonDepthExceeds(text: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 92 /* \ */) i++;
+      else if (c === 34 /* " */) inString = false;
+      continue;
+    }
+    if (c === 34) inString = true;
+    else if (c === 91 /* [ */ || c === 123 /* { */) {
+      if (++depth > max) return true;
+    } else if (c === 93 /* ] */ || c === 125 /* } */) depth--;
+  }
+  return false;
+}

@@ -1,0 +1,97 @@
+/**
+ * The generation service's vocabulary: what a protocol hands it (a plan), what the plan
+ * may ask of the model that serves it (a PromptModel), and the events it gets back.
+ * Protocols (src/protocol) build on these; transports (src/http, src/ws) carry the
+ * protocols' output; none of them touches a lease, a queue or a metric.
+ */
+import type { SamplingDefaults } from "../config/models-file.js";
+import type { ChatMessage, RenderedPrompt, SamplingParams, Token } from "../engine/types.js";
+import type { ApiError } from "../errors.js";
+import type { Endpoint, Headers, Transport, Usage } from "../observers.js";
+import type { Principal } from "../access/keys.js";
+import type { FinishReason } from "../scheduler/types.js";
+
+export type { FinishReason, Usage, Principal };
+
+/** What a request's prompt may use of the model version that serves it. */
+export interface PromptModel {
+  /** "id@version" */
+  readonly key: string;
+  /** Tokens per sequence. */
+  readonly ctxSize: number;
+  readonly vocabularySize: number;
+  /** The version's sampling defaults from the models file. */
+  readonly sampling: SamplingDefaults;
+  /** Text as a completion prompt: BOS when the model wants one, special tokens parsed. */
+  tokenize(text: string): Token[];
+  renderChat(messages: readonly ChatMessage[]): RenderedPrompt;
+  detokenize(tokens: readonly Token[]): string;
+  isValidToken(token: number): boolean;
+}
+
+/** What a plan makes of its request for one model: everything but when and how urgently. */
+export interface PreparedPrompt {
+  promptTokens: Token[];
+  maxTokens: number;
+  stop: string[];
+  sampling: SamplingParams;
+}
+
+/** A protocol's validated request, ready to be served by whichever version the name resolves to. */
+export interface GenerationPlan {
+  /** The requested name: an id, an alias or id@version. */
+  readonly model: string;
+  /** Sticky canary routing, per end user. */
+  readonly user: string | undefined;
+  /** Answered as a stream (decides the transport label "sse" for HTTP). */
+  readonly stream: boolean;
+  /** Renders and tokenizes the prompt for this model; throws an ApiError for input it cannot take. */
+  prepare(model: PromptModel): PreparedPrompt;
+}
+
+export interface StartInfo {
+  /** "id@version" of the version serving the request. */
+  model: string;
+  /** Unix seconds. */
+  created: number;
+  /** Headers the answer should carry (x-ratelimit-*). */
+  headers: Record<string, string>;
+}
+
+export interface GenerationResult {
+  finishReason: FinishReason;
+  usage: Usage;
+}
+
+/**
+ * The one stream of events a generation produces, in order: onStart once it has a slot,
+ * onText per piece of text, then onDone — or onError, which comes only after onStart
+ * (an error before it is the run's outcome, for the transport to answer). Synchronous,
+ * so the token loop never waits on a client.
+ */
+export interface GenerationEvents {
+  onStart(info: StartInfo): void;
+  onText(text: string): void;
+  onDone(result: GenerationResult): void;
+  onError(error: ApiError): void;
+}
+
+/** One request as a transport receives it. */
+export interface RequestInfo {
+  id: string;
+  endpoint: Endpoint;
+  transport: Exclude<Transport, "sse">;
+  /** Timeouts (X-Request-Timeout, x-stainless-timeout), X-Priority, traceparent. */
+  headers: Headers;
+  /** The authenticated tenant, when keys are required. */
+  principal: Principal | undefined;
+  /** Aborted when the client goes away (an ApiError reason says why otherwise). */
+  signal: AbortSignal;
+}
+
+export interface RunOutcome {
+  /** Undefined when the generation completed. */
+  error: ApiError | undefined;
+  /** Whether onStart was called: after it, the events carried any error themselves. */
+  started: boolean;
+}
