@@ -9,7 +9,7 @@
  *   residency  estimated vs allocated memory, load/warm-up/ready times, cold swap vs warm, LRU swaps under a budget
  *   soak    minutes of mixed traffic (cancels, deadlines, overload): served, errors, RSS and heap
  *   synth   write a synthetic GGUF: --preset tiny|25m|llama-1b|llama-8b --weights f16|q8_0 --seed N --out FILE
- *   micro   small measurements behind README figures: startup, histogram, threads, top-k, flash-attention, kv-erase
+ *   micro   small measurements behind README figures: startup, histogram, threads, top-k, flash-attention
  *
  * Figures follow vLLM `bench serve` definitions (see bench/lib/stats.ts). Run on an idle
  * machine; compare ratios measured in one run, and read medians.
