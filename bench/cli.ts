@@ -179,6 +179,18 @@ function table(headers: string[], rows: string[][]): string {
   return [line(headers), `|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`, ...rows.map(line)].join("\n");
 }
 
+/** Failed requests over the rounds, with why: "3 (http_429 2, network 1)". */
+function failures(rs: RunResult[]): string {
+  const total = rs.reduce((a, r) => a + r.metrics.failed, 0);
+  if (total === 0) return "0";
+  const by: Record<string, number> = {};
+  for (const r of rs) for (const [k, n] of Object.entries(r.metrics.failedByType)) by[k] = (by[k] ?? 0) + n;
+  return `${total} (${Object.entries(by)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, n]) => `${k} ${n}`)
+    .join(", ")})`;
+}
+
 /** Per concurrency and target: medians over rounds; ratios against the first target, round by round. */
 function report(results: RunResult[], targets: string[]): string {
   const levels = [...new Set(results.map((r) => r.concurrency))];
@@ -209,7 +221,7 @@ function report(results: RunResult[], targets: string[]): string {
         f2(m((r) => r.metrics.tpotMs.median)),
         f2(m((r) => r.metrics.itlMs.median)),
         f1(m((r) => r.metrics.e2eMs.median)),
-        String(rs.reduce((a, r) => a + r.metrics.failed, 0)),
+        failures(rs),
         fullness.length ? `${f1(median(fullness) * 100)}%` : "–",
       ]);
     }
@@ -336,15 +348,89 @@ async function synthesize(preset: string, weights: WeightType, seed: number, tok
   return path;
 }
 
+/** Every command: what it does and its options, for `--help`. */
+const LOAD_HELP = `workload (serve, w1, w2, telemetry):
+  --endpoint chat|completions   API to call (default chat)
+  --model NAME                  model name to request (serve: required by most servers)
+  --prompt TEXT                 fixed prompt (default "Once upon a time")
+  --random-input N              random prompts of N words instead, from --seed
+  --max-tokens N                output tokens per request (default 128)
+  --ignore-eos                  generate exactly --max-tokens where the server honours vLLM's ignore_eos
+  --temperature T               (default 0)
+  --turns N                     multi-turn chats: each turn resends the conversation (default 1)
+load:
+  --concurrency LIST            closed loop: requests in flight, e.g. 1,4,8,16 (default); with --rate, the cap
+  --requests N                  per run (default 4 × concurrency)
+  --duration S                  run for S seconds instead of a count
+  --rate R                      open loop: R requests/s arriving as a gamma process
+  --burstiness B                1 = Poisson (default), < 1 burstier, > 1 smoother
+  --rounds N                    rounds per level, targets alternating A B A B (default 3)
+  --warmup N                    requests per target before measuring (default 2)
+  --slo ttft=200ms,tpot=20ms    goodput: share of requests within every bound
+  --seed N                      for prompts and arrivals (default 1)
+  --out DIR                     results folder (default .bench/results)`;
+
+const COMMANDS: Record<string, { summary: string; help: string }> = {
+  serve: { summary: "measure OpenAI-compatible servers side by side", help: `--target URL[=NAME] (repeat for more servers; ratios are against the first)
+${LOAD_HELP}` },
+  w1: { summary: "this server vs llama-server vs the raw engine on stories260K", help: `--threads N (default 1) --llama-server PATH | --no-llama-server --model-path FILE
+${LOAD_HELP}` },
+  w2: { summary: "W1 on the ~25M-parameter synthetic model (compute-bound)", help: `as w1; the model is synthesized once into $TMPDIR/spindle-bench
+${LOAD_HELP}` },
+  engine: { summary: "the engine ceiling alone: node-llama-cpp with no HTTP", help: "--concurrency LIST --rounds N --threads N --max-tokens N --model-path FILE" },
+  telemetry: { summary: "W1 with metrics and tracing on against both off", help: `--threads N --model-path FILE
+${LOAD_HELP}` },
+  residency: { summary: "memory estimates vs allocations, load times, cold swaps, LRU evictions", help: "--threads N (default 1) --swaps N (default 10) --requests N (default 60) --out DIR" },
+  soak: { summary: "minutes of mixed traffic: cancels, deadlines, overload; RSS and heap", help: "--minutes N (default 10) --concurrency N (default 24) --threads N --model-path FILE" },
+  synth: {
+    summary: "write a synthetic GGUF of a named shape",
+    help: `--preset ${Object.keys(PRESETS).join("|")} (default 25m) --weights f16|q8_0 (default q8_0) --seed N --tokenizer-from FILE --out FILE
+${Object.entries(PRESETS)
+      .map(([k, p]) => `  ${k}: ${p.note}`)
+      .join("\n")}`,
+  },
+  micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)]` },
+};
+
+function usage(): string {
+  return [
+    "Usage: npm run bench -- <command> [options]   (npm run bench -- <command> --help for its options)",
+    "",
+    ...Object.entries(COMMANDS).map(([k, c]) => `  ${k.padEnd(10)} ${c.summary}`),
+    "",
+    "Figures follow vLLM's `bench serve` definitions; compare ratios measured in one run, and read medians.",
+  ].join("\n");
+}
+
 async function main(): Promise<void> {
   const [command, ...rest] = process.argv.slice(2);
+  if (command === undefined || command === "--help" || command === "-h" || command === "help") {
+    process.stdout.write(`${usage()}\n`);
+    return;
+  }
+  const spec = COMMANDS[command];
+  if (!spec) throw new BenchError(`unknown command "${command}" (${Object.keys(COMMANDS).join(", ")}; --help for more)`);
+  if (rest.includes("--help") || rest.includes("-h")) {
+    process.stdout.write(`npm run bench -- ${command}: ${spec.summary}\n\n${spec.help}\n`);
+    return;
+  }
+  await run(command, rest);
+}
+
+/** A mistake in how the bench was called: one line, exit 2. */
+class BenchError extends Error {}
+
+async function run(command: string, rest: string[]): Promise<void> {
   if (command === "serve") {
     const { values: v } = parseArgs({ args: rest, options: { ...commonOptions, target: { type: "string", multiple: true } } });
     const targets = (v.target ?? []).map((t, i) => {
       const [url, name] = t.split("=");
       return { url: url!, name: name ?? `target${i + 1}` };
     });
-    if (targets.length === 0) throw new Error("give at least one --target URL[=name]");
+    if (targets.length === 0) throw new BenchError("serve needs at least one --target URL[=NAME] (npm run bench -- serve --help)");
+    for (const t of targets) {
+      if (!/^https?:\/\/[^/]+/.test(t.url)) throw new BenchError(`--target ${t.url}: expected a URL such as http://127.0.0.1:8080`);
+    }
     const w = workloadFrom(v, v.model ?? "default");
     const results = await sideBySide(async () => ({ targets, stop: async () => {} }), w, v);
     const md = report(results, targets.map((t) => t.name));
@@ -415,7 +501,7 @@ async function main(): Promise<void> {
   }
   if (command === "micro") {
     const [what, ...more] = rest;
-    if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new Error(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
+    if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new BenchError(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
     const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" } } });
     process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds))}\n`);
     return;
@@ -479,8 +565,15 @@ async function main(): Promise<void> {
     await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
-  process.stderr.write("usage: npm run bench -- serve|w1|w2|engine|telemetry|soak|synth [options]  (see bench/cli.ts and the README)\n");
-  process.exit(2);
 }
 
-await main();
+try {
+  await main();
+} catch (err) {
+  // Options node's parser refused, our own checks, an unreachable target: one line, no stack.
+  const e = err as Error & { code?: string };
+  const known = err instanceof BenchError || e.code?.startsWith("ERR_PARSE_ARGS") === true;
+  process.stderr.write(`bench: ${e.message.replace(/^TypeError \[[A-Z_]+\]: /, "")}\n`);
+  if (!known && process.env.SPINDLE_BENCH_DEBUG) process.stderr.write(`${e.stack}\n`);
+  process.exit(2);
+}

@@ -1,13 +1,15 @@
 /**
  * The process's one logger, made before anything else so every part is handed a logger
  * that already exists. JSON lines for machines; readable lines when a person watches a
- * terminal. The HTTP server logs through the same instance.
+ * terminal. Both write synchronously, in the order things happen: a worker-thread
+ * transport would let `listening on …` overtake the log lines before it.
  */
 import { pino, type Logger } from "pino";
+import pretty from "pino-pretty";
 
 export type { Logger };
 
-export function createLogger(level: string, pretty = process.stdout.isTTY === true): Logger {
-  if (level === "silent" || !pretty) return pino({ level });
-  return pino({ level, transport: { target: "pino-pretty", options: { translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" } } });
+export function createLogger(level: string, tty = process.stdout.isTTY === true): Logger {
+  if (level === "silent" || !tty) return pino({ level });
+  return pino({ level }, pretty({ sync: true, translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" }));
 }

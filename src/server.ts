@@ -80,6 +80,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     budget,
     maxLoaded: options.maxLoadedModels,
     stateFile: options.stateFile ? new StateFile(options.stateFile) : undefined,
+    loadPolicy: options.loadOnDemand,
     roomWaitMs: io.roomWaitMs,
     log,
     events: telemetry.models,
@@ -110,6 +111,8 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     maxBodyBytes: options.maxBodyBytes,
     readTimeoutSeconds: options.readTimeoutSeconds,
     corsOrigins: options.corsOrigins,
+    wsMaxConnections: options.wsMaxConnections,
+    wsMaxConnectionsPerClient: options.wsMaxConnectionsPerClient,
     ...io.app,
   });
   log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);

@@ -122,7 +122,7 @@ describe("the spindle process", () => {
     ["a bad value", ["--parallel", "many"], /--parallel/],
     ["a missing model file", ["--model", "/nonexistent/model.gguf"], /not found/],
     ["an unloadable model file", ["--model", sharedModel("stories260K-ggufv1-unsupported.gguf")], /cannot load/],
-    ["a missing models file", ["--config", "/nonexistent/models.yaml"], /cannot read models file/],
+    ["a missing models file", ["--config", "/nonexistent/models.yaml"], /cannot read models file \/nonexistent\/models\.yaml: it does not exist \(pass --config FILE/],
   ])("%s: one line naming the problem, exit code 2, no stack trace", (_name, args, message) => {
     const r = run(args as string[]);
     expect(r.status).toBe(2);
@@ -130,6 +130,34 @@ describe("the spindle process", () => {
     expect(lines).toHaveLength(1);
     expect(lines[0]).toMatch(message as RegExp);
     expect(r.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it("a model that can be neither found nor fetched: one line saying what failed, why, and what to do", () => {
+    const dir = mkdtempSync(join(tmpdir(), "spindle-cli-"));
+    const file = join(dir, "models.yaml");
+    // Port 2 on loopback: nothing listens (connection refused), and nothing leaves the machine.
+    writeFileSync(file, `models:\n  - id: m\n    versions:\n      - name: v1\n        file: cache/m.gguf\n        sha256: ${"a".repeat(64)}\n        sources: ["${join(dir, "nowhere.gguf")}", "http://user:pw@127.0.0.1:2/m.gguf?sig=xyz"]\n`);
+    const r = run(["--config", file, "--port", "0"]);
+    expect(r.status).toBe(2);
+    const lines = r.stderr.trim().split("\n");
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/could not fetch .*cache\/m\.gguf: .*nowhere\.gguf: not found; http:\/\/127\.0\.0\.1:2\/m\.gguf\?…: fetch failed \(ECONNREFUSED\)\. Put the file there \(sha256 a{64}\)/);
+    expect(r.stderr).not.toMatch(/pw|sig=xyz/);
+    // Said once: not also in the log.
+    expect(r.stdout).not.toMatch(/could not fetch/);
+  });
+
+  it("`listening on` comes after the model is ready, on every start", async () => {
+    for (let i = 0; i < 2; i++) {
+      const p = startProcess(["--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0"], { SPINDLE_LOG_LEVEL: "info" });
+      await p.url;
+      const out = p.output();
+      expect(out.indexOf("model tiny@unversioned ready")).toBeGreaterThan(-1);
+      expect(out.indexOf("model tiny@unversioned ready")).toBeLessThan(out.indexOf("listening on"));
+      expect(out).not.toMatch(/Server listening at/);
+      p.child.kill("SIGTERM");
+      expect(await p.exited).toBe(0);
+    }
   });
 
   it("a models file error names the model and the field", () => {

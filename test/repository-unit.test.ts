@@ -2,7 +2,7 @@
  * The repository's routing and state on their own (no engine): names, canary buckets,
  * promotion history, the state file and its failure modes, immutability.
  */
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -68,6 +68,7 @@ describe("repository state", () => {
   it("operators' changes are saved atomically and win over the models file after a restart; the file's other defaults still apply", () => {
     const file = new StateFile(join(tmp(), "models.state.json"));
     const r = new Repository(config(), file, quiet);
+    r.recordServed({ id: "m", version: "v1" });
     r.promote("stable", r.promotionTarget("stable", "m@v2"));
     r.setTraffic("m", "shadow", { version: "v2", weight: 0.5 });
     const saved = JSON.parse(readFileSync(file.path, "utf8"));
@@ -97,11 +98,72 @@ describe("repository state", () => {
     expect(() => new Repository(config(), new StateFile(path), quiet)).toThrow(/not valid JSON/);
   });
 
-  it("a known version whose hash changed is refused with the reason; the others are unaffected", () => {
+  it("a served version whose hash changed is refused with the reason; the others are unaffected", () => {
     const file = new StateFile(join(tmp(), "models.state.json"));
-    new Repository(config(), file, quiet);
+    new Repository(config(), file, quiet).recordServed({ id: "m", version: "v1" });
     const changed = new Repository(config(yaml("c".repeat(64))), file, quiet);
     expect(changed.violations.get("m@v1")).toMatch(/immutable.*sha256 a{64}.*now gives c{64}/);
     expect(changed.violations.has("m@v2")).toBe(false);
+  });
+
+  it("a hash is recorded when the version is first served, not when the models file is read: a never-served version's hash may be corrected", () => {
+    const file = new StateFile(join(tmp(), "models.state.json"));
+    new Repository(config(), file, quiet);
+    expect(existsSync(file.path)).toBe(false);
+    const corrected = new Repository(config(yaml("c".repeat(64))), file, quiet);
+    expect(corrected.violations.size).toBe(0);
+    corrected.recordServed({ id: "m", version: "v1" });
+    expect(JSON.parse(readFileSync(file.path, "utf8")).artifacts).toEqual({ "m@v1": "c".repeat(64) });
+  });
+
+  it("a read-only state file is never replaced: the change is refused and the file keeps its mode and bytes", () => {
+    const file = new StateFile(join(tmp(), "models.state.json"));
+    const r = new Repository(config(), file, quiet);
+    r.recordServed({ id: "m", version: "v1" });
+    chmodSync(file.path, 0o444);
+    const before = readFileSync(file.path, "utf8");
+    expect(() => r.promote("m", r.promotionTarget("m", "v2"))).toThrow(expect.objectContaining({ status: 500, code: "state_not_saved" }));
+    expect(statSync(file.path).mode & 0o777).toBe(0o444);
+    expect(readFileSync(file.path, "utf8")).toBe(before);
+    expect(r.current("m").version).toBe("v1");
+  });
+
+  it("a writable state file keeps its mode across saves; temporary files left by a dead process are removed at start", () => {
+    const dir = tmp();
+    const file = new StateFile(join(dir, "models.state.json"));
+    const r = new Repository(config(), file, quiet);
+    r.recordServed({ id: "m", version: "v1" });
+    chmodSync(file.path, 0o600);
+    r.promote("m", r.promotionTarget("m", "v2"));
+    expect(statSync(file.path).mode & 0o777).toBe(0o600);
+    // pid 2^22+1 is above Linux's pid_max: no such process.
+    const orphan = join(dir, `models.state.json.${2 ** 22 + 1}.tmp`);
+    writeFileSync(orphan, "");
+    const logs: string[] = [];
+    new Repository(config(), file, (m) => logs.push(m));
+    expect(existsSync(orphan)).toBe(false);
+    expect(logs.join("\n")).toMatch(/removed models\.state\.json\.\d+\.tmp/);
+  });
+});
+
+describe("operators' changes", () => {
+  it("are compare-and-set on what was prepared: a pointer that moved meanwhile is a 409, not a silent overwrite", () => {
+    const r = new Repository(config(), undefined, quiet);
+    const v1 = { id: "m", version: "v1" };
+    const v2 = { id: "m", version: "v2" };
+    expect(() => r.promote("m", v2, v2)).toThrow(expect.objectContaining({ status: 409, code: "concurrent_change" }));
+    r.promote("m", v2, v1);
+    r.promote("stable", v2, v1);
+    // Prepared while m served v1 with v1 in history: it has moved on.
+    expect(() => r.rollback("m", { from: v1, to: v1 })).toThrow(expect.objectContaining({ status: 409 }));
+    expect(r.rollback("m", { from: v2, to: v1 })).toMatchObject({ to: v1 });
+  });
+
+  it("name new aliases by the models file's rules: no '@' (which would shadow an exact version), no prototype keys, control or bidi characters", () => {
+    const r = new Repository(config(), undefined, quiet);
+    for (const bad of ["m@v2", "__proto__", "a\nb", "evil\u202etxt", "", "x".repeat(129), "-lead"]) {
+      expect(() => r.promotionTarget(bad, "m@v1")).toThrow(expect.objectContaining({ status: 400, code: "invalid_name" }));
+    }
+    expect(r.promotionTarget("fresh-alias.1", "m@v1")).toEqual({ id: "m", version: "v1" });
   });
 });

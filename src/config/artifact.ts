@@ -37,6 +37,44 @@ async function hashFile(path: string, hash: Hash = createHash("sha256")): Promis
   return hash;
 }
 
+/**
+ * A source as logs may show it: no credentials (user:password@), no query or fragment
+ * (presigned URLs carry their signature there). Local paths are kept as they are.
+ */
+export function redactSource(source: string): string {
+  if (!/^https?:\/\//i.test(source)) return source;
+  try {
+    const u = new URL(source);
+    const hidden = u.search !== "" || u.hash !== "" ? "?…" : "";
+    return `${u.protocol}//${u.host}${u.pathname}${hidden}`;
+  } catch {
+    return "(an unparseable URL)";
+  }
+}
+
+/** Any URL in a text, with its credentials and query redacted (error messages may quote the URL they failed on). */
+function redactText(text: string): string {
+  return text.replace(/https?:\/\/[^\s"'<>]+/gi, (url) => redactSource(url));
+}
+
+/** Why a fetch failed, with the cause Node hides behind "fetch failed" (ENOTFOUND host, ECONNREFUSED…); never a secret. */
+function failure(err: unknown): string {
+  const e = err as Error & { cause?: { code?: string; hostname?: string; message?: string } };
+  const cause = e.cause;
+  const text = cause && (cause.code || cause.message) ? `${e.message} (${[cause.code, cause.hostname].filter(Boolean).join(" ") || cause.message})` : e.message;
+  return redactText(text);
+}
+
+/** A URL's credentials as a Basic authorization header (fetch refuses URLs that carry them), and the URL without them. */
+function withoutCredentials(source: string): { url: string; headers: Record<string, string> } {
+  const u = new URL(source);
+  if (u.username === "" && u.password === "") return { url: source, headers: {} };
+  const basic = Buffer.from(`${decodeURIComponent(u.username)}:${decodeURIComponent(u.password)}`).toString("base64");
+  u.username = "";
+  u.password = "";
+  return { url: u.toString(), headers: { authorization: `Basic ${basic}` } };
+}
+
 /** path -> "dev:ino:size:mtime:sha256" of files this process has hashed and found as pinned. */
 const verified = new Map<string, string>();
 
@@ -80,24 +118,39 @@ export async function ensureArtifact(spec: ArtifactSpec, opts: ArtifactOptions =
   for (const source of spec.sources) {
     try {
       await fetchInto(spec, source, opts);
-      log(`model "${spec.id}": fetched ${spec.path} from ${source}`);
+      log(`model "${spec.id}": ${isUrl(source) ? "fetched" : "copied"} ${spec.path} from ${redactSource(source)}`);
       return;
     } catch (err) {
-      failures.push(`${source}: ${(err as Error).message}`);
+      failures.push(`${redactSource(source)}: ${failure(err)}`);
     }
   }
-  throw new ArtifactError(`model "${spec.id}": could not fetch ${spec.path}: ${failures.join("; ")}`, true);
+  const sha = spec.sha256 ? ` (sha256 ${spec.sha256})` : "";
+  throw new ArtifactError(
+    `model "${spec.id}": could not fetch ${spec.path}: ${failures.join("; ")}. Put the file there${sha}, or fix its sources in the models file.`,
+    true,
+  );
 }
+
+const isUrl = (source: string) => /^https?:\/\//i.test(source);
 
 async function fetchInto(spec: ArtifactSpec, source: string, opts: ArtifactOptions): Promise<void> {
   const partial = `${spec.path}.partial`;
-  if (!/^https?:\/\//.test(source)) {
+  if (!isUrl(source)) {
     if (!(await exists(source))) throw new Error("not found");
     const total = (await fs.stat(source)).size;
-    return finish(spec, partial, createReadStream(source), createHash("sha256"), 0, total, opts);
+    return finish(spec, partial, createReadStream(source), createHash("sha256"), 0, total, { ...opts, verb: "copying" });
   }
   const have = (await exists(partial)) ? (await fs.stat(partial)).size : 0;
-  const res = await fetch(source, { headers: have > 0 ? { range: `bytes=${have}-` } : {}, redirect: "follow" });
+  // A server that never answers must not hold the load forever; once it answers, the body streams at its own pace.
+  const answered = new AbortController();
+  const timer = setTimeout(() => answered.abort(new Error(`no answer within ${FETCH_CONNECT_TIMEOUT_MS / 1000} s`)), FETCH_CONNECT_TIMEOUT_MS);
+  let res: Response;
+  try {
+    const { url, headers } = withoutCredentials(source);
+    res = await fetch(url, { headers: { ...headers, ...(have > 0 ? { range: `bytes=${have}-` } : {}) }, redirect: "follow", signal: answered.signal });
+  } finally {
+    clearTimeout(timer);
+  }
   if (!res.ok) throw new Error(`HTTP ${res.status}`);
   if (res.body === null) throw new Error("empty response body");
   const body = Readable.fromWeb(res.body as import("node:stream/web").ReadableStream<Uint8Array>);
@@ -111,6 +164,9 @@ async function fetchInto(spec: ArtifactSpec, source: string, opts: ArtifactOptio
   return finish(spec, partial, body, createHash("sha256"), 0, len !== null ? Number(len) : undefined, opts);
 }
 
+/** How long a fetch may take to answer with its headers (the body then streams at its own pace). */
+const FETCH_CONNECT_TIMEOUT_MS = 30_000;
+
 async function finish(
   spec: ArtifactSpec,
   partial: string,
@@ -118,9 +174,9 @@ async function finish(
   hash: Hash,
   offset: number,
   total: number | undefined,
-  opts: ArtifactOptions,
+  opts: ArtifactOptions & { verb?: string },
 ): Promise<void> {
-  const progress = makeProgress(spec.id, total, offset, opts);
+  const progress = makeProgress(spec.id, total, offset, opts, opts.verb ?? "downloading");
   let received = offset;
   const meter = new Transform({
     transform(chunk: Buffer, _enc, done) {
@@ -152,13 +208,13 @@ interface Progress {
   stop(): void;
 }
 
-function makeProgress(id: string, total: number | undefined, start: number, opts: ArtifactOptions): Progress {
+function makeProgress(id: string, total: number | undefined, start: number, opts: ArtifactOptions, verb: string): Progress {
   const out = opts.progressStream;
   if (out === undefined) return { update() {}, stop() {} };
   if (out.isTTY === true && total !== undefined) {
     const bar = new SingleBar({
       stream: out,
-      format: `downloading ${id} [{bar}] {percentage}% | {value}/{total} bytes | {eta}s`,
+      format: `${verb} ${id} [{bar}] {percentage}% | {value}/{total} bytes | {eta}s`,
       hideCursor: true,
     });
     bar.start(total, start);
@@ -171,7 +227,7 @@ function makeProgress(id: string, total: number | undefined, start: number, opts
       const decile = total ? Math.floor((bytes / total) * 10) : Math.floor(bytes / (64 << 20));
       if (decile !== lastDecile) {
         lastDecile = decile;
-        out.write(`downloading ${id}: ${bytes}${total ? `/${total} bytes (${decile * 10}%)` : " bytes"}\n`);
+        out.write(`${verb} ${id}: ${bytes}${total ? `/${total} bytes (${decile * 10}%)` : " bytes"}\n`);
       }
     },
     stop() {},

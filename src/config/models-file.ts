@@ -16,7 +16,12 @@ import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 import { ConfigError } from "../errors.js";
 
-const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:\-]*$/;
+const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$/;
+
+/** The rule every model id and alias obeys, wherever it enters (models file, --model, the admin API, the state file). */
+export function isValidName(name: string): boolean {
+  return ID_PATTERN.test(name);
+}
 const VERSION_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._\-]*$/;
 
 const samplingSchema = z.strictObject({
@@ -264,7 +269,11 @@ export function loadModelsFile(file: string): RepositoryConfig {
   try {
     text = readFileSync(file, "utf8");
   } catch (err) {
-    throw new ConfigError(`cannot read models file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === "ENOENT") throw new ConfigError(`cannot read models file ${file}: it does not exist (pass --config FILE, or --model PATH to serve a GGUF file without one)`);
+    if (code === "EACCES") throw new ConfigError(`cannot read models file ${file}: permission denied`);
+    if (code === "EISDIR") throw new ConfigError(`cannot read models file ${file}: it is a directory`);
+    throw new ConfigError(`cannot read models file ${file}: ${code ?? (err as Error).message}`);
   }
   return parseModelsFile(text, file);
 }

@@ -6,6 +6,7 @@
  */
 import { availableParallelism } from "node:os";
 import { ConfigError } from "../errors.js";
+import { isValidName } from "./models-file.js";
 import { parseSize } from "./sizes.js";
 
 export type PublicArea = "health" | "metrics" | "page";
@@ -55,7 +56,15 @@ export interface ServerOptions {
   /** Where promotions, rollbacks and canary weights are kept; default: beside the models file. */
   stateFile: string | undefined;
   logLevel: (typeof LOG_LEVELS)[number];
+  /** Which requests may make a model version load: any name, ids and aliases only, or none (operators only). */
+  loadOnDemand: LoadPolicy;
+  /** Open WebSocket connections, in all and per client address. */
+  wsMaxConnections: number;
+  wsMaxConnectionsPerClient: number;
 }
+
+export const LOAD_POLICIES = ["any", "ids", "admin"] as const;
+export type LoadPolicy = (typeof LOAD_POLICIES)[number];
 
 /**
  * One compute thread per spare core: the JavaScript thread that drives the batch loop
@@ -116,7 +125,7 @@ export function parseModelArg(raw: string): CliModel {
   if (path === "") throw new ConfigError(`--model: empty path in "${raw}"`);
   const base = path.split(/[\\/]/).pop() ?? path;
   const id = explicitId !== "" ? explicitId : base.replace(/\.gguf$/i, "");
-  if (!/^[A-Za-z0-9][A-Za-z0-9._:\-]*$/.test(id)) {
+  if (!isValidName(id)) {
     throw new ConfigError(`--model: invalid model id "${id}" (letters, digits, '.', '_', ':' and '-')`);
   }
   return { path, id };
@@ -280,6 +289,21 @@ export const OPTIONS = [
     flag: "max-loaded-models", env: "SPINDLE_MAX_LOADED_MODELS", arg: "N", field: "maxLoadedModels", defaultText: "0 (no cap)",
     help: "most versions in memory at once",
     read: (r) => integer("max-loaded-models", last(r), 0, 10_000), fallback: () => 0,
+  }),
+  option({
+    flag: "load-on-demand", env: "SPINDLE_LOAD_ON_DEMAND", arg: LOAD_POLICIES.join("|"), field: "loadOnDemand", defaultText: "`ids`",
+    help: "which requests may load a version that is not in memory: `any` name; `ids` (model ids and aliases, and the canary they route to; an exact `id@version` must already be loaded); `admin` (none: only start-up and `POST /admin/…/load`)",
+    read: (r) => choice("load-on-demand", last(r), LOAD_POLICIES), fallback: () => "ids" as const,
+  }),
+  option({
+    flag: "ws-max-connections", env: "SPINDLE_WS_MAX_CONNECTIONS", arg: "N", field: "wsMaxConnections", defaultText: "1024",
+    help: "open WebSocket connections; beyond it the upgrade gets 503",
+    read: (r) => integer("ws-max-connections", last(r), 1, 1_000_000), fallback: () => 1024,
+  }),
+  option({
+    flag: "ws-max-connections-per-client", env: "SPINDLE_WS_MAX_CONNECTIONS_PER_CLIENT", arg: "N", field: "wsMaxConnectionsPerClient", defaultText: "32",
+    help: "open WebSocket connections per client address; beyond it the upgrade gets 429",
+    read: (r) => integer("ws-max-connections-per-client", last(r), 1, 1_000_000), fallback: () => 32,
   }),
   option({
     flag: "state-file", env: "SPINDLE_STATE_FILE", arg: "FILE", field: "stateFile", defaultText: "`<models file>.state.json`",

@@ -8,6 +8,12 @@ export class EngineModel {
   readonly vocabularySize: number;
   /** KV cache bytes one token occupies (F16 keys and values over all layers). */
   readonly kvBytesPerToken: number;
+  /**
+   * The most characters one token stands for (its vocabulary string's length, which is
+   * never shorter than its text): a text of n characters has at least n / this tokens,
+   * so an oversized prompt is refused before it is tokenized.
+   */
+  readonly maxTokenChars: number;
   private readonly bos: Token | undefined;
 
   constructor(
@@ -24,6 +30,9 @@ export class EngineModel {
     }
     const tokens = model.fileInfo.metadata.tokenizer?.ggml?.tokens;
     this.vocabularySize = tokens?.length ?? 0;
+    let longest = 1;
+    for (const t of tokens ?? []) if (t.length > longest) longest = t.length;
+    this.maxTokenChars = longest;
     this.kvBytesPerToken = kvBytesPerToken(model);
     this.bos = model.tokens.shouldPrependBosToken ? (model.tokens.bos ?? undefined) : undefined;
   }

@@ -8,7 +8,8 @@ import type { FastifyInstance, FastifyRequest } from "fastify";
 import { areaOfUnmatched, normalisedPath, type Area } from "../access/areas.js";
 import { KeyRing, type Principal } from "../access/keys.js";
 import type { PublicArea } from "../config/options.js";
-import type { ApiError } from "../errors.js";
+import { toApiError } from "../errors.js";
+import { isUpgrade, refuseUpgrade } from "../ws/upgrade.js";
 
 declare module "fastify" {
   interface FastifyContextConfig {
@@ -39,7 +40,14 @@ export function registerAccess(app: FastifyInstance, keys: KeyRing, publicAreas:
     if (request.method === "OPTIONS") return;
     const area = areaOf(request);
     const token = KeyRing.presented(request.headers);
-    if (area === "admin") return keys.authorizeAdmin(token, request.socket.remoteAddress);
+    if (area === "admin") {
+      try {
+        return keys.authorizeAdmin(token, request.socket.remoteAddress);
+      } catch (err) {
+        if (isUpgrade(request)) refuseUpgrade(request, toApiError(err));
+        throw err;
+      }
+    }
     if (!keys.enabled) return;
     if (area !== "api" && area !== "ws" && publicAreas.includes(area)) return;
     // The WebSocket may authenticate with its first frame instead.
@@ -47,13 +55,7 @@ export function registerAccess(app: FastifyInstance, keys: KeyRing, publicAreas:
     try {
       request.principal = keys.authenticate(token);
     } catch (err) {
-      // A refused WebSocket upgrade: answer and drop the socket, which the HTTP server
-      // no longer tracks (it would otherwise outlive close()).
-      if (request.headers.upgrade !== undefined) {
-        const e = err as ApiError;
-        request.raw.socket.end(`HTTP/1.1 ${e.status} Unauthorized\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n${JSON.stringify(e.toEnvelope())}`);
-        request.raw.socket.destroySoon();
-      }
+      if (isUpgrade(request)) refuseUpgrade(request, toApiError(err));
       throw err;
     }
   });

@@ -14,6 +14,7 @@ import type { GenerationService } from "../service/generation-service.js";
 import type { ModelService } from "../service/model-service.js";
 import { registerSocketRoute, type SocketLimits } from "../ws/socket-route.js";
 import { registerAccess } from "./access-hook.js";
+import { registerJsonBody } from "./json-body.js";
 import { registerAdminRoutes } from "./admin-routes.js";
 import { registerHealthRoutes, registerModelRoutes } from "./model-routes.js";
 import { registerOpenAIRoutes } from "./openai-routes.js";
@@ -38,6 +39,8 @@ export interface AppOptions {
   /** Largest WebSocket frame; a bigger one closes the connection with 1009. */
   maxFrameBytes?: number;
   socketLimits?: Partial<SocketLimits>;
+  wsMaxConnections: number;
+  wsMaxConnectionsPerClient: number;
 }
 
 const DEFAULT_STREAM_BUFFER = 4 * 1024 * 1024;
@@ -57,11 +60,10 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     requestTimeout: opts.readTimeoutSeconds * 1000,
     // Node checks its timeout on an interval (30 s by default): check often enough for it to bite.
     http: { connectionsCheckingInterval: Math.min(1000, opts.readTimeoutSeconds * 250) },
-    onProtoPoisoning: "error",
-    onConstructorPoisoning: "error",
   });
-  // Bodies are JSON: a body sent as text/plain (what a bare fetch() sends) is a 415 naming its type.
+  // Bodies are JSON, depth-bounded; one sent as text/plain (what a bare fetch() sends) is a 415 naming its type.
   app.removeContentTypeParser("text/plain");
+  registerJsonBody(app);
 
   app.setErrorHandler((err, request, reply) => {
     const apiErr = err instanceof ApiError ? err : fromFastifyError(err as { statusCode?: number; code?: string; message: string }, request.headers["content-type"]);
@@ -91,6 +93,14 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   registerAdminRoutes(app, opts.models);
   registerOpenAIRoutes(app, { generation: opts.generation, maxStreamBufferBytes: opts.maxStreamBufferBytes ?? DEFAULT_STREAM_BUFFER });
   void app.register(websocket, { options: { maxPayload: opts.maxFrameBytes ?? opts.maxBodyBytes } });
-  void app.register(async (instance) => registerSocketRoute(instance, { generation: opts.generation, keys: opts.keys, limits: opts.socketLimits }));
+  void app.register(async (instance) =>
+    registerSocketRoute(instance, {
+      generation: opts.generation,
+      keys: opts.keys,
+      limits: opts.socketLimits,
+      maxConnections: opts.wsMaxConnections,
+      maxConnectionsPerClient: opts.wsMaxConnectionsPerClient,
+    }),
+  );
   return app;
 }

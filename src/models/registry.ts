@@ -6,6 +6,7 @@
  * on (they hold a lease on it).
  */
 import type { ModelConfig, RepositoryConfig, TrafficSplit } from "../config/models-file.js";
+import type { LoadPolicy } from "../config/options.js";
 import type { Engine } from "../engine/engine.js";
 import { ModelLoadError } from "../engine/types.js";
 import { ApiError } from "../errors.js";
@@ -18,7 +19,11 @@ export type { Lease, LoadedModel } from "./residency.js";
 export type { VersionRef } from "./repository.js";
 
 /** Residency's options (the registry decides what is pinned) plus where operators' changes are kept. */
-export type RegistryOptions = Omit<ResidencyOptions, "isPinned"> & { stateFile: StateFile | undefined };
+export type RegistryOptions = Omit<ResidencyOptions, "isPinned" | "onReady"> & {
+  stateFile: StateFile | undefined;
+  /** Which requests may make a version load (--load-on-demand); operators' changes always may. */
+  loadPolicy: LoadPolicy;
+};
 
 export interface Acquired {
   lease: Lease;
@@ -37,7 +42,7 @@ export class ModelRegistry {
 
   constructor(engine: Engine, config: RepositoryConfig, private readonly opts: RegistryOptions) {
     this.repository = new Repository(config, opts.stateFile, (m) => opts.log.warn(m));
-    this.residency = new Residency(engine, { ...opts, isPinned: (key) => this.isPinned(key) });
+    this.residency = new Residency(engine, { ...opts, isPinned: (key) => this.isPinned(key), onReady: (spec) => this.repository.recordServed(spec) });
     for (const m of config.models) {
       for (const v of m.versions) this.residency.add(v, m.warmup, this.repository.violations.get(refKey(v)));
     }
@@ -108,7 +113,9 @@ export class ModelRegistry {
   /** Routes `name` and leases the version that serves it, loading it when needed (bounded by the deadline). */
   async acquire(name: string, user: string | undefined, deadline: number, signal?: AbortSignal): Promise<Acquired> {
     const route = this.repository.route(name, user);
-    const lease = await this.residency.acquire(refKey(route.primary), deadline, signal);
+    const policy = this.opts.loadPolicy;
+    const mayLoad = policy === "any" || (policy === "ids" && route.via !== "exact");
+    const lease = await this.residency.acquire(refKey(route.primary), deadline, signal, { mayLoad });
     let shadow: Lease | undefined;
     if (route.shadow) {
       // Mirrored traffic never loads or evicts anything: it runs only where its version is ready.
@@ -131,15 +138,21 @@ export class ModelRegistry {
       const key = refKey(this.repository.current(m.id));
       if (this.residency.state(key) === "failed") continue;
       try {
-        const lease = await this.residency.acquire(key, performance.now() + 3_600_000, undefined, m.pinned);
+        const lease = await this.residency.acquire(key, performance.now() + 3_600_000, undefined, { mayEvict: m.pinned, quiet: true });
         lease.release();
-      } catch (err) {
-        if (this.residency.state(key) !== "failed") this.opts.log.info(`model ${key} not loaded at start: ${(err as Error).message} (it loads on demand)`);
+      } catch {
+        // Reported below, once, with the operator's reason.
       }
     }
-    // Nothing servable at all: fail the start, with every reason, rather than serve nothing.
     const targets = order.map((m) => this.current(m.id));
-    if (!targets.some((e) => e.state === "ready")) throw new ModelLoadError(targets.map((e) => e.error ?? `model "${e.key}": ${e.state}`).join("; "));
+    const why = (e: VersionSnapshot) => e.error ?? `model "${e.key}": ${e.state}`;
+    // Nothing servable at all: fail the start, with every reason, rather than serve nothing.
+    if (!targets.some((e) => e.state === "ready")) throw new ModelLoadError(targets.map(why).join("; "));
+    for (const e of targets) {
+      if (e.state === "ready") continue;
+      if (e.state === "failed") this.opts.log.warn(`model ${e.key} failed at start: ${why(e)}`);
+      else this.opts.log.info(`model ${e.key} not loaded at start (it loads on demand): ${why(e)}`);
+    }
     this.started = true;
   }
 
@@ -157,23 +170,55 @@ export class ModelRegistry {
     this.opts.events.repositoryChange(name, action);
   }
 
-  async promote(name: string, version: string): Promise<{ from: VersionRef | undefined; to: VersionRef }> {
+  /** One operator's change at a time per name: a second waits for the first, then sees its result. */
+  private readonly changing = new Map<string, Promise<unknown>>();
+
+  private serialized<T>(name: string, change: () => Promise<T>): Promise<T> {
+    const before = this.changing.get(name) ?? Promise.resolve();
+    const run = before.then(change, change);
+    const tail = run.catch(() => {});
+    this.changing.set(name, tail);
+    void tail.then(() => {
+      if (this.changing.get(name) === tail) this.changing.delete(name);
+    });
+    return run;
+  }
+
+  /**
+   * Each change is prepared (its target made ready) and then applied only if the pointer
+   * is still what it was when the change was prepared (compare and set; 409 otherwise).
+   */
+  promote(name: string, version: string): Promise<{ from: VersionRef | undefined; to: VersionRef }> {
+    return this.serialized(name, () => this.promoteNow(name, version));
+  }
+
+  private async promoteNow(name: string, version: string): Promise<{ from: VersionRef | undefined; to: VersionRef }> {
     const target = this.repository.promotionTarget(name, version);
-    const result = await this.withReady(target, () => this.repository.promote(name, target));
+    const expected = this.repository.pointerTarget(name) ?? null;
+    const result = await this.withReady(target, () => this.repository.promote(name, target, expected));
     this.changed(name, "promote");
     this.opts.log.info(`${name} promoted: ${result.from ? refKey(result.from) : "(new)"} -> ${refKey(result.to)}`);
     return result;
   }
 
-  async rollback(name: string): Promise<{ from: VersionRef; to: VersionRef }> {
+  rollback(name: string): Promise<{ from: VersionRef; to: VersionRef }> {
+    return this.serialized(name, () => this.rollbackNow(name));
+  }
+
+  private async rollbackNow(name: string): Promise<{ from: VersionRef; to: VersionRef }> {
     const target = this.repository.rollbackTarget(name);
-    const result = await this.withReady(target, () => this.repository.rollback(name));
+    const from = this.repository.pointerTarget(name)!;
+    const result = await this.withReady(target, () => this.repository.rollback(name, { from, to: target }));
     this.changed(name, "rollback");
     this.opts.log.info(`${name} rolled back: ${refKey(result.from)} -> ${refKey(result.to)}`);
     return result;
   }
 
-  async setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): Promise<void> {
+  setTraffic(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): Promise<void> {
+    return this.serialized(id, () => this.setTrafficNow(id, kind, split));
+  }
+
+  private async setTrafficNow(id: string, kind: "canary" | "shadow", split: TrafficSplit | undefined): Promise<void> {
     const target = this.repository.trafficTarget(id, split && split.weight > 0 ? split.version : undefined);
     if (target) {
       await this.withReady(target, () => this.repository.setTraffic(id, kind, split));

@@ -5,7 +5,8 @@
  * models.yaml, replaced atomically (write a temporary file, fsync, rename), so a crash
  * leaves either the old state or the new one, never half of each.
  */
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeSync } from "node:fs";
+import { closeSync, fchmodSync, fsyncSync, openSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
 import { z } from "zod";
 import { ConfigError } from "../errors.js";
 
@@ -28,8 +29,48 @@ export function emptyState(): RepositoryState {
   return { format: 1, pointers: {}, traffic: {}, artifacts: {} };
 }
 
+/** Temporary files this module writes: `<state file>.<pid>.tmp`. */
+const TMP = /^(.*)\.(\d+)\.tmp$/;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 export class StateFile {
   constructor(readonly path: string) {}
+
+  /**
+   * Removes the temporary files a crashed or killed process left beside the state file
+   * (a kill -9 between write and rename, a disk that filled up). Returns what it removed.
+   */
+  cleanStale(): string[] {
+    const dir = dirname(this.path);
+    const removed: string[] = [];
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      return removed;
+    }
+    for (const name of names) {
+      const m = TMP.exec(name);
+      if (!m || m[1] !== basename(this.path)) continue;
+      const pid = Number(m[2]);
+      if (pid === process.pid || alive(pid)) continue;
+      try {
+        unlinkSync(join(dir, name));
+        removed.push(name);
+      } catch {
+        /* another process got there first */
+      }
+    }
+    return removed;
+  }
 
   /** The saved state; an empty one when the file does not exist yet. A corrupt file is a start-up error, never ignored. */
   read(): RepositoryState {
@@ -51,15 +92,38 @@ export class StateFile {
     return parsed.data;
   }
 
+  /**
+   * Replaces the file atomically (a temporary file, fsync, rename), keeping its mode. A
+   * file its owner made read-only is not replaced: the write fails (EACCES), and the
+   * change that needed it is refused. A failed write leaves no temporary file behind.
+   */
   write(state: RepositoryState): void {
-    const tmp = `${this.path}.${process.pid}.tmp`;
-    const fd = openSync(tmp, "w", 0o644);
+    let mode = 0o644;
     try {
-      writeSync(fd, `${JSON.stringify(state, null, 2)}\n`);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
+      mode = statSync(this.path).mode & 0o7777;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
-    renameSync(tmp, this.path);
+    if ((mode & 0o200) === 0) throw Object.assign(new Error(`${this.path} is read-only`), { code: "EACCES" });
+    const tmp = `${this.path}.${process.pid}.tmp`;
+    try {
+      const fd = openSync(tmp, "w", mode);
+      try {
+        // The umask may have narrowed the mode given to open.
+        fchmodSync(fd, mode);
+        writeSync(fd, `${JSON.stringify(state, null, 2)}\n`);
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+      renameSync(tmp, this.path);
+    } catch (err) {
+      try {
+        unlinkSync(tmp);
+      } catch {
+        /* never created, or already renamed */
+      }
+      throw err;
+    }
   }
 }

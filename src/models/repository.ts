@@ -9,7 +9,7 @@
  * pointer move only once its new target is ready.
  */
 import { ApiError } from "../errors.js";
-import { splitVersioned, type ModelConfig, type ModelSpec, type RepositoryConfig, type TrafficSplit } from "../config/models-file.js";
+import { isValidName, splitVersioned, type ModelConfig, type ModelSpec, type RepositoryConfig, type TrafficSplit } from "../config/models-file.js";
 import { emptyState, type RepositoryState, type StateFile } from "./repository-state.js";
 
 export interface VersionRef {
@@ -69,6 +69,7 @@ export class Repository {
   ) {
     this.models = new Map(config.models.map((m) => [m.id, m]));
     this.state = file ? file.read() : emptyState();
+    for (const name of file?.cleanStale() ?? []) this.log(`repository state: removed ${name}, left by a process that stopped while saving`);
     for (const m of config.models) {
       this.pointers.set(m.id, { target: { id: m.id, version: m.defaultVersion }, history: [] });
       this.traffic.set(m.id, { canary: m.canary, shadow: m.shadow });
@@ -82,6 +83,10 @@ export class Repository {
   private applySavedState(): void {
     for (const [name, saved] of Object.entries(this.state.pointers)) {
       if (!this.pointers.has(name) && this.models.has(name)) continue;
+      if (!this.pointers.has(name) && !isValidName(name)) {
+        this.log(`repository state: ignoring the alias ${JSON.stringify(name)}: not a valid name`);
+        continue;
+      }
       if (!this.exists(saved.target)) {
         this.log(`repository state: ignoring "${name}" -> ${refKey(saved.target)}: that version is no longer in the models file`);
         continue;
@@ -107,21 +112,17 @@ export class Repository {
   }
 
   /**
-   * A version is the artifact it was first served with. A models file that gives a known
+   * A version is the artifact it was first served with. A models file that gives a served
    * version another hash is refused for that version (the others keep serving); the fix
-   * is a new version name.
+   * is a new version name. A version never served yet may still have its hash corrected.
    */
   private checkImmutability(): void {
-    let changed = false;
     for (const m of this.models.values()) {
       for (const v of m.versions) {
         if (v.sha256 === undefined) continue;
         const key = refKey(v);
         const seen = this.state.artifacts[key];
-        if (seen === undefined) {
-          this.state.artifacts[key] = v.sha256;
-          changed = true;
-        } else if (seen !== v.sha256) {
+        if (seen !== undefined && seen !== v.sha256) {
           this.violations.set(
             key,
             `version ${key} is immutable: it was served with sha256 ${seen}, and the models file now gives ${v.sha256}. Give the new artifact a new version name.`,
@@ -129,11 +130,18 @@ export class Repository {
         }
       }
     }
-    if (!changed) return;
+  }
+
+  /** Records the hash a version is served with, the first time it becomes ready (the immutability rule's evidence). */
+  recordServed(ref: VersionRef): void {
+    const v = this.spec(ref);
+    const key = refKey(ref);
+    if (v?.sha256 === undefined || this.state.artifacts[key] !== undefined) return;
+    this.state.artifacts[key] = v.sha256;
     try {
       this.save();
     } catch (err) {
-      // Serving goes on; what cannot be recorded is a version's first hash (and, later, operators' changes, which are then refused).
+      // Serving goes on; what cannot be recorded is this version's first hash (operators' changes are then refused with the reason).
       this.log(`repository state: cannot write ${this.file?.path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     }
   }
@@ -159,6 +167,11 @@ export class Repository {
 
   spec(ref: VersionRef): ModelSpec | undefined {
     return this.models.get(ref.id)?.versions.find((v) => v.version === ref.version);
+  }
+
+  /** What a pointer (model id or alias) serves now; undefined for a name that is neither. */
+  pointerTarget(name: string): VersionRef | undefined {
+    return this.pointers.get(name)?.target;
   }
 
   /** The version a model id serves when no canary applies. */
@@ -221,6 +234,13 @@ export class Repository {
   /** What a promotion of `name` to `version` would serve: checks that it exists and is another version. */
   promotionTarget(name: string, version: string): VersionRef {
     const p = this.pointers.get(name);
+    // A new alias obeys the models file's name rules: no '@' (it would shadow an exact id@version), no control or bidi characters.
+    if (!p && !isValidName(name)) {
+      throw new ApiError("invalid_request", `Invalid alias name: letters, digits, '.', '_', ':' and '-', starting with a letter or digit, at most 128 characters.`, {
+        param: "name",
+        code: "invalid_name",
+      });
+    }
     const ref = splitVersioned(version) ?? { id: p?.target.id ?? name, version };
     if (!this.exists(ref)) throw new ApiError("not_found", `No version ${refKey(ref)} in the models file.`, { param: "version", code: "model_not_found" });
     if (this.models.has(name) && ref.id !== name) {
@@ -229,10 +249,15 @@ export class Repository {
     return ref;
   }
 
-  /** Moves (or creates) a pointer; the caller has made the target ready. Saved before it takes effect. */
-  promote(name: string, target: VersionRef): { from: VersionRef | undefined; to: VersionRef } {
+  /**
+   * Moves (or creates) a pointer; the caller has made the target ready. `expected` is what
+   * the pointer served when the change was prepared: if it moved meanwhile, 409 (compare
+   * and set). Saved before it takes effect.
+   */
+  promote(name: string, target: VersionRef, expected?: VersionRef | null): { from: VersionRef | undefined; to: VersionRef } {
     const p = this.pointers.get(name);
     const from = p?.target;
+    if (expected !== undefined) this.unchanged(name, from, expected);
     const next: Pointer = p ? { target, history: [...p.history, p.target].slice(-HISTORY_LIMIT) } : { target, history: [] };
     if (from && refKey(from) === refKey(target)) return { from, to: target };
     this.commit(this.operated, name, () => this.pointers.set(name, next), () => (p ? this.pointers.set(name, p) : this.pointers.delete(name)));
@@ -247,12 +272,21 @@ export class Repository {
     return prev;
   }
 
-  rollback(name: string): { from: VersionRef; to: VersionRef } {
+  /** Rolls back to `expectedTo` from `expectedFrom`, as prepared; 409 if the pointer or its history moved meanwhile. */
+  rollback(name: string, expected?: { from: VersionRef; to: VersionRef }): { from: VersionRef; to: VersionRef } {
     const p = this.pointer(name);
     const to = this.rollbackTarget(name);
+    if (expected) {
+      this.unchanged(name, p.target, expected.from);
+      if (refKey(to) !== refKey(expected.to)) throw moved(name);
+    }
     const next: Pointer = { target: to, history: p.history.slice(0, -1) };
     this.commit(this.operated, name, () => this.pointers.set(name, next), () => this.pointers.set(name, p));
     return { from: p.target, to };
+  }
+
+  private unchanged(name: string, actual: VersionRef | undefined, expected: VersionRef | null): void {
+    if ((actual ? refKey(actual) : null) !== (expected ? refKey(expected) : null)) throw moved(name);
   }
 
   /** The version a canary or shadow of model `id` would send traffic to: checks that both exist. */
@@ -283,4 +317,8 @@ export class Repository {
       throw new ApiError("internal", `The change was not made: the repository state could not be saved (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}).`, { code: "state_not_saved" });
     }
   }
+}
+
+function moved(name: string): ApiError {
+  return new ApiError("conflict", `'${name}' changed while this change was being prepared; read its state and try again.`, { code: "concurrent_change" });
 }

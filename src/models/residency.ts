@@ -53,6 +53,8 @@ export interface ResidencyOptions {
   progressStream?: NodeJS.WritableStream & { isTTY?: boolean };
   /** Pinned versions are never evicted. */
   isPinned: (key: string) => boolean;
+  /** A version became ready (loaded and warmed): it is now served. */
+  onReady?: (spec: ModelSpec) => void;
   /** How long a load may wait for busy versions to become evictable before it gives up. */
   roomWaitMs?: number;
 }
@@ -210,12 +212,22 @@ export class Residency {
    * A lease on a ready version, loading it first when it is not resident. Waits at most
    * until `deadline` (performance.now() ms) or the signal, then 503 with Retry-After.
    */
-  async acquire(key: string, deadline: number, signal?: AbortSignal, mayEvict = true): Promise<Lease> {
+  /**
+   * `how.mayEvict`: whether a load may evict others to fit; `how.mayLoad`: whether this
+   * caller may start a load at all; `how.quiet`: the caller reports a failure itself
+   * (start-up does, once, with every reason).
+   */
+  async acquire(key: string, deadline: number, signal?: AbortSignal, how: { mayEvict?: boolean; mayLoad?: boolean; quiet?: boolean } = {}): Promise<Lease> {
     const r = this.record(key);
+    const mayEvict = how.mayEvict ?? true;
     for (;;) {
       if (r.state === "ready") return this.lease(r);
       if (r.state === "failed") throw failedError(r);
-      const load = this.ensureLoading(r, mayEvict);
+      // A request that may not load a version may still wait for a load already under way.
+      if (how.mayLoad === false && !this.loading.has(r)) {
+        throw new ApiError("unavailable", `The model version '${key}' is not loaded, and this request may not load it (--load-on-demand).`, { code: "model_not_loaded", retryAfter: 30 });
+      }
+      const load = this.ensureLoading(r, mayEvict, how.quiet === true);
       try {
         await this.waitFor(load.promise, r, deadline, signal);
       } catch (err) {
@@ -285,10 +297,10 @@ export class Residency {
   }
 
   /** The one load of this version in progress, started when there is none. */
-  private ensureLoading(r: VersionRecord, mayEvict: boolean): { promise: Promise<void>; mayEvict: boolean } {
+  private ensureLoading(r: VersionRecord, mayEvict: boolean, quiet: boolean): { promise: Promise<void>; mayEvict: boolean } {
     let load = this.loading.get(r);
     if (!load) {
-      const promise = this.load(r, mayEvict).finally(() => this.loading.delete(r));
+      const promise = this.load(r, mayEvict, quiet).finally(() => this.loading.delete(r));
       // Every waiter handles the outcome; this keeps a load nobody awaits any more quiet.
       promise.catch(() => {});
       load = { promise, mayEvict };
@@ -304,18 +316,26 @@ export class Residency {
     return run;
   }
 
-  private async load(r: VersionRecord, mayEvict: boolean): Promise<void> {
+  private async load(r: VersionRecord, mayEvict: boolean, quiet: boolean): Promise<void> {
     const t0 = performance.now();
     r.state = "loading";
     r.error = undefined;
     const log = this.opts.log;
+    const warn = (msg: string) => quiet || log.warn(msg);
     try {
       // Fetching the artifact does not hold the queue: other versions load meanwhile.
       try {
         await ensureArtifact(r.spec, { progressStream: this.opts.progressStream, log: (m) => log.info(m) });
       } catch (err) {
         // A download that failed is kept (.partial) and resumed by the next request's load.
-        if (err instanceof ArtifactError && err.transient) throw new TransientLoadError("unavailable", err.message, { code: "artifact_unavailable", retryAfter: 10 });
+        // Why it failed (paths, sources) is for operators: clients get the code.
+        if (err instanceof ArtifactError && err.transient) {
+          throw new TransientLoadError("unavailable", `The model version '${r.key}' is not available yet: its file could not be fetched (a later request tries again).`, {
+            code: "artifact_unavailable",
+            retryAfter: 10,
+            cause: err,
+          });
+        }
         throw err;
       }
       r.estimate ??= await this.engine.estimate(this.loadShape(r));
@@ -331,13 +351,13 @@ export class Residency {
     } catch (err) {
       if (err instanceof TransientLoadError) {
         r.state = "unloaded";
-        r.error = err.message;
-        log.warn(`model version ${r.key} not loaded: ${err.message}`);
+        r.error = err.cause instanceof Error ? err.cause.message : err.message;
+        warn(`model version ${r.key} not loaded: ${r.error}`);
         throw err;
       }
       r.state = "failed";
       r.error = (err as Error).message;
-      log.warn(`model version ${r.key} failed: ${r.error}`);
+      warn(`model version ${r.key} failed: ${r.error}`);
       this.opts.events.loadFailed(r.spec.id, r.spec.version, { start: t0, end: performance.now() }, r.error);
       throw failedError(r);
     }
@@ -437,6 +457,7 @@ export class Residency {
     r.state = "ready";
     r.error = undefined;
     this.opts.events.loaded(id, version, { loadStart: tLoad, loadEnd: t1, warmupEnd: t2 });
+    this.opts.onReady?.(r.spec);
     const u = this.used();
     this.opts.log.info(
       `model ${r.key} ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +

@@ -21,3 +21,21 @@ export function jsonDepthExceeds(text: string, max: number): boolean {
   }
   return false;
 }
+
+/** Whether a parsed value has an own `__proto__` key, or a `constructor` holding a `prototype` key (prototype poisoning), anywhere. */
+export function hasPoisonedKeys(value: unknown): boolean {
+  const stack: unknown[] = [value];
+  while (stack.length > 0) {
+    const v = stack.pop();
+    if (v === null || typeof v !== "object") continue;
+    if (Array.isArray(v)) {
+      for (const x of v) if (x !== null && typeof x === "object") stack.push(x);
+      continue;
+    }
+    if (Object.hasOwn(v, "__proto__")) return true;
+    const c = (v as Record<string, unknown>).constructor;
+    if (Object.hasOwn(v, "constructor") && c !== null && typeof c === "object" && Object.hasOwn(c, "prototype")) return true;
+    for (const x of Object.values(v)) if (x !== null && typeof x === "object") stack.push(x);
+  }
+  return false;
+}

@@ -5,7 +5,7 @@ import type { ChatMessage } from "../engine/types.js";
 import { PromptRenderError } from "../engine/types.js";
 import { ApiError } from "../errors.js";
 import type { GenerationPlan, PreparedPrompt, PromptModel } from "../service/generation.js";
-import { resolveMaxTokens, samplingParams } from "../service/sampling.js";
+import { refuseSurelyTooLong, resolveMaxTokens, samplingParams } from "../service/sampling.js";
 import { LIMITS, parseBody, samplingFields, stopList } from "./openai-common.js";
 import { ChunkStream, JsonAnswer, type AnswerShape, type StreamTransport } from "./openai-output.js";
 
@@ -68,9 +68,13 @@ export class ChatPlan implements GenerationPlan, AnswerShape {
 
   prepare(model: PromptModel): PreparedPrompt {
     const body = this.body;
+    const messages = toChatMessages(body);
+    let chars = 0;
+    for (const m of messages) chars += m.content.length;
+    refuseSurelyTooLong(chars, model, "messages");
     let rendered;
     try {
-      rendered = model.renderChat(toChatMessages(body));
+      rendered = model.renderChat(messages);
     } catch (err) {
       if (err instanceof PromptRenderError) throw new ApiError("invalid_request", err.message, { param: "messages", code: "invalid_messages" });
       throw err;

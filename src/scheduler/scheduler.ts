@@ -47,6 +47,8 @@ interface Job {
   ended: boolean;
   priority: GenerationRequest["priority"];
   enqueuedAt: number;
+  tenant: string | undefined;
+  weight: number | undefined;
   timer: NodeJS.Timeout | undefined;
   onAbort: (() => void) | undefined;
   started: boolean;
@@ -168,6 +170,8 @@ export class Scheduler {
         ended: false,
         priority: req.priority,
         enqueuedAt: performance.now(),
+        tenant: req.tenant?.name,
+        weight: req.tenant?.weight,
         timer: undefined,
         onAbort: undefined,
         started: false,

@@ -16,6 +16,8 @@ export interface GenerationRequest {
   priority: Priority;
   /** performance.now() by which the request must be finished. */
   deadline: number;
+  /** Whose request it is: waiting requests share slots between tenants by weight. */
+  tenant?: { name: string; weight: number };
   /**
    * Aborted when the client goes away or a transport gives up on it; an ApiError as the
    * abort reason says why (e.g. a slow reader), else it ends as "cancelled".

@@ -38,6 +38,7 @@ function promptModel(m: LoadedModel): PromptModel {
       key: m.key,
       ctxSize: e.ctxSize,
       vocabularySize: e.vocabularySize,
+      maxTokenChars: e.maxTokenChars,
       sampling: m.spec.sampling,
       tokenize: (text) => e.tokenizePrompt(text),
       renderChat: (messages) => e.renderChat(messages),
@@ -171,7 +172,9 @@ export class GenerationRun {
   /** The engine request: the plan's prompt for this model, with the request's deadline and priority. */
   private request(plan: GenerationPlan, model: LoadedModel, timing: RequestTiming, signal: AbortSignal): GenerationRequest {
     const p = plan.prepare(promptModel(model));
-    return { ...p, priority: timing.priority, deadline: timing.deadline, signal, timeline: {} };
+    const principal = this.info.principal;
+    const tenant = principal ? { name: principal.name, weight: principal.weight } : undefined;
+    return { ...p, priority: timing.priority, deadline: timing.deadline, signal, timeline: {}, tenant };
   }
 
   /**

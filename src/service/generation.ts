@@ -20,6 +20,8 @@ export interface PromptModel {
   /** Tokens per sequence. */
   readonly ctxSize: number;
   readonly vocabularySize: number;
+  /** The most characters one token stands for: n characters are at least n / this tokens. */
+  readonly maxTokenChars: number;
   /** The version's sampling defaults from the models file. */
   readonly sampling: SamplingDefaults;
   /** Text as a completion prompt: BOS when the model wants one, special tokens parsed. */

@@ -84,6 +84,21 @@ export function resolveMaxTokens(
   return Math.min(room, fallback ?? room);
 }
 
+/**
+ * Refuses, before any tokenizing or rendering, a prompt whose text alone is surely longer
+ * than the context: `chars` characters are at least chars / maxTokenChars tokens. Keeps
+ * a body of megabytes from holding the event loop for seconds only to be refused.
+ */
+export function refuseSurelyTooLong(chars: number, model: PromptModel, param: string): void {
+  const atLeast = Math.floor(chars / model.maxTokenChars);
+  if (atLeast >= model.ctxSize) {
+    throw new ApiError("invalid_request", `This model's maximum context length is ${model.ctxSize} tokens per request, but the ${param} has at least ${atLeast} tokens (${chars} characters).`, {
+      param,
+      code: "context_length_exceeded",
+    });
+  }
+}
+
 function header(headers: Headers, name: string): string | undefined {
   const v = headers[name];
   return Array.isArray(v) ? v[0] : v;

@@ -42,6 +42,8 @@ export class Metrics {
   private readonly evictions: Counter;
   private readonly shadows: Counter;
   private readonly repositoryChanges: Counter;
+  private readonly keyRequests: Counter;
+  private readonly keyTokens: Counter;
 
   /** Off (--metrics off): nothing is recorded and /metrics answers 404. */
   constructor(backend: string, nodeLlamaCppVersion: string, readonly enabled = true) {
@@ -98,6 +100,9 @@ export class Metrics {
       labelNames: [...mv, "outcome"],
       registers,
     });
+    // Per tenant: the key's configured name (never the key); bounded by the keys configured.
+    this.keyRequests = new Counter({ name: "spindle_key_requests_total", help: "Finished requests per API key (its configured name).", labelNames: ["key", "status_class"], registers });
+    this.keyTokens = new Counter({ name: "spindle_key_tokens_total", help: "Prompt and completion tokens per API key (its configured name).", labelNames: ["key", "kind"], registers });
     this.repositoryChanges = new Counter({ name: "spindle_repository_changes_total", help: "Operator changes: promote, rollback, canary, shadow.", labelNames: ["name", "action"], registers });
     new Gauge({
       name: "spindle_build_info",
@@ -248,6 +253,13 @@ export class Metrics {
     if (tl?.queuedAt !== undefined && tl.startedAt !== undefined) this.queueWait.observe(mv, (tl.startedAt - tl.queuedAt) / 1000);
     if (tl?.firstTokenAt !== undefined) this.ttft.observe(mv, (tl.firstTokenAt - r.start) / 1000);
     const u = r.usage;
+    if (r.key !== undefined) {
+      this.keyRequests.inc({ key: r.key, status_class: `${Math.floor(r.status / 100)}xx` });
+      if (u !== undefined) {
+        this.keyTokens.inc({ key: r.key, kind: "prompt" }, u.promptTokens);
+        this.keyTokens.inc({ key: r.key, kind: "completion" }, u.completionTokens);
+      }
+    }
     if (u !== undefined) {
       this.promptTokensPerRequest.observe(mv, u.promptTokens);
       this.promptTokens.inc(mv, u.promptTokens);
