@@ -19,6 +19,7 @@ import { ModelRegistry } from "./models/registry.js";
 import { StateFile } from "./models/repository-state.js";
 import { GenerationService } from "./service/generation-service.js";
 import { ModelService } from "./service/model-service.js";
+import { TextService } from "./service/text-service.js";
 import { createTelemetry, type Telemetry } from "./telemetry/telemetry.js";
 
 const DEFAULT_RAM_SHARE = 0.7;
@@ -74,6 +75,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     threads: options.threads,
     parallel: options.parallel,
     ctxSize: options.ctxSize,
+    chatTemplate: options.chatTemplate,
     flashAttention: options.flashAttention,
     maxQueue: options.maxQueue,
     maxQueuedTokens: options.maxQueuedTokens,
@@ -102,6 +104,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     log,
     generation,
     models: new ModelService(registry, isAccepting),
+    text: new TextService(registry, options.requestTimeoutSeconds),
     keys,
     publicAreas: options.publicAreas,
     metrics: {

@@ -131,7 +131,7 @@ describe("chat completions through the OpenAI SDK", () => {
   it("renders with the model's own Jinja template", async () => {
     const res = await client.chat.completions.create({ model: "stories260K-chat", messages: user("Hi"), max_tokens: 1, temperature: 0 });
     // BOS + "User: Hi\nAssistant: " in the template's format.
-    const expected = server.registry.resolve("stories260K-chat").engine.renderChat([{ role: "user", content: "Hi" }]).tokens.length;
+    const expected = server.registry.resolve("stories260K-chat").engine.renderChat({ messages: [{ role: "user", content: "Hi" }] }).tokens.length;
     expect(res.usage!.prompt_tokens).toBe(expected);
   });
 
@@ -228,9 +228,12 @@ describe("bad input", () => {
     ["negative max_tokens", JSON.stringify({ model: "stories260K", messages: user("hi"), max_tokens: -1 }), 400, "max_tokens"],
     ["bad role", JSON.stringify({ model: "stories260K", messages: [{ role: "wizard", content: "x" }] }), 400, "messages[0].role"],
     ["empty messages", JSON.stringify({ model: "stories260K", messages: [] }), 400, "messages"],
-    ["n > 1", JSON.stringify({ model: "stories260K", messages: user("hi"), n: 2 }), 400, "n"],
-    ["tools", JSON.stringify({ model: "stories260K", messages: user("hi"), tools: [] }), 400, "tools"],
-    ["logprobs", JSON.stringify({ model: "stories260K", messages: user("hi"), logprobs: true }), 400, "logprobs"],
+    ["n too large", JSON.stringify({ model: "stories260K", messages: user("hi"), n: 17 }), 400, "n"],
+    ["a non-function tool, by its type", JSON.stringify({ model: "stories260K", messages: user("hi"), tools: [{ type: "web_search" }] }), 400, "tools[0].type"],
+    ["top_logprobs without logprobs", JSON.stringify({ model: "stories260K", messages: user("hi"), top_logprobs: 3 }), 400, "top_logprobs"],
+    ["an image part, by its type", JSON.stringify({ model: "stories260K", messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: "x" } }] }] }), 400, "messages[0].content[0].type"],
+    ["typical_p", JSON.stringify({ model: "stories260K", messages: user("hi"), typical_p: 0.5 }), 400, "typical_p"],
+    ["a schema feature the grammar cannot honour", JSON.stringify({ model: "stories260K", messages: user("hi"), response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "string", pattern: "^a+$" } } } }), 400, "response_format.json_schema.schema"],
     ["unknown field", JSON.stringify({ model: "stories260K", messages: user("hi"), frobnicate: 1 }), 400, "frobnicate"],
     ["bad logit_bias token", JSON.stringify({ model: "stories260K", messages: user("hi"), logit_bias: { "999999": 1 } }), 400, "logit_bias"],
     ["unknown model", JSON.stringify({ model: "no-such-model", messages: user("hi") }), 404, "model"],

@@ -25,6 +25,10 @@ class FakeSequence implements SlotSequence {
   async prefill(tokens: Token[]) {
     this.held.push(...tokens);
   }
+  async score(tokens: Token[]) {
+    this.held.push(...tokens);
+    return tokens.map(() => undefined);
+  }
   async *generate(tokens: Token[]): AsyncGenerator<Token, void, void> {
     this.held.push(...tokens);
     for (let i = 0; ; i++) {
@@ -42,6 +46,8 @@ function fakeModel(slots: number, stepMs = 2): SchedulerModel & { sequences: Fak
     sequences: Array.from({ length: slots }, (_, i) => new FakeSequence(i, stepMs)),
     detokenize: (tokens) => tokens.map((t) => String.fromCharCode(97 + t)).join(""),
     makeTokenBias: () => undefined,
+    tokenText: (t) => ({ text: String.fromCharCode(97 + t), bytes: [97 + t] }),
+    eogTokens: [],
   };
 }
 

@@ -31,6 +31,8 @@ export interface ServerOptions {
   gpu: GpuChoice;
   parallel: number | undefined;
   ctxSize: number | undefined;
+  /** A built-in template name or a Jinja file, for every model (overrides the models file and the GGUF's own). */
+  chatTemplate: string | undefined;
   flashAttention: "auto" | "on" | "off";
   maxQueue: number;
   maxQueuedTokens: number;
@@ -181,6 +183,11 @@ export const OPTIONS = [
     flag: "ctx-size", env: "SPINDLE_CTX_SIZE", arg: "N", field: "ctxSize", defaultText: "2048, capped at the model's trained size (or the models file)",
     help: "context tokens **per sequence**",
     read: (r) => integer("ctx-size", last(r), 16, 1 << 20), fallback: () => undefined,
+  }),
+  option({
+    flag: "chat-template", env: "SPINDLE_CHAT_TEMPLATE", arg: "NAME|FILE", field: "chatTemplate", defaultText: "the GGUF's own (or the models file's)",
+    help: "chat template for every model: a built-in wrapper name (`general`, `chatML`, `llama3.1`, …) or a Jinja file",
+    read: last, fallback: () => undefined,
   }),
   option({
     flag: "flash-attention", env: "SPINDLE_FLASH_ATTENTION", arg: "auto|on|off", field: "flashAttention", defaultText: "`auto`",

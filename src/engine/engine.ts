@@ -6,7 +6,7 @@
 import { getLlama, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, type LlamaModel } from "node-llama-cpp";
 import { StepGate } from "./batch-strategy.js";
 import { EngineModel } from "./model.js";
-import { resolveTemplate } from "./templates.js";
+import { resolveRenderer } from "./templates.js";
 import { firstLine, ModelLoadError, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
 
 export class Engine {
@@ -101,8 +101,13 @@ export class Engine {
         batching: { itemPrioritizationStrategy: stepGate.strategy },
         flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
       });
-      const chatWrapper = resolveTemplate(model, opts.chatTemplate, opts.id);
-      return new EngineModel(opts.id, model, context, chatWrapper, ctxSize);
+      const engineModel = new EngineModel(opts.id, this.llama, model, context, ctxSize);
+      const { renderer, guessed } = resolveRenderer(this.llama, model, opts.chatTemplate, opts.id, (text) => engineModel.tokenizePrompt(text));
+      engineModel.useRenderer(renderer);
+      if (guessed) {
+        opts.warn?.(`model "${opts.id}" has no chat template: chats are rendered with node-llama-cpp's guess (${renderer.name}); name one with chat_template in the models file or --chat-template`);
+      }
+      return engineModel;
     } catch (err) {
       await model.dispose();
       if (err instanceof ModelLoadError) throw err;

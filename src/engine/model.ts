@@ -1,6 +1,17 @@
-import { TokenBias, type ChatHistoryItem, type ChatWrapper, type LlamaContext, type LlamaModel, type Token } from "node-llama-cpp";
+import { LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaModel, type Token } from "node-llama-cpp";
+import type { TemplateCapabilities } from "./chat-template.js";
+import type { ChatRenderInput, PromptRenderer, RenderedChat } from "./prompt-renderer.js";
 import { EngineSequence } from "./sequence.js";
-import { firstLine, PromptRenderError, type ChatMessage, type MemoryFootprint, type RenderedPrompt } from "./types.js";
+import { firstLine, type MemoryFootprint } from "./types.js";
+
+/** One token as logprobs show it: its text and its raw bytes (a byte token is one byte of a character). */
+export interface TokenText {
+  text: string;
+  bytes: number[];
+}
+
+/** Compiled grammars by GBNF text: the same schema in many requests is compiled once. */
+const GRAMMAR_CACHE_SIZE = 64;
 
 /** A loaded model version: its weights, its one context (whose sequences are the slots), its template. */
 export class EngineModel {
@@ -15,12 +26,15 @@ export class EngineModel {
    */
   readonly maxTokenChars: number;
   private readonly bos: Token | undefined;
+  private readonly grammars = new Map<string, LlamaGrammar>();
+  private readonly vocab: readonly string[];
+  private renderer!: PromptRenderer;
 
   constructor(
     readonly id: string,
+    private readonly llama: Llama,
     private readonly model: LlamaModel,
     private readonly context: LlamaContext,
-    private readonly chatWrapper: ChatWrapper,
     /** Tokens per sequence. */
     readonly ctxSize: number,
   ) {
@@ -29,6 +43,7 @@ export class EngineModel {
       this.sequences.push(new EngineSequence(i, context.getSequence(), this.model));
     }
     const tokens = model.fileInfo.metadata.tokenizer?.ggml?.tokens;
+    this.vocab = tokens ?? [];
     this.vocabularySize = tokens?.length ?? 0;
     let longest = 1;
     for (const t of tokens ?? []) if (t.length > longest) longest = t.length;
@@ -41,8 +56,18 @@ export class EngineModel {
     return this.sequences.length;
   }
 
+  /** Binds the chat renderer, which needs the model's tokenizer (made with the model). */
+  useRenderer(renderer: PromptRenderer): void {
+    this.renderer = renderer;
+  }
+
+  /** Where the chat template came from: "gguf", a file name, or a built-in wrapper's name. */
   get templateName(): string {
-    return this.chatWrapper.wrapperName;
+    return this.renderer.name;
+  }
+
+  get templateCapabilities(): TemplateCapabilities {
+    return this.renderer.capabilities;
   }
 
   get sizeBytes(): number {
@@ -63,33 +88,74 @@ export class EngineModel {
     return tokens;
   }
 
+  /** Text as tokens, special tokens parsed, no BOS added (/tokenize without add_special). */
+  tokenizeText(text: string): Token[] {
+    return this.model.tokenize(text, true);
+  }
+
   /** Renders a chat with the model's template. A trailing assistant message is continued, not closed. */
-  renderChat(messages: readonly ChatMessage[]): RenderedPrompt {
-    const history: ChatHistoryItem[] = [];
-    for (const m of messages) {
-      if (m.role === "system") history.push({ type: "system", text: m.content });
-      else if (m.role === "user") history.push({ type: "user", text: m.content });
-      else history.push({ type: "model", response: [m.content] });
-    }
-    if (history.at(-1)?.type !== "model") history.push({ type: "model", response: [] });
-    let state;
-    try {
-      state = this.chatWrapper.generateContextState({ chatHistory: history });
-    } catch (err) {
-      throw new PromptRenderError(`the chat template rejected these messages: ${firstLine(err)}`);
-    }
-    const stopStrings: string[] = [];
-    for (const trigger of state.stopGenerationTriggers) {
-      if (trigger.values.length > 0 && trigger.values.every((v) => typeof v === "string")) {
-        const s = (trigger.values as string[]).join("");
-        if (s !== "") stopStrings.push(s);
-      }
-    }
-    return { tokens: state.contextText.tokenize(this.model.tokenizer), stopStrings };
+  renderChat(input: ChatRenderInput): RenderedChat {
+    return this.renderer.render(input);
   }
 
   detokenize(tokens: readonly Token[], lastTokens?: readonly Token[]): string {
     return this.model.detokenize(tokens, false, lastTokens);
+  }
+
+  /** Text of the tokens with special tokens written out (/detokenize). */
+  detokenizeSpecial(tokens: readonly Token[]): string {
+    return this.model.detokenize(tokens, true);
+  }
+
+  /**
+   * One token's text and raw bytes. Decoded after `before` (or after a neutral token when
+   * there is none), so a word-initial token keeps its leading space, as its piece has it.
+   */
+  tokenText(token: Token, before?: readonly Token[]): TokenText {
+    const context = before && before.length > 0 ? before : this.neutral;
+    const piece = this.vocab[token];
+    let text = this.model.detokenize([token], false, context);
+    // SentencePiece marks a word-initial token with "▁": its text starts with a space.
+    if (piece?.startsWith("\u2581") && !text.startsWith(" ")) text = ` ${text}`;
+    const byte = piece !== undefined ? /^<0x([0-9A-Fa-f]{2})>$/.exec(piece) : null;
+    return { text, bytes: byte ? [parseInt(byte[1]!, 16)] : [...Buffer.from(text, "utf8")] };
+  }
+
+  /** A token to decode after when nothing precedes: BOS, or the first of the vocabulary. */
+  private get neutral(): readonly Token[] {
+    return [this.bos ?? (0 as Token)];
+  }
+
+  isEog(token: Token): boolean {
+    return this.model.isEogToken(token);
+  }
+
+  /** Every end-of-generation token of the vocabulary (min_tokens bans them for a while). */
+  get eogTokens(): readonly Token[] {
+    const out: Token[] = [];
+    for (const t of [this.model.tokens.eos, this.model.tokens.eot]) if (t !== null && !out.includes(t)) out.push(t);
+    return out;
+  }
+
+  /**
+   * The compiled grammar for a GBNF text; refuses one llama.cpp cannot parse. Cached,
+   * since the same schema comes with many requests.
+   */
+  grammar(gbnf: string): LlamaGrammar {
+    let g = this.grammars.get(gbnf);
+    if (g) {
+      this.grammars.delete(gbnf);
+      this.grammars.set(gbnf, g);
+      return g;
+    }
+    try {
+      g = new LlamaGrammar(this.llama, { grammar: gbnf });
+    } catch (err) {
+      throw new Error(`the grammar does not parse: ${firstLine(err)}`);
+    }
+    this.grammars.set(gbnf, g);
+    if (this.grammars.size > GRAMMAR_CACHE_SIZE) this.grammars.delete(this.grammars.keys().next().value!);
+    return g;
   }
 
   isValidToken(token: number): boolean {
@@ -98,7 +164,7 @@ export class EngineModel {
 
   makeTokenBias(bias: ReadonlyMap<number, number>): TokenBias {
     const tb = new TokenBias(this.model.tokenizer);
-    for (const [token, value] of bias) tb.set(token as Token, { logit: value });
+    for (const [token, value] of bias) tb.set(token as Token, value === -Infinity ? "never" : { logit: value });
     return tb;
   }
 

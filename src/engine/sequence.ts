@@ -1,5 +1,5 @@
-import type { LlamaContextSequence, LlamaModel, Token, TokenBias } from "node-llama-cpp";
-import type { SamplingParams } from "./types.js";
+import { LlamaGrammarEvaluationState, type LlamaContextSequence, type LlamaGrammar, type LlamaModel, type Token, type TokenBias } from "node-llama-cpp";
+import type { GenerateOptions, SamplingParams } from "./types.js";
 
 /** One slot: a sequence of the model's context, created once and reused for every request. */
 export class EngineSequence {
@@ -33,29 +33,59 @@ export class EngineSequence {
    * token ends the iteration without being yielded. Closing the iterator stops at the
    * next step; the KV of what was evaluated stays for prefix reuse.
    */
-  generate(tokens: Token[], sampling: SamplingParams, generated: Token[], tokenBias: unknown): AsyncGenerator<Token, void, void> {
-    const penalize = sampling.presencePenalty !== 0 || sampling.frequencyPenalty !== 0;
-    return this.seq.evaluate(tokens, {
+  generate(tokens: Token[], sampling: SamplingParams, generated: Token[], extras: GenerateOptions = {}): AsyncGenerator<Token, void, void> {
+    const penalize = sampling.presencePenalty !== 0 || sampling.frequencyPenalty !== 0 || sampling.repeatPenalty !== 1;
+    const options = {
       temperature: sampling.temperature,
       topP: sampling.topP,
       // Greedy needs no candidate list at all; "no top-k" makes llama.cpp sort the whole
       // vocabulary every token, so top-k is on by default, at llama-server's 40.
       topK: sampling.temperature === 0 ? 1 : sampling.topK,
-      minP: 0,
+      minP: sampling.minP,
       seed: sampling.seed,
-      tokenBias: tokenBias as TokenBias | undefined,
+      tokenBias: extras.tokenBias as TokenBias | (() => TokenBias) | undefined,
+      grammarEvaluationState: extras.grammar ? new LlamaGrammarEvaluationState({ model: this.model, grammar: extras.grammar as LlamaGrammar }) : undefined,
       yieldEogToken: sampling.ignoreEos,
       repeatPenalty: penalize
         ? {
-            // OpenAI's penalties apply to the generated tokens only.
-            punishTokens: () => generated,
-            maxPunishTokens: 1 << 20,
-            penalty: 1,
+            // OpenAI's penalties apply to the generated tokens only; llama.cpp's repeat
+            // penalty to its last N (vLLM's repetition_penalty, llama-server's repeat_penalty).
+            punishTokens: () => (sampling.repeatPenalty !== 1 ? generated.slice(-sampling.repeatLastN) : generated),
+            maxPunishTokens: sampling.repeatPenalty !== 1 ? sampling.repeatLastN : 1 << 20,
+            penalty: sampling.repeatPenalty,
             presencePenalty: sampling.presencePenalty,
             frequencyPenalty: sampling.frequencyPenalty,
           }
         : undefined,
-    }) as AsyncGenerator<Token, void, void>;
+    };
+    const probe = extras.probe;
+    if (!probe) return this.seq.evaluate(tokens, options) as AsyncGenerator<Token, void, void>;
+    return this.probed(tokens, options, probe);
+  }
+
+  /** The same, reporting each step's probabilities into the probe (logprobs, best_of). */
+  private async *probed(tokens: Token[], options: Parameters<LlamaContextSequence["evaluate"]>[1], probe: NonNullable<GenerateOptions["probe"]>): AsyncGenerator<Token, void, void> {
+    const meta = probe.want === "probabilities" ? { probabilities: true as const } : { confidence: true as const };
+    const it = this.seq.evaluateWithMetadata(tokens, meta, options);
+    try {
+      for await (const step of it) {
+        const s = step as { token: Token; probabilities?: Map<Token, number>; confidence?: number };
+        probe.probabilities = s.probabilities;
+        probe.confidence = s.confidence;
+        yield s.token;
+      }
+    } finally {
+      await it.return?.(undefined);
+    }
+  }
+
+  /**
+   * The probability distribution of the next token after each of `tokens` (prompt
+   * scoring: echo with logprobs). Evaluates them all; `from` of them may already be held.
+   */
+  async score(tokens: Token[]): Promise<Array<ReadonlyMap<Token, number> | undefined>> {
+    const out = await this.seq.controlledEvaluate(tokens.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 0 } } }] as const));
+    return out.map((o) => o?.next?.probabilities);
   }
 
   isEog(token: Token): boolean {

@@ -1,12 +1,39 @@
-/** Which chat template renders a model's prompts: the GGUF's own, a named built-in, or a Jinja file. */
+/**
+ * Which template renders a model's chats: a built-in wrapper the configuration names, a
+ * Jinja file it names, the GGUF's own `tokenizer.chat_template`, or — for a model with
+ * none — node-llama-cpp's guess from its name (the load says so: set one).
+ */
 import { readFileSync } from "node:fs";
-import { JinjaTemplateChatWrapper, resolveChatWrapper, specializedChatWrapperTypeNames, type ChatWrapper, type LlamaModel } from "node-llama-cpp";
+import { basename } from "node:path";
+import { resolveChatWrapper, specializedChatWrapperTypeNames, type Llama, type LlamaModel, type Token } from "node-llama-cpp";
+import { ChatTemplate } from "./chat-template.js";
+import { PromptRenderer } from "./prompt-renderer.js";
 import { firstLine, ModelLoadError } from "./types.js";
 
-export function resolveTemplate(model: LlamaModel, template: string | undefined, id: string): ChatWrapper {
-  if (template === undefined) return resolveChatWrapper(model);
+export function resolveRenderer(
+  llama: Llama,
+  model: LlamaModel,
+  template: string | undefined,
+  id: string,
+  tokenize: (text: string) => Token[],
+): { renderer: PromptRenderer; guessed: boolean } {
+  const special = { bos: model.tokens.bosString ?? "", eos: model.tokens.eosString ?? "" };
+  const jinja = (source: string, name: string) => {
+    try {
+      return new PromptRenderer(model, tokenize, new ChatTemplate(llama, source, special), name);
+    } catch (err) {
+      throw new ModelLoadError(`model "${id}": chat_template ${name}: ${firstLine(err)}`);
+    }
+  };
+  if (template === undefined) {
+    const own = model.fileInfo.metadata.tokenizer?.chat_template;
+    if (typeof own === "string" && own.trim() !== "") return { renderer: jinja(own, "gguf"), guessed: false };
+    const wrapper = resolveChatWrapper(model);
+    return { renderer: new PromptRenderer(model, tokenize, wrapper, wrapper.wrapperName), guessed: true };
+  }
   if ((specializedChatWrapperTypeNames as readonly string[]).includes(template)) {
-    return resolveChatWrapper(model, { type: template as (typeof specializedChatWrapperTypeNames)[number] });
+    const wrapper = resolveChatWrapper(model, { type: template as (typeof specializedChatWrapperTypeNames)[number] });
+    return { renderer: new PromptRenderer(model, tokenize, wrapper, template), guessed: false };
   }
   let text: string;
   try {
@@ -16,9 +43,5 @@ export function resolveTemplate(model: LlamaModel, template: string | undefined,
       `model "${id}": chat_template "${template}" is neither a built-in (${specializedChatWrapperTypeNames.join(", ")}) nor a readable Jinja file`,
     );
   }
-  try {
-    return new JinjaTemplateChatWrapper({ template: text });
-  } catch (err) {
-    throw new ModelLoadError(`model "${id}": chat_template ${template}: ${firstLine(err)}`);
-  }
+  return { renderer: jinja(text, basename(template)), guessed: false };
 }

@@ -25,9 +25,14 @@ export interface SamplingParams {
   topP: number;
   /** 0 = no top-k. */
   topK: number;
+  /** 0 = off. */
+  minP: number;
   seed: number;
   presencePenalty: number;
   frequencyPenalty: number;
+  /** llama.cpp's repeat penalty over the last `repeatLastN` tokens; 1 = off. */
+  repeatPenalty: number;
+  repeatLastN: number;
   logitBias: ReadonlyMap<number, number> | undefined;
   /** Keep generating past end-of-generation tokens (benchmarks' fixed output length). */
   ignoreEos: boolean;
@@ -38,22 +43,33 @@ export const GREEDY_SAMPLING: SamplingParams = Object.freeze({
   temperature: 0,
   topP: 1,
   topK: 40,
+  minP: 0,
   seed: 0,
   presencePenalty: 0,
   frequencyPenalty: 0,
+  repeatPenalty: 1,
+  repeatLastN: 64,
   logitBias: undefined,
   ignoreEos: false,
 });
 
-export interface ChatMessage {
-  role: "system" | "user" | "assistant";
-  content: string;
+/**
+ * What a step reports besides its token, when asked: the distribution it was sampled
+ * from (logprobs), or just the chosen token's probability (best_of). The sequence
+ * writes into one object per generation, so nothing is allocated per token unless asked.
+ */
+export interface StepProbe {
+  probabilities: ReadonlyMap<Token, number> | undefined;
+  confidence: number | undefined;
 }
 
-export interface RenderedPrompt {
-  tokens: Token[];
-  /** Plain-text stop triggers of the chat template (e.g. "\n### Human"); never sent to the client. */
-  stopStrings: string[];
+export interface GenerateOptions {
+  /** A compiled grammar (EngineModel.grammar) the output must follow. */
+  grammar?: unknown;
+  /** A TokenBias, or a function giving the bias for the next token (min_tokens). */
+  tokenBias?: unknown;
+  /** Filled per step: probabilities (logprobs) or the chosen token's probability (best_of). */
+  probe?: StepProbe & { want: "probabilities" | "confidence" };
 }
 
 /** What the batch strategy learns and asks about each decode step; the engine notes say this is the only window. */
@@ -86,6 +102,8 @@ export interface LoadOptions {
   gpuLayers?: number | "max";
   observer: StepObserver;
   faults?: EngineFaults;
+  /** Told what an operator should know about the load (a guessed chat template). */
+  warn?: (message: string) => void;
 }
 
 /** Bytes a loaded model version takes, in RAM and in VRAM. */

@@ -17,13 +17,14 @@ export class StopMatcher {
    * Feeds text; returns what may be sent now. `stopped` is true once a stop string is
    * complete: the returned text is everything before it, and nothing more may follow.
    */
-  push(text: string): { text: string; stopped: boolean } {
+  push(text: string): { text: string; stopped: boolean; matched?: string } {
     if (this.maxLen === 0) return { text, stopped: false };
     const buf = this.held + text;
     // The stop string that completes first in the stream wins (earliest end, then the
     // longer one), so the result does not depend on how the text was split into tokens.
     let cut = -1;
     let cutEnd = Infinity;
+    let matched: string | undefined;
     for (const stop of this.stops) {
       const at = buf.indexOf(stop);
       if (at === -1) continue;
@@ -31,11 +32,12 @@ export class StopMatcher {
       if (end < cutEnd || (end === cutEnd && at < cut)) {
         cut = at;
         cutEnd = end;
+        matched = stop;
       }
     }
     if (cut !== -1) {
       this.held = "";
-      return { text: buf.slice(0, cut), stopped: true };
+      return { text: buf.slice(0, cut), stopped: true, matched };
     }
     const keep = this.partialSuffixLength(buf);
     this.held = keep > 0 ? buf.slice(buf.length - keep) : "";

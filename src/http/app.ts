@@ -12,12 +12,14 @@ import { ApiError } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { GenerationService } from "../service/generation-service.js";
 import type { ModelService } from "../service/model-service.js";
+import type { TextService } from "../service/text-service.js";
 import { registerSocketRoute, type SocketLimits } from "../ws/socket-route.js";
 import { registerAccess } from "./access-hook.js";
 import { registerJsonBody } from "./json-body.js";
 import { registerAdminRoutes } from "./admin-routes.js";
 import { registerHealthRoutes, registerModelRoutes } from "./model-routes.js";
 import { registerOpenAIRoutes } from "./openai-routes.js";
+import { registerUtilityRoutes } from "./utility-routes.js";
 import { registerReadTimeout } from "./read-timeout.js";
 import { fromFastifyError, sendError } from "./reply.js";
 import { registerMetrics, registerPage, type MetricsScrape } from "./site-routes.js";
@@ -26,6 +28,7 @@ export interface AppOptions {
   log: Logger;
   generation: GenerationService;
   models: ModelService;
+  text: TextService;
   keys: KeyRing;
   publicAreas: readonly PublicArea[];
   metrics: MetricsScrape;
@@ -83,6 +86,10 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       maxAge: 600,
     });
   }
+  // Every answer names its request (the OpenAI SDKs expose it as _request_id).
+  app.addHook("onRequest", async (request, reply) => {
+    reply.header("x-request-id", request.id);
+  });
   registerReadTimeout(app, opts.readTimeoutSeconds);
   registerAccess(app, opts.keys, opts.publicAreas);
 
@@ -92,6 +99,7 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   registerModelRoutes(app, opts.models);
   registerAdminRoutes(app, opts.models);
   registerOpenAIRoutes(app, { generation: opts.generation, maxStreamBufferBytes: opts.maxStreamBufferBytes ?? DEFAULT_STREAM_BUFFER });
+  registerUtilityRoutes(app, opts.text);
   void app.register(websocket, { options: { maxPayload: opts.maxFrameBytes ?? opts.maxBodyBytes } });
   void app.register(async (instance) =>
     registerSocketRoute(instance, {

@@ -44,6 +44,8 @@ export interface ResidencyOptions {
   threads: number;
   parallel: number | undefined;
   ctxSize: number | undefined;
+  /** Overrides every version's chat template (--chat-template). */
+  chatTemplate?: string;
   flashAttention: "auto" | "on" | "off";
   maxQueue: number;
   maxQueuedTokens: number;
@@ -432,9 +434,10 @@ export class Residency {
     const engineModel = await this.engine.loadModel({
       ...shape,
       threads: r.spec.threads ?? this.opts.threads,
-      chatTemplate: r.spec.chatTemplate,
+      chatTemplate: this.opts.chatTemplate ?? r.spec.chatTemplate,
       observer: steps,
       faults: this.opts.faults,
+      warn: (m) => this.opts.log.warn(m),
     });
     const scheduler = new Scheduler(engineModel, steps, { maxQueue: this.opts.maxQueue, maxQueuedTokens: this.opts.maxQueuedTokens });
     r.loaded = { key: r.key, id, version, spec: r.spec, engine: engineModel, scheduler };

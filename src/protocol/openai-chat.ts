@@ -1,46 +1,123 @@
-/** OpenAI Chat Completions: the request schema, how it becomes a generation, and its answers. */
+/**
+ * OpenAI Chat Completions: the request schema (what agents, SDKs and frontends send,
+ * with vLLM's and llama-server's extensions), how it becomes a generation for the model
+ * that serves it, and its answers.
+ */
 import { randomBytes } from "node:crypto";
 import { z } from "zod";
-import type { ChatMessage } from "../engine/types.js";
+import type { TemplateMessage, TemplateToolCall } from "../engine/chat-template.js";
 import { PromptRenderError } from "../engine/types.js";
-import { ApiError } from "../errors.js";
+import { ApiError, invalidRequest } from "../errors.js";
 import type { GenerationPlan, PreparedPrompt, PromptModel } from "../service/generation.js";
 import { refuseSurelyTooLong, resolveMaxTokens, samplingParams } from "../service/sampling.js";
 import { LIMITS, parseBody, samplingFields, stopList } from "./openai-common.js";
 import { ChunkStream, JsonAnswer, type AnswerShape, type StreamTransport } from "./openai-output.js";
+import { outputGrammar, structuredOutputFields } from "./structured-output.js";
+import { planTools, refuseOtherTools, toolChoiceField, toolsField } from "./openai-tools.js";
+
+const nullish = <T extends z.ZodType>(t: T) => t.nullable().optional();
+
+/** Content parts other than text, named when refused (until a model that reads them is served). */
+const MEDIA_PARTS: Record<string, string> = {
+  image_url: "image input",
+  input_image: "image input",
+  input_audio: "audio input",
+  file: "file input",
+  video_url: "video input",
+};
 
 const textPart = z.strictObject({ type: z.literal("text"), text: z.string() });
-const content = z.union([z.string(), z.array(textPart).min(1)]);
+const part = z.custom<z.infer<typeof textPart>>((v) => textPart.safeParse(v).success, "expected a text part {type: \"text\", text}");
+const content = z.union([z.string(), z.array(part).min(1)]);
+
+const toolCall = z.strictObject({
+  id: z.string().min(1).max(256),
+  type: z.literal("function"),
+  function: z.strictObject({ name: z.string().min(1).max(256), arguments: z.string().max(1 << 20) }),
+});
 
 const message = z.discriminatedUnion("role", [
-  z.strictObject({ role: z.literal("system"), content, name: z.string().optional() }),
-  z.strictObject({ role: z.literal("developer"), content, name: z.string().optional() }),
-  z.strictObject({ role: z.literal("user"), content, name: z.string().optional() }),
+  z.strictObject({ role: z.literal("system"), content, name: nullish(z.string().max(256)) }),
+  z.strictObject({ role: z.literal("developer"), content, name: nullish(z.string().max(256)) }),
+  z.strictObject({ role: z.literal("user"), content, name: nullish(z.string().max(256)) }),
   z.strictObject({
     role: z.literal("assistant"),
-    content,
-    name: z.string().optional(),
-    refusal: z.null().optional(),
+    content: nullish(content),
+    name: nullish(z.string().max(256)),
+    refusal: nullish(z.string()),
+    tool_calls: nullish(z.array(toolCall).max(LIMITS.maxTools)),
+    // What reasoning models thought (llama-server's and vLLM's field): passed to the template.
+    reasoning_content: nullish(z.string()),
   }),
+  z.strictObject({ role: z.literal("tool"), content, tool_call_id: z.string().min(1).max(256) }),
 ]);
 
 export const chatRequestSchema = z.strictObject({
   ...samplingFields,
+  ...structuredOutputFields,
   messages: z.array(message).min(1, "must contain at least one message").max(LIMITS.maxMessages),
-  max_completion_tokens: samplingFields.max_tokens,
-  logprobs: z.literal(false).nullable().optional(),
-  // `store` and `metadata` are accepted because they never change the output; nothing is stored.
-  store: z.literal(false).nullable().optional(),
+  max_tokens: nullish(z.number().int().min(1)),
+  max_completion_tokens: nullish(z.number().int().min(1)),
+  tools: toolsField,
+  tool_choice: toolChoiceField,
+  parallel_tool_calls: nullish(z.boolean()),
+  logprobs: nullish(z.boolean()),
+  top_logprobs: nullish(z.number().int().min(0).max(20)),
+  // Accepted at the values that mean what this server does; nothing is stored.
+  store: nullish(z.boolean()),
+  metadata: nullish(z.record(z.string().max(64), z.string().max(512))),
+  modalities: nullish(z.array(z.literal("text", { message: "only text output is supported" })).max(1)),
+  service_tier: nullish(z.enum(["auto", "default"], { message: "only 'auto' and 'default' are served here" })),
+  stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()), include_obfuscation: nullish(z.boolean()) })),
+  reasoning_effort: nullish(z.enum(["minimal", "low", "medium", "high"])),
+  chat_template_kwargs: nullish(z.record(z.string().max(128), z.unknown())),
 });
 
 export type ChatRequest = z.infer<typeof chatRequestSchema>;
 
-export function toChatMessages(req: ChatRequest): ChatMessage[] {
-  return req.messages.map((m) => ({
-    // The developer role is the newer name for system.
-    role: m.role === "developer" ? "system" : m.role,
-    content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
-  }));
+function text(c: string | ReadonlyArray<{ text: string }> | null | undefined): string {
+  if (c === null || c === undefined) return "";
+  return typeof c === "string" ? c : c.map((p) => p.text).join("");
+}
+
+/** Messages as templates take them: developer is system, tool calls' arguments are objects. */
+export function toTemplateMessages(req: Pick<ChatRequest, "messages">): TemplateMessage[] {
+  return req.messages.map((m, i) => {
+    if (m.role === "tool") return { role: "tool", content: text(m.content), tool_call_id: m.tool_call_id };
+    const out: TemplateMessage = { role: m.role === "developer" ? "system" : m.role, content: text(m.content) };
+    if (m.name) out.name = m.name;
+    if (m.role === "assistant") {
+      if (m.reasoning_content) out.reasoning_content = m.reasoning_content;
+      if (m.tool_calls?.length) {
+        out.tool_calls = m.tool_calls.map((c, j): TemplateToolCall => {
+          let args: unknown;
+          try {
+            args = JSON.parse(c.function.arguments);
+          } catch {
+            throw invalidRequest(`Invalid value for 'messages[${i}].tool_calls[${j}].function.arguments': not valid JSON.`, `messages[${i}].tool_calls[${j}].function.arguments`, "invalid_value");
+          }
+          return { id: c.id, type: "function", function: { name: c.function.name, arguments: args } };
+        });
+      }
+    }
+    return out;
+  });
+}
+
+/** Refuses content parts a text model cannot read, by their type's name. */
+function refuseMedia(raw: unknown): void {
+  const messages = (raw as { messages?: unknown })?.messages;
+  if (!Array.isArray(messages)) return;
+  messages.forEach((m, i) => {
+    const parts = (m as { content?: unknown })?.content;
+    if (!Array.isArray(parts)) return;
+    parts.forEach((p, j) => {
+      const type = (p as { type?: unknown })?.type;
+      if (typeof type === "string" && type in MEDIA_PARTS) {
+        throw invalidRequest(`Invalid value for 'messages[${i}].content[${j}]': ${MEDIA_PARTS[type]} ('${type}' parts) is not supported: the served models read text only.`, `messages[${i}].content[${j}].type`, "unsupported_content");
+      }
+    });
+  });
 }
 
 /** A validated chat request: what the service runs, and the answers it is given back as. */
@@ -68,16 +145,29 @@ export class ChatPlan implements GenerationPlan, AnswerShape {
 
   prepare(model: PromptModel): PreparedPrompt {
     const body = this.body;
-    const messages = toChatMessages(body);
+    const messages = toTemplateMessages(body);
     let chars = 0;
     for (const m of messages) chars += m.content.length;
     refuseSurelyTooLong(chars, model, "messages");
+    const tools = planTools(body.tools, body.tool_choice, body.parallel_tool_calls ?? true, model.template, { tools: "tools", choice: "tool_choice" });
+    const structured = outputGrammar(body);
+    if (structured !== undefined && tools.grammar !== undefined) {
+      throw invalidRequest("A forced tool call and a response format both constrain the output: send one.", "tool_choice", "invalid_value");
+    }
+    const kwargs: Record<string, unknown> = { ...body.chat_template_kwargs };
+    if (body.reasoning_effort) kwargs.reasoning_effort ??= body.reasoning_effort;
     let rendered;
     try {
-      rendered = model.renderChat(messages);
+      rendered = model.renderChat({ messages, tools: tools.tools, kwargs });
     } catch (err) {
       if (err instanceof PromptRenderError) throw new ApiError("invalid_request", err.message, { param: "messages", code: "invalid_messages" });
       throw err;
+    }
+    const reasoning = rendered.capabilities.reasoning;
+    let grammar = tools.grammar ?? structured;
+    // A prompt that opened a thinking section: the model may finish its thoughts before the constrained part.
+    if (grammar !== undefined && rendered.thinkingOpen && reasoning) {
+      grammar = grammar.replace(/^root ::= /m, `root ::= thinking ${JSON.stringify(reasoning.end)} ws-after-thinking `) + `thinking ::= ( [^<] | "<" [^/] )*\nws-after-thinking ::= [ \\t\\n]*\n`;
     }
     const maxParam = body.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens";
     // The newer `max_completion_tokens` wins over `max_tokens`.
@@ -87,18 +177,31 @@ export class ChatPlan implements GenerationPlan, AnswerShape {
       maxTokens: resolveMaxTokens(rendered.tokens.length, requested, model.sampling.max_tokens, model.ctxSize, { prompt: "messages", maxTokens: maxParam }),
       stop: [...stopList(body.stop), ...rendered.stopStrings],
       sampling: samplingParams(body, model),
+      grammar,
+      minTokens: body.min_tokens ?? undefined,
+      stopTokenIds: body.stop_token_ids ? new Set(body.stop_token_ids) : undefined,
+      includeStopString: body.include_stop_str_in_output ?? undefined,
+      logprobs: body.logprobs ? (body.top_logprobs ?? 0) : undefined,
+      choices: body.n ?? 1,
+      output: reasoning || tools.output ? { reasoning: reasoning ? { ...reasoning, open: rendered.thinkingOpen } : undefined, tools: tools.output } : undefined,
     };
   }
 
   jsonAnswer(): JsonAnswer {
-    return new JsonAnswer(this);
+    return new JsonAnswer(this, this.body.logprobs === true);
   }
 
   streamAnswer(transport: StreamTransport): ChunkStream {
-    return new ChunkStream(this, transport, this.body.stream_options?.include_usage === true);
+    return new ChunkStream(this, transport, this.body.stream_options?.include_usage === true, this.body.logprobs === true);
   }
 }
 
 export function parseChat(raw: unknown): ChatPlan {
-  return new ChatPlan(parseBody(chatRequestSchema, raw));
+  refuseMedia(raw);
+  refuseOtherTools((raw as { tools?: unknown })?.tools, "tools");
+  const body = parseBody(chatRequestSchema, raw);
+  if (body.top_logprobs != null && body.top_logprobs > 0 && body.logprobs !== true) {
+    throw invalidRequest("'top_logprobs' needs 'logprobs': true.", "top_logprobs", "invalid_value");
+  }
+  return new ChatPlan(body);
 }

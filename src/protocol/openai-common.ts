@@ -10,6 +10,9 @@ export const LIMITS = {
   maxStopLength: 512,
   maxLogitBiasEntries: 1024,
   maxMessages: 4096,
+  maxChoices: 16,
+  maxTools: 128,
+  maxStopTokenIds: 64,
 } as const;
 
 const nullish = <T extends z.ZodType>(t: T) => t.nullable().optional();
@@ -17,7 +20,7 @@ const nullish = <T extends z.ZodType>(t: T) => t.nullable().optional();
 /** Sampling and stopping fields shared by chat and completions. */
 export const samplingFields = {
   model: z.string().min(1, "must not be empty"),
-  max_tokens: nullish(z.number().int().min(1)),
+  max_tokens: nullish(z.number().int().min(0)),
   temperature: nullish(z.number().min(0).max(2)),
   top_p: nullish(z.number().min(0).max(1)),
   seed: nullish(z.number().int().min(-(2 ** 63)).max(2 ** 64)),
@@ -38,29 +41,32 @@ export const samplingFields = {
   stream: nullish(z.boolean()),
   stream_options: nullish(z.strictObject({ include_usage: nullish(z.boolean()) })),
   user: nullish(z.string().max(256)),
-  // vLLM's and llama-server's extensions: top-k sampling (0 = off), and generating
+  // vLLM's and llama-server's extensions: top-k sampling (0 or -1 = off), min-p, the
+  // repeat penalty (under both names), a minimum length, stop token ids, and generating
   // exactly max_tokens (benchmarks).
-  top_k: nullish(z.number().int().min(0).max(1 << 20)),
+  top_k: nullish(z.number().int().min(-1).max(1 << 20)),
+  min_p: nullish(z.number().min(0).max(1)),
+  repetition_penalty: nullish(z.number().gt(0).max(10)),
+  repeat_penalty: nullish(z.number().gt(0).max(10)),
+  repeat_last_n: nullish(z.number().int().min(0).max(1 << 16)),
+  min_tokens: nullish(z.number().int().min(0)),
+  stop_token_ids: nullish(z.array(z.number().int().min(0)).max(LIMITS.maxStopTokenIds)),
+  include_stop_str_in_output: nullish(z.boolean()),
+  // typical sampling is not in node-llama-cpp's sampler: only "off" (1) is accepted.
+  typical_p: nullish(z.literal(1, { message: "only 1 (off) is supported: node-llama-cpp does not expose llama.cpp's typical sampler" })),
   ignore_eos: nullish(z.boolean()),
-  // Accepted only at the values that mean "what this server does".
-  n: nullish(z.literal(1, { message: "only n=1 is supported" })),
+  n: nullish(z.number().int().min(1).max(LIMITS.maxChoices)),
 };
 
-/** Known OpenAI fields this server does not implement yet: refused by name, never ignored. */
+/** Known OpenAI fields this server does not implement: refused by name, never ignored. */
 export const UNSUPPORTED_HINT: Record<string, string> = {
-  tools: "tool calling is not supported yet",
-  tool_choice: "tool calling is not supported yet",
-  functions: "function calling is not supported yet",
-  function_call: "function calling is not supported yet",
-  parallel_tool_calls: "tool calling is not supported yet",
-  logprobs: "logprobs are not supported yet",
-  top_logprobs: "logprobs are not supported yet",
-  response_format: "only the default text response format is supported",
+  functions: "the legacy functions field is not supported: send tools",
+  function_call: "the legacy function_call field is not supported: send tool_choice",
   audio: "audio output is not supported",
-  modalities: "only text output is supported",
   prediction: "predicted outputs are not supported",
-  best_of: "best_of is not supported",
   suffix: "suffix (insertion) is not supported",
+  web_search_options: "web search is not supported",
+  verbosity: "verbosity is not supported by the served models",
 };
 
 function paramPath(path: readonly PropertyKey[]): string | null {

@@ -1,10 +1,10 @@
 import { ApiError } from "../errors.js";
-import type { SamplingParams, Token } from "../engine/types.js";
+import type { GenerateOptions, SamplingParams, StepProbe, Token } from "../engine/types.js";
 import { StopMatcher } from "../generation/stop-matcher.js";
 import { Utf8Detokenizer } from "../generation/utf8-detokenizer.js";
 import type { SchedulerSnapshot } from "../observers.js";
 import { StepTracker } from "./step-tracker.js";
-import type { FinishReason, GenerationOutcome, GenerationRequest, TokenSink, Usage } from "./types.js";
+import type { FinishReason, GenerationOutcome, GenerationRequest, TokenLogprob, TokenSink, Usage } from "./types.js";
 import { WaitingQueue } from "./waiting-queue.js";
 
 /** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
@@ -13,7 +13,9 @@ export interface SlotSequence {
   heldTokens(): readonly Token[];
   truncate(from: number): Promise<void>;
   prefill(tokens: Token[], priority: number): Promise<void>;
-  generate(tokens: Token[], sampling: SamplingParams, generated: Token[], tokenBias: unknown): AsyncGenerator<Token, void, void>;
+  generate(tokens: Token[], sampling: SamplingParams, generated: Token[], extras?: GenerateOptions): AsyncGenerator<Token, void, void>;
+  /** The next-token distribution after each of the tokens (prompt scoring). */
+  score(tokens: Token[]): Promise<Array<ReadonlyMap<Token, number> | undefined>>;
 }
 
 export interface SchedulerModel {
@@ -21,6 +23,9 @@ export interface SchedulerModel {
   readonly sequences: readonly SlotSequence[];
   detokenize(tokens: readonly Token[], lastTokens?: readonly Token[]): string;
   makeTokenBias(bias: ReadonlyMap<number, number>): unknown;
+  /** A token's text and bytes, for logprobs. */
+  tokenText(token: Token, before?: readonly Token[]): { text: string; bytes: number[] };
+  readonly eogTokens: readonly Token[];
 }
 
 export interface SchedulerOptions {
@@ -306,8 +311,20 @@ export class Scheduler {
         await this.whilePaused(() => slot.seq.truncate(cached));
         slot.dirty = false;
       }
-      const outcome = await this.generate(req, slot.seq, prompt.slice(cached), sink, (n) => (generatedCount = n));
-      this.end(job, outcome instanceof ApiError ? { error: outcome, usage: usage() } : { result: { finishReason: outcome, usage: usage() } });
+      let input = prompt.slice(cached);
+      if (req.promptLogprobs) {
+        // Scoring needs the distribution at every prompt position: evaluate the whole prompt
+        // (no prefix reuse), then generate from its last token again.
+        await this.whilePaused(() => slot.seq.truncate(0));
+        cached = 0;
+        timeline.cachedTokens = 0;
+        sink.onPromptLogprobs?.(this.promptLogprobs(prompt, await slot.seq.score(prompt), req.logprobs ?? 0));
+        await this.whilePaused(() => slot.seq.truncate(prompt.length - 1));
+        input = prompt.slice(-1);
+      }
+      const result: { logprobSum?: number } = {};
+      const outcome = req.maxTokens === 0 ? "length" : await this.generate(req, slot.seq, input, sink, (n) => (generatedCount = n), result);
+      this.end(job, outcome instanceof ApiError ? { error: outcome, usage: usage() } : { result: { finishReason: outcome, usage: usage(), ...result } });
     } catch (err) {
       // A failed decode step fails every request in that batch (llama.cpp's scope); each
       // slot involved is cleared before reuse and the scheduler keeps serving.
@@ -343,6 +360,49 @@ export class Scheduler {
     return undefined;
   }
 
+  /** One token's log probability and its `top` most likely alternatives, from the distribution it was sampled from. */
+  private logprobEntry(token: Token, probabilities: ReadonlyMap<Token, number> | undefined, top: number, before: readonly Token[]): TokenLogprob {
+    const { text, bytes } = this.model.tokenText(token, before);
+    const p = probabilities?.get(token);
+    const entry: TokenLogprob = { token: text, logprob: p !== undefined && p > 0 ? Math.log(p) : -9999, bytes, top: [] };
+    if (top > 0 && probabilities) {
+      // The `top` largest of up to a vocabulary's entries: a small sorted buffer, no full sort.
+      const best: Array<[Token, number]> = [];
+      for (const [t, q] of probabilities) {
+        if (best.length === top && q <= best[top - 1]![1]) continue;
+        let i = best.length;
+        while (i > 0 && best[i - 1]![1] < q) i--;
+        best.splice(i, 0, [t, q]);
+        if (best.length > top) best.pop();
+      }
+      for (const [t, q] of best) {
+        const tt = this.model.tokenText(t, before);
+        entry.top.push({ token: tt.text, logprob: Math.log(q), bytes: tt.bytes });
+      }
+    }
+    return entry;
+  }
+
+  private promptLogprobs(prompt: readonly Token[], next: Array<ReadonlyMap<Token, number> | undefined>, top: number): Array<TokenLogprob | null> {
+    return prompt.map((t, i) => (i === 0 ? null : this.logprobEntry(t, next[i - 1], top, prompt.slice(Math.max(0, i - 4), i))));
+  }
+
+  /**
+   * The bias the sampler gets: logit_bias, and while fewer than min_tokens are out, a ban
+   * on end-of-generation and stop tokens (a function: the sampler asks before each token).
+   */
+  private tokenBiasFor(req: GenerationRequest, generated: readonly Token[]): unknown {
+    const bias = req.sampling.logitBias;
+    const minTokens = req.minTokens ?? 0;
+    if (minTokens <= 0) return bias ? this.model.makeTokenBias(bias) : undefined;
+    const banned = new Map(bias);
+    for (const t of this.model.eogTokens) banned.set(t, -Infinity);
+    for (const t of req.stopTokenIds ?? []) banned.set(t, -Infinity);
+    const early = this.model.makeTokenBias(banned);
+    const later = this.model.makeTokenBias(bias ?? new Map());
+    return () => (generated.length < minTokens ? early : later);
+  }
+
   /** The token loop. Returns the finish reason, or the error that ended it early. */
   private async generate(
     req: GenerationRequest,
@@ -350,6 +410,7 @@ export class Scheduler {
     input: Token[],
     sink: TokenSink,
     count: (n: number) => void,
+    result: { logprobSum?: number },
   ): Promise<FinishReason | ApiError> {
     const priority = EVALUATION_PRIORITY[req.priority];
     const steps = this.steps;
@@ -373,11 +434,18 @@ export class Scheduler {
       const generated: Token[] = [];
       const detok = new Utf8Detokenizer((t, last) => this.model.detokenize(t, last), req.promptTokens);
       const stopper = new StopMatcher(req.stop);
-      const bias = req.sampling.logitBias ? this.model.makeTokenBias(req.sampling.logitBias) : undefined;
-      const iter = seq.generate(rest, req.sampling, generated, bias);
+      // Only what was asked for costs anything per token: probabilities for logprobs, the
+      // chosen token's probability for best_of.
+      const probe: (StepProbe & { want: "probabilities" | "confidence" }) | undefined =
+        req.logprobs !== undefined ? { want: "probabilities", probabilities: undefined, confidence: undefined } : req.scoreChoice ? { want: "confidence", probabilities: undefined, confidence: undefined } : undefined;
+      const pending: TokenLogprob[] | undefined = req.logprobs !== undefined ? [] : undefined;
+      const stopIds = req.stopTokenIds;
+      const minTokens = req.minTokens ?? 0;
+      const iter = seq.generate(rest, req.sampling, generated, { grammar: req.grammar, tokenBias: this.tokenBiasFor(req, generated), probe });
       let finish: FinishReason | ApiError = "length";
       let hitStopString = false;
       let lastTokenAt = 0;
+      let logprobSum = 0;
       try {
         for (;;) {
           if (this.resumeGate !== null) await this.waitIfPaused();
@@ -391,16 +459,26 @@ export class Scheduler {
             finish = "stop";
             break;
           }
-          generated.push(step.value);
+          const token = step.value;
+          if (stopIds !== undefined && stopIds.has(token) && generated.length >= minTokens) {
+            finish = "stop";
+            break;
+          }
+          if (probe !== undefined) {
+            if (pending !== undefined) pending.push(this.logprobEntry(token, probe.probabilities, req.logprobs!, generated.length > 0 ? generated.slice(-4) : req.promptTokens.slice(-4)));
+            else logprobSum += Math.log(Math.max(probe.confidence ?? 1e-30, 1e-30));
+          }
+          generated.push(token);
           const now = performance.now();
           if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
           else steps.observer?.interTokenLatency((now - lastTokenAt) / 1000);
           lastTokenAt = now;
-          const text = detok.push(step.value);
+          const text = detok.push(token);
           if (text !== "") {
             const out = stopper.push(text);
-            if (out.text !== "") sink.onText(out.text);
+            if (out.text !== "") sink.onText(out.text, pending?.splice(0));
             if (out.stopped) {
+              if (req.includeStopString && out.matched) sink.onText(out.matched, pending?.splice(0));
               finish = "stop";
               hitStopString = true;
               break;
@@ -410,16 +488,20 @@ export class Scheduler {
         }
       } finally {
         count(generated.length);
+        if (probe?.want === "confidence") result.logprobSum = logprobSum;
         stopRunning();
         await iter.return();
       }
       if (finish instanceof ApiError || hitStopString) return finish;
       // A natural end: what the detokenizer held, then what the stop matcher held back.
       const out = stopper.push(detok.flush());
-      if (out.text !== "") sink.onText(out.text);
-      if (out.stopped) return "stop";
+      if (out.text !== "") sink.onText(out.text, pending?.splice(0));
+      if (out.stopped) {
+        if (req.includeStopString && out.matched) sink.onText(out.matched, pending?.splice(0));
+        return "stop";
+      }
       const held = stopper.flush();
-      if (held !== "") sink.onText(held);
+      if (held !== "" || (pending !== undefined && pending.length > 0)) sink.onText(held, pending?.splice(0));
       return finish;
     } finally {
       stopRunning();

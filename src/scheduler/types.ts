@@ -18,6 +18,20 @@ export interface GenerationRequest {
   deadline: number;
   /** Whose request it is: waiting requests share slots between tenants by weight. */
   tenant?: { name: string; weight: number };
+  /** A compiled grammar (the engine model's) the output must follow. */
+  grammar?: unknown;
+  /** End-of-generation (and stop token ids) are not allowed before this many tokens. */
+  minTokens?: number;
+  /** Token ids that end generation, unsent (vLLM's stop_token_ids). */
+  stopTokenIds?: ReadonlySet<number>;
+  /** Send the stop string that ended generation (vLLM's include_stop_str_in_output). */
+  includeStopString?: boolean;
+  /** Per-token log probabilities, with this many alternatives each. */
+  logprobs?: number;
+  /** Sum the log probability of each chosen token (best_of ranks candidates by it). */
+  scoreChoice?: boolean;
+  /** Log probabilities of the prompt's own tokens too (echo with logprobs: prompt scoring). */
+  promptLogprobs?: boolean;
   /**
    * Aborted when the client goes away or a transport gives up on it; an ApiError as the
    * abort reason says why (e.g. a slow reader), else it ends as "cancelled".
@@ -27,9 +41,19 @@ export interface GenerationRequest {
   timeline: Timeline;
 }
 
+/** One token's log probability and its most likely alternatives, as logprobs show them. */
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+  top: Array<{ token: string; logprob: number; bytes: number[] }>;
+}
+
 export interface GenerationResult {
   finishReason: FinishReason;
   usage: Usage;
+  /** Σ log p of the chosen tokens, when scoreChoice was asked. */
+  logprobSum?: number;
 }
 
 /** How a generation ended: what submit()'s promise resolves with. */
@@ -42,5 +66,8 @@ export type GenerationOutcome = { result: GenerationResult } | { error: ApiError
 export interface TokenSink {
   /** The request got a slot; nothing was sent before this. */
   onStart(): void;
-  onText(text: string): void;
+  /** Text, with the log probabilities of the tokens it completes when they were asked for. */
+  onText(text: string, logprobs?: TokenLogprob[]): void;
+  /** The prompt's tokens scored (promptLogprobs): the first has none (null). */
+  onPromptLogprobs?(entries: Array<TokenLogprob | null>): void;
 }

@@ -12,8 +12,9 @@ import type { KeyLimits, LimitLease } from "../access/limits.js";
 import { ApiError, toApiError } from "../errors.js";
 import type { Lease, LoadedModel, ModelRegistry } from "../models/registry.js";
 import type { RequestObservation, RequestObserver, RequestRecord } from "../observers.js";
-import type { GenerationOutcome, GenerationRequest } from "../scheduler/types.js";
-import type { GenerationEvents, GenerationPlan, PromptModel, RequestInfo, RunOutcome } from "./generation.js";
+import type { GenerationOutcome, GenerationRequest, TokenLogprob, TokenSink } from "../scheduler/types.js";
+import { ChatOutputParser, type ToolCallDelta } from "./chat-output.js";
+import type { ChoiceResult, GenerationEvents, GenerationPlan, PreparedPrompt, PromptModel, RequestInfo, RunOutcome, StartInfo } from "./generation.js";
 import { requestTiming, type RequestTiming } from "./sampling.js";
 
 export interface GenerationServiceOptions {
@@ -41,14 +42,23 @@ function promptModel(m: LoadedModel): PromptModel {
       maxTokenChars: e.maxTokenChars,
       sampling: m.spec.sampling,
       tokenize: (text) => e.tokenizePrompt(text),
-      renderChat: (messages) => e.renderChat(messages),
+      renderChat: (input) => e.renderChat(input),
+      template: e.templateCapabilities,
       detokenize: (tokens) => e.detokenize(tokens),
       isValidToken: (t) => e.isValidToken(t),
     };
     promptModels.set(m, p);
   }
-  return p;
+  return p!;
 }
+
+/** OpenAI's system_fingerprint: which artifact and engine served the answer. */
+function fingerprint(m: LoadedModel): string {
+  return `fp_${(m.spec.sha256 ?? m.key).replace(/[^0-9a-zA-Z]/g, "").slice(0, 10)}`;
+}
+
+/** One choice's events as they happen, or kept (best_of candidates) to be replayed for the picked ones. */
+type Replay = Array<(events: GenerationEvents, index: number) => void>;
 
 export class GenerationService {
   constructor(private readonly opts: GenerationServiceOptions) {}
@@ -131,7 +141,16 @@ export class GenerationRun {
       record.model = { id: model.id, version: model.version };
       record.route = acquired.via;
       if (waitEnd - waitStart >= MODEL_WAIT_REPORTED_MS) record.modelWait = { start: waitStart, end: waitEnd };
-      const gen = this.request(plan, model, timing, info.signal);
+      const prepared = this.prepare(plan, model);
+      const choices = Math.max(1, prepared.choices ?? 1);
+      const candidates = Math.max(choices, prepared.candidates ?? choices);
+      // Every choice ends when one fails or the client goes; the transport's reason comes along.
+      const abort = new AbortController();
+      const onAbort = () => abort.abort(info.signal.reason);
+      if (info.signal.aborted) onAbort();
+      else info.signal.addEventListener("abort", onAbort, { once: true });
+      const gens = Array.from({ length: candidates }, (_, i) => this.request(prepared, model, timing, abort.signal, i, candidates > choices));
+      const gen = gens[0]!;
       record.timeline = gen.timeline;
       record.sampling = { maxTokens: gen.maxTokens, temperature: gen.sampling.temperature, topP: gen.sampling.topP, seed: gen.sampling.seed, promptTokens: gen.promptTokens.length };
       if (acquired.shadow) {
@@ -139,21 +158,60 @@ export class GenerationRun {
         acquired.shadow = undefined;
         this.mirror(shadow, plan, timing);
       }
-      const startInfo = { model: model.key, created: Math.floor(Date.now() / 1000), headers: limit.headers };
-      const outcome: GenerationOutcome = await model.scheduler.submit(gen, {
-        onStart: () => {
-          started = true;
-          sink.onStart(startInfo);
-        },
-        onText: (text) => sink.onText(text),
-      });
-      record.usage = "result" in outcome ? outcome.result.usage : outcome.usage;
-      if ("result" in outcome) {
-        record.finishReason = outcome.result.finishReason;
-        sink.onDone(outcome.result);
-        return { error: undefined, started };
+      const startInfo: StartInfo = { model: model.key, created: Math.floor(Date.now() / 1000), headers: limit.headers, fingerprint: fingerprint(model), choices };
+      const start = () => {
+        if (started) return;
+        started = true;
+        sink.onStart(startInfo);
+      };
+      // best_of: candidates run unseen; the best `choices` of them are replayed at the end.
+      const replays: Replay[] | undefined = candidates > choices ? gens.map(() => []) : undefined;
+      const parsers = gens.map((_, i) => (prepared.output ? this.parser(prepared, i, sink, replays?.[i]) : undefined));
+      const sinks: TokenSink[] = gens.map((_, i) => this.tokenSink(i, start, sink, parsers[i], replays?.[i]));
+      let outcomes: GenerationOutcome[];
+      try {
+        // A choice that fails ends the others: the request fails as one.
+        outcomes = await Promise.all(
+          gens.map((g, i) =>
+            model.scheduler.submit(g, sinks[i]!).then((o) => {
+              if ("error" in o && !abort.signal.aborted) abort.abort(o.error);
+              return o;
+            }),
+          ),
+        );
+      } catch (err) {
+        abort.abort(err);
+        throw err;
+      } finally {
+        info.signal.removeEventListener("abort", onAbort);
       }
-      throw outcome.error;
+      const failed = outcomes.find((o) => "error" in o && o.error === abort.signal.reason) ?? outcomes.find((o) => "error" in o);
+      const completion = outcomes.reduce((n, o) => n + (("result" in o ? o.result.usage : o.usage)?.completionTokens ?? 0), 0);
+      const first = "result" in outcomes[0]! ? outcomes[0].result.usage : outcomes[0]!.usage;
+      record.usage = first ? { ...first, completionTokens: completion } : undefined;
+      if (failed && "error" in failed) throw failed.error;
+      const results: ChoiceResult[] = outcomes.map((o, i) => {
+        parsers[i]?.finish();
+        const r = (o as { result: { finishReason: "stop" | "length" } }).result;
+        return { index: i, finishReason: (parsers[i]?.toolCalls ?? 0) > 0 ? "tool_calls" : r.finishReason };
+      });
+      let final = results;
+      if (replays) {
+        // Highest mean log probability per token first (OpenAI's best_of).
+        const mean = (i: number) => {
+          const r = (outcomes[i] as { result: { logprobSum?: number; usage: { completionTokens: number } } }).result;
+          return (r.logprobSum ?? 0) / Math.max(1, r.usage.completionTokens);
+        };
+        const picked = results.map((_, i) => i).sort((a, b) => mean(b) - mean(a)).slice(0, choices);
+        final = picked.map((i, k) => {
+          for (const ev of replays[i]!) ev(sink, k);
+          return { index: k, finishReason: results[i]!.finishReason };
+        });
+      }
+      for (const c of final) sink.onChoiceDone?.(c);
+      record.finishReason = final[0]!.finishReason;
+      sink.onDone({ choices: final, usage: record.usage! });
+      return { error: undefined, started };
     } catch (err) {
       const error = toApiError(err);
       record.status = error.status;
@@ -169,12 +227,68 @@ export class GenerationRun {
     }
   }
 
-  /** The engine request: the plan's prompt for this model, with the request's deadline and priority. */
-  private request(plan: GenerationPlan, model: LoadedModel, timing: RequestTiming, signal: AbortSignal): GenerationRequest {
+  /** The plan's prompt for this model, its grammar compiled (a grammar llama.cpp refuses is the client's 400). */
+  private prepare(plan: GenerationPlan, model: LoadedModel): PreparedPrompt & { compiled: unknown } {
     const p = plan.prepare(promptModel(model));
+    let compiled: unknown;
+    if (p.grammar !== undefined) {
+      try {
+        compiled = model.engine.grammar(p.grammar);
+      } catch (err) {
+        throw new ApiError("invalid_request", `The grammar is not valid GBNF: ${(err as Error).message}`, { param: "grammar", code: "invalid_grammar" });
+      }
+    }
+    return { ...p, compiled };
+  }
+
+  /**
+   * One engine request: choice `i` of the prepared prompt, with the request's deadline and
+   * priority. Choices differ by seed; only the first scores the prompt.
+   */
+  private request(p: PreparedPrompt & { compiled: unknown }, model: LoadedModel, timing: RequestTiming, signal: AbortSignal, i = 0, scoreChoice = false): GenerationRequest {
     const principal = this.info.principal;
-    const tenant = principal ? { name: principal.name, weight: principal.weight } : undefined;
-    return { ...p, priority: timing.priority, deadline: timing.deadline, signal, timeline: {}, tenant };
+    return {
+      promptTokens: p.promptTokens,
+      maxTokens: p.maxTokens,
+      stop: p.stop,
+      sampling: i === 0 ? p.sampling : { ...p.sampling, seed: (p.sampling.seed + i) >>> 0 },
+      priority: timing.priority,
+      deadline: timing.deadline,
+      signal,
+      timeline: {},
+      tenant: principal ? { name: principal.name, weight: principal.weight } : undefined,
+      grammar: p.compiled,
+      minTokens: p.minTokens,
+      stopTokenIds: p.stopTokenIds,
+      includeStopString: p.includeStopString,
+      logprobs: p.logprobs,
+      promptLogprobs: i === 0 ? p.promptLogprobs : undefined,
+      scoreChoice,
+    };
+  }
+
+  /** Splits choice `i`'s text into reasoning, content and tool calls for the events (or its replay). */
+  private parser(p: PreparedPrompt, i: number, events: GenerationEvents, replay: Replay | undefined): ChatOutputParser {
+    if (replay) {
+      return new ChatOutputParser(p.output!, {
+        content: (text, logprobs) => replay.push((e, k) => e.onText(text, k, logprobs)),
+        reasoning: (text) => replay.push((e, k) => e.onReasoning?.(text, k)),
+        toolCall: (delta) => replay.push((e, k) => e.onToolCall?.(delta, k)),
+      });
+    }
+    return new ChatOutputParser(p.output!, {
+      content: (text, logprobs) => events.onText(text, i, logprobs),
+      reasoning: (text) => events.onReasoning?.(text, i),
+      toolCall: (delta: ToolCallDelta) => events.onToolCall?.(delta, i),
+    });
+  }
+
+  /** Where choice `i`'s tokens go: its parser, the events, or its replay. */
+  private tokenSink(i: number, start: () => void, events: GenerationEvents, parser: ChatOutputParser | undefined, replay: Replay | undefined): TokenSink {
+    const onPromptLogprobs = i === 0 ? (entries: Array<TokenLogprob | null>) => events.onPromptLogprobs?.(entries) : undefined;
+    if (parser) return { onStart: start, onText: parser.push, onPromptLogprobs };
+    if (replay) return { onStart: start, onText: (text, logprobs) => replay.push((e, k) => e.onText(text, k, logprobs)), onPromptLogprobs };
+    return { onStart: start, onText: (text, logprobs) => events.onText(text, i, logprobs), onPromptLogprobs };
   }
 
   /**
@@ -187,7 +301,7 @@ export class GenerationRun {
     const report = (outcome: string) => this.opts.onShadow(id, version, outcome);
     let gen: GenerationRequest;
     try {
-      gen = this.request(plan, shadow.model, { ...timing, priority: "low" }, new AbortController().signal);
+      gen = this.request(this.prepare(plan, shadow.model), shadow.model, { ...timing, priority: "low" }, new AbortController().signal);
     } catch {
       shadow.release();
       report("invalid");

@@ -5,13 +5,19 @@
  * protocols' output; none of them touches a lease, a queue or a metric.
  */
 import type { SamplingDefaults } from "../config/models-file.js";
-import type { ChatMessage, RenderedPrompt, SamplingParams, Token } from "../engine/types.js";
+import type { TemplateCapabilities } from "../engine/chat-template.js";
+import type { ChatRenderInput, RenderedChat } from "../engine/prompt-renderer.js";
+import type { SamplingParams, Token } from "../engine/types.js";
 import type { ApiError } from "../errors.js";
 import type { Endpoint, Headers, Transport, Usage } from "../observers.js";
 import type { Principal } from "../access/keys.js";
-import type { FinishReason } from "../scheduler/types.js";
+import type { TokenLogprob } from "../scheduler/types.js";
+import type { OutputSpec, ToolCallDelta } from "./chat-output.js";
 
-export type { FinishReason, Usage, Principal };
+export type { Usage, Principal, TokenLogprob, ToolCallDelta, OutputSpec };
+
+/** Why a choice ended: the scheduler's stop and length, and tool_calls when it called tools. */
+export type FinishReason = "stop" | "length" | "tool_calls";
 
 /** What a request's prompt may use of the model version that serves it. */
 export interface PromptModel {
@@ -26,7 +32,9 @@ export interface PromptModel {
   readonly sampling: SamplingDefaults;
   /** Text as a completion prompt: BOS when the model wants one, special tokens parsed. */
   tokenize(text: string): Token[];
-  renderChat(messages: readonly ChatMessage[]): RenderedPrompt;
+  /** Renders a chat with the model's own template (exactly, as llama-server does). */
+  renderChat(input: ChatRenderInput): RenderedChat;
+  readonly template: TemplateCapabilities;
   detokenize(tokens: readonly Token[]): string;
   isValidToken(token: number): boolean;
 }
@@ -37,6 +45,20 @@ export interface PreparedPrompt {
   maxTokens: number;
   stop: string[];
   sampling: SamplingParams;
+  /** GBNF the output must follow (structured outputs, forced tool calls). */
+  grammar?: string;
+  minTokens?: number;
+  stopTokenIds?: ReadonlySet<number>;
+  includeStopString?: boolean;
+  /** Per-token log probabilities with this many alternatives each; undefined: none. */
+  logprobs?: number;
+  /** The prompt's own token log probabilities too (echo with logprobs). */
+  promptLogprobs?: boolean;
+  /** Choices returned (n), and candidates generated to pick them from (best_of ≥ n). */
+  choices?: number;
+  candidates?: number;
+  /** How the raw text splits into reasoning, content and tool calls. */
+  output?: OutputSpec;
 }
 
 /** A protocol's validated request, ready to be served by whichever version the name resolves to. */
@@ -58,22 +80,38 @@ export interface StartInfo {
   created: number;
   /** Headers the answer should carry (x-ratelimit-*). */
   headers: Record<string, string>;
+  /** Identifies the configuration that served it (OpenAI's system_fingerprint). */
+  fingerprint: string;
+  /** How many choices the answer has. */
+  choices: number;
+}
+
+export interface ChoiceResult {
+  index: number;
+  finishReason: FinishReason;
 }
 
 export interface GenerationResult {
-  finishReason: FinishReason;
+  choices: ChoiceResult[];
+  /** Prompt tokens once; completion tokens of every choice (and best_of candidate). */
   usage: Usage;
 }
 
 /**
- * The one stream of events a generation produces, in order: onStart once it has a slot,
- * onText per piece of text, then onDone — or onError, which comes only after onStart
- * (an error before it is the run's outcome, for the transport to answer). Synchronous,
- * so the token loop never waits on a client.
+ * The one stream of events a generation produces: onStart once it has a slot, then per
+ * choice (by index) its text, reasoning and tool calls as they come, and its end; then
+ * onDone — or onError, which comes only after onStart (an error before it is the run's
+ * outcome, for the transport to answer). Synchronous, so the token loop never waits on
+ * a client. Choices of a best_of request arrive only at the end, already picked.
  */
 export interface GenerationEvents {
   onStart(info: StartInfo): void;
-  onText(text: string): void;
+  onText(text: string, choice: number, logprobs?: TokenLogprob[]): void;
+  onReasoning?(text: string, choice: number): void;
+  onToolCall?(delta: ToolCallDelta, choice: number): void;
+  /** The prompt's token log probabilities (echo with logprobs), before any text. */
+  onPromptLogprobs?(entries: Array<TokenLogprob | null>): void;
+  onChoiceDone?(choice: ChoiceResult): void;
   onDone(result: GenerationResult): void;
   onError(error: ApiError): void;
 }

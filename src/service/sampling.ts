@@ -19,12 +19,21 @@ export interface SamplingInput {
   frequency_penalty?: number | null;
   logit_bias?: Record<string, number> | null;
   ignore_eos?: boolean | null;
+  /** -1 or 0: off (vLLM's and llama-server's conventions). */
   top_k?: number | null;
+  min_p?: number | null;
+  /** vLLM's name… */
+  repetition_penalty?: number | null;
+  /** …and llama-server's, with its window. */
+  repeat_penalty?: number | null;
+  repeat_last_n?: number | null;
 }
 
 const OPENAI_DEFAULT_TEMPERATURE = 1;
 /** llama-server's default; 0 turns top-k off (slow on large vocabularies: the whole vocabulary is sorted per token). */
 const DEFAULT_TOP_K = 40;
+/** llama-server's window for its repeat penalty. */
+const DEFAULT_REPEAT_LAST_N = 64;
 
 export function samplingParams(input: SamplingInput, model: PromptModel): SamplingParams {
   let logitBias: Map<number, number> | undefined;
@@ -39,10 +48,17 @@ export function samplingParams(input: SamplingInput, model: PromptModel): Sampli
     }
   }
   const d = model.sampling;
+  if (input.repetition_penalty != null && input.repeat_penalty != null && input.repetition_penalty !== input.repeat_penalty) {
+    throw invalidRequest("'repetition_penalty' and 'repeat_penalty' are two names of one setting; send one.", "repeat_penalty", "invalid_value");
+  }
+  const topK = input.top_k ?? d.top_k ?? DEFAULT_TOP_K;
   return {
     temperature: input.temperature ?? d.temperature ?? OPENAI_DEFAULT_TEMPERATURE,
     topP: input.top_p ?? d.top_p ?? 1,
-    topK: input.top_k ?? d.top_k ?? DEFAULT_TOP_K,
+    topK: topK < 0 ? 0 : topK,
+    minP: input.min_p ?? 0,
+    repeatPenalty: input.repetition_penalty ?? input.repeat_penalty ?? 1,
+    repeatLastN: input.repeat_last_n ?? DEFAULT_REPEAT_LAST_N,
     // llama.cpp takes a 32-bit seed; without one each request draws its own.
     seed: input.seed !== null && input.seed !== undefined ? Number(BigInt.asUintN(32, BigInt(input.seed))) : randomInt(2 ** 32 - 1),
     presencePenalty: input.presence_penalty ?? d.presence_penalty ?? 0,
