@@ -30,6 +30,7 @@ function repositoryConfig(options: ServerOptions): RepositoryConfig {
         ctxSize: undefined,
         parallel: undefined,
         sampling: {},
+        embeddings: options.embeddings ? { dimensions: [] } : undefined,
       })),
     );
   }

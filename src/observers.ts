@@ -52,7 +52,7 @@ export interface RequestRecord {
   /** The error's status when it failed (also mid-stream, where HTTP already said 200), else 200. */
   status: number;
   finishReason: string | undefined;
-  error: { kind: ErrorKind; code: string | null; message: string } | undefined;
+  error: { kind: ErrorKind; code: string | null; message: string; /** What an internal error was, for operators (never sent to clients). */ cause?: string } | undefined;
   usage: Usage | undefined;
   /** performance.now() at arrival and at the end. */
   start: number;

@@ -19,6 +19,7 @@ import { ModelRegistry } from "./models/registry.js";
 import { StateFile } from "./models/repository-state.js";
 import { GenerationService } from "./service/generation-service.js";
 import { ModelService } from "./service/model-service.js";
+import { ResponseStore } from "./service/response-store.js";
 import { TextService } from "./service/text-service.js";
 import { createTelemetry, type Telemetry } from "./telemetry/telemetry.js";
 
@@ -105,6 +106,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     generation,
     models: new ModelService(registry, isAccepting),
     text: new TextService(registry, options.requestTimeoutSeconds),
+    responses: new ResponseStore(options.responsesStoreSize, options.responsesStoreTtlSeconds * 1000, options.responsesStoreBytes),
     keys,
     publicAreas: options.publicAreas,
     metrics: {

@@ -32,6 +32,15 @@ describe("API keys", () => {
     ["PUT", "/v1/completions"],
     ["DELETE", "/v1/models/stories260K"],
     ["PATCH", "/v1/chat/completions"],
+    ["POST", "/v1/responses"],
+    ["GET", "/v1/responses/resp_x"],
+    ["DELETE", "/v1/responses/resp_x"],
+    ["POST", "/v1/embeddings"],
+    ["POST", "/v1/messages"],
+    ["POST", "/v1/messages/count_tokens"],
+    ["POST", "/chat/completions"],
+    ["GET", "/models"],
+    ["POST", "/tokenize"],
   ];
 
   it.each(routes)("%s %s: 401 with the envelope without a key or with a wrong one; through with a right one", async (method, path) => {
@@ -42,7 +51,9 @@ describe("API keys", () => {
       const res = await call(headers);
       expect(res.status).toBe(401);
       const json = await res.json();
-      assertSchema("ErrorResponse", json);
+      // Anthropic's routes answer in Anthropic's envelope; the rest in OpenAI's.
+      if (path.startsWith("/v1/messages")) expect(json.type).toBe("error");
+      else assertSchema("ErrorResponse", json);
       expect(json.error.type).toBe("authentication_error");
     }
     const accepted: Array<Record<string, string>> = [{ authorization: `Bearer ${KEY_A}` }, { "x-api-key": KEY_B }];

@@ -50,6 +50,15 @@ describe("command line parsing", () => {
     expect(r.options.parallel).toBe(3);
     expect(r.options.ctxSize).toBe(256);
     expect(r.options.threads).toBeGreaterThanOrEqual(1);
+    // A switch: given, or from its variable; the command line wins.
+    const on = (argv: string[], env: Record<string, string>) => {
+      const p = parseCommandLine(argv, env);
+      return p.kind === "run" ? p.options.embeddings : undefined;
+    };
+    expect(on([], {})).toBe(false);
+    expect(on(["--embeddings"], {})).toBe(true);
+    expect(on([], { SPINDLE_EMBEDDINGS: "on" })).toBe(true);
+    expect(() => on([], { SPINDLE_EMBEDDINGS: "maybe" })).toThrow(/SPINDLE_EMBEDDINGS/);
   });
 
   it("reads memory sizes in bytes, decimal and binary units", () => {

@@ -93,7 +93,7 @@ async function models(s: RunningServer): Promise<Array<Record<string, unknown>>>
   return ((await (await fetch(`${s.url}/v1/models`)).json()) as { data: Array<Record<string, unknown>> }).data;
 }
 
-const versionInfo = async (s: RunningServer, key: string) => (await models(s)).find((m) => m.id === key)!;
+const versionInfo = async (s: RunningServer, key: string) => (await (await fetch(`${s.url}/v1/models/${encodeURIComponent(key)}`)).json()) as Record<string, unknown>;
 /** A version as operators see it (/admin/status): with the reason it failed, which clients never see. */
 const operatorInfo = async (s: RunningServer, key: string) => ((await admin(s, "/admin/status")).json.versions as Array<Record<string, unknown>>).find((m) => m.id === key)!;
 
@@ -108,8 +108,10 @@ describe("versions and residency", () => {
     expect(a.model).toBe("stories@v1");
     expect(b.model).toBe("tiny@v1");
     const list = await models(s);
+    // Versions are listed under their model.
+    const versions = list.flatMap((m) => (m.versions as Array<Record<string, unknown>>) ?? []);
     for (const key of ["stories@v1", "tiny@v1"]) {
-      const v = list.find((m) => m.id === key)!;
+      const v = versions.find((m) => m.id === key)!;
       expect(v.state).toBe("ready");
       expect(v.evictions).toBe(0);
       // The estimate made before loading is what llama.cpp then allocated.

@@ -15,7 +15,7 @@ export function helpText(): string {
     "Options (each also settable by the environment variable shown; the command line wins):",
   ];
   for (const o of OPTIONS) {
-    const flag = `  --${o.flag} ${o.arg}`;
+    const flag = `  --${o.flag}${o.arg ? ` ${o.arg}` : ""}`;
     const help = `${o.help} (default: ${o.defaultText})`.replaceAll("`", "").replaceAll("**", "");
     lines.push(`${flag.padEnd(44)}${help} [${o.env}]`);
   }
@@ -27,7 +27,7 @@ export type ParseResult = { kind: "help" } | { kind: "run"; options: ServerOptio
 
 export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = process.env): ParseResult {
   const defs: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = { help: { type: "boolean" } };
-  for (const o of OPTIONS) defs[o.flag] = { type: "string", multiple: o.multiple === true };
+  for (const o of OPTIONS) defs[o.flag] = o.boolean ? { type: "boolean" } : { type: "string", multiple: o.multiple === true };
   let values: Record<string, string | boolean | (string | boolean)[] | undefined>;
   try {
     ({ values } = parseArgs({ args: argv, options: defs, strict: true, allowPositionals: false }));
@@ -42,8 +42,10 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
   for (const o of OPTIONS) {
     const given = values[o.flag];
     let raw: string[] | undefined;
-    if (given !== undefined) raw = (Array.isArray(given) ? given : [given]).map(String);
-    else {
+    if (given !== undefined) {
+      // The command line wins over the environment.
+      raw = (Array.isArray(given) ? given : [given]).map(String);
+    } else {
       const fromEnv = env[o.env];
       if (fromEnv !== undefined && fromEnv.trim() !== "") {
         raw = o.multiple ? fromEnv.split(",").map((s) => s.trim()).filter((s) => s !== "") : [fromEnv];

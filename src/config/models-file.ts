@@ -47,6 +47,8 @@ const runtimeFields = {
   gpu_layers: z.union([z.number().int().min(0), z.literal("max")]).optional(),
   threads: z.number().int().min(1).max(1024).optional(),
   sampling: samplingSchema.optional(),
+  /** Serve /v1/embeddings too (an embedding context of its own); `dimensions`: the truncations the model supports (Matryoshka). */
+  embeddings: z.union([z.boolean(), z.strictObject({ dimensions: z.array(z.number().int().min(1)).max(64).optional() })]).optional(),
   /** Provenance, reported as given. */
   license: z.string().optional(),
   source: z.string().optional(),
@@ -112,6 +114,8 @@ export interface ModelSpec {
   sampling: SamplingDefaults;
   gpuLayers?: number | "max";
   threads?: number;
+  /** Serves embeddings; `dimensions`: the shorter vectors clients may ask for. */
+  embeddings?: { dimensions: number[] };
   license?: string;
   source?: string;
 }
@@ -216,6 +220,7 @@ export function parseModelsFile(text: string, file: string): RepositoryConfig {
     sampling: r.sampling ?? {},
     gpuLayers: r.gpu_layers,
     threads: r.threads,
+    embeddings: r.embeddings === true ? { dimensions: [] } : r.embeddings ? { dimensions: r.embeddings.dimensions ?? [] } : undefined,
     license: r.license,
     source: r.source,
   });

@@ -60,6 +60,12 @@ export interface ServerOptions {
   logLevel: (typeof LOG_LEVELS)[number];
   /** Which requests may make a model version load: any name, ids and aliases only, or none (operators only). */
   loadOnDemand: LoadPolicy;
+  /** The --model files serve embeddings too. */
+  embeddings: boolean;
+  /** Responses kept for previous_response_id and GET /v1/responses/{id}: how many, for how long. */
+  responsesStoreSize: number;
+  responsesStoreTtlSeconds: number;
+  responsesStoreBytes: number;
   /** Open WebSocket connections, in all and per client address. */
   wsMaxConnections: number;
   wsMaxConnectionsPerClient: number;
@@ -86,6 +92,8 @@ interface Declared<K extends keyof ServerOptions> {
   field: K;
   /** Repeatable on the command line; comma-separated in the environment variable. */
   multiple?: boolean;
+  /** A flag without a value (its environment variable: 1/true/on or 0/false/off). */
+  boolean?: boolean;
   /** Reads the given value(s); `raw` is one string, or every occurrence for `multiple`. */
   read(raw: string[]): ServerOptions[K];
   fallback(): ServerOptions[K];
@@ -298,6 +306,32 @@ export const OPTIONS = [
     read: (r) => integer("max-loaded-models", last(r), 0, 10_000), fallback: () => 0,
   }),
   option({
+    flag: "embeddings", env: "SPINDLE_EMBEDDINGS", arg: "", field: "embeddings", defaultText: "off", boolean: true,
+    help: "the `--model` files serve `/v1/embeddings` as well as generation (each gets an embedding context, counted in the memory budget)",
+    read: (r) => {
+      const v = last(r).toLowerCase();
+      if (["1", "true", "on", "yes"].includes(v)) return true;
+      if (["0", "false", "off", "no"].includes(v)) return false;
+      throw new ConfigError(`SPINDLE_EMBEDDINGS: expected on or off, got "${last(r)}"`);
+    },
+    fallback: () => false,
+  }),
+  option({
+    flag: "responses-store-size", env: "SPINDLE_RESPONSES_STORE_SIZE", arg: "N", field: "responsesStoreSize", defaultText: "1000",
+    help: "stored responses (`store: true`) kept for `previous_response_id` and `GET /v1/responses/{id}`; the oldest go first; 0 stores none",
+    read: (r) => integer("responses-store-size", last(r), 0, 1_000_000), fallback: () => 1000,
+  }),
+  option({
+    flag: "responses-store-ttl", env: "SPINDLE_RESPONSES_STORE_TTL", arg: "S", field: "responsesStoreTtlSeconds", defaultText: "3600",
+    help: "seconds a stored response is kept",
+    read: (r) => seconds("responses-store-ttl", last(r)), fallback: () => 3600,
+  }),
+  option({
+    flag: "responses-store-memory", env: "SPINDLE_RESPONSES_STORE_MEMORY", arg: "SIZE", field: "responsesStoreBytes", defaultText: "256MiB",
+    help: "memory the stored responses may take (each holds its whole conversation); the oldest go first",
+    read: (r) => parseSize("responses-store-memory", last(r)), fallback: () => 256 * 1024 * 1024,
+  }),
+  option({
     flag: "load-on-demand", env: "SPINDLE_LOAD_ON_DEMAND", arg: LOAD_POLICIES.join("|"), field: "loadOnDemand", defaultText: "`ids`",
     help: "which requests may load a version that is not in memory: `any` name; `ids` (model ids and aliases, and the canary they route to; an exact `id@version` must already be loaded); `admin` (none: only start-up and `POST /admin/…/load`)",
     read: (r) => choice("load-on-demand", last(r), LOAD_POLICIES), fallback: () => "ids" as const,
@@ -338,7 +372,7 @@ export function optionsTable(): string {
   const rows = ["| option | environment | default | meaning |", "|---|---|---|---|"];
   for (const o of OPTIONS) {
     const env = `\`${o.env}\`${o.multiple ? " (comma-separated)" : ""}`;
-    rows.push(`| \`--${o.flag} ${o.arg.replaceAll("|", "\\|")}\` | ${env} | ${o.defaultText} | ${o.help} |`);
+    rows.push(`| \`--${o.flag}${o.arg ? ` ${o.arg.replaceAll("|", "\\|")}` : ""}\` | ${env} | ${o.defaultText} | ${o.help} |`);
   }
   return rows.join("\n");
 }

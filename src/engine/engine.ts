@@ -76,7 +76,14 @@ export class Engine {
       modelGpuLayers: gpuLayers,
       flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
     });
-    return { ram: weights.cpuRam + context.cpuRam, vram: weights.gpuVram + context.gpuVram };
+    let ram = weights.cpuRam + context.cpuRam;
+    let vram = weights.gpuVram + context.gpuVram;
+    if (opts.embeddings) {
+      const e = await insights.estimateContextResourceRequirementsV2({ contextSize, sequences: 1, batchSize: contextSize, modelGpuLayers: gpuLayers, isEmbeddingContext: true });
+      ram += e.cpuRam;
+      vram += e.gpuVram;
+    }
+    return { ram, vram };
   }
 
   async loadModel(opts: LoadOptions): Promise<EngineModel> {
@@ -101,7 +108,9 @@ export class Engine {
         batching: { itemPrioritizationStrategy: stepGate.strategy },
         flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
       });
-      const engineModel = new EngineModel(opts.id, this.llama, model, context, ctxSize);
+      // Embeddings get a context of their own: one input at a time, the whole context long.
+      const embedding = opts.embeddings ? await model.createEmbeddingContext({ contextSize: ctxSize, batchSize: ctxSize, threads: opts.threads }) : undefined;
+      const engineModel = new EngineModel(opts.id, this.llama, model, context, ctxSize, embedding);
       const { renderer, guessed } = resolveRenderer(this.llama, model, opts.chatTemplate, opts.id, (text) => engineModel.tokenizePrompt(text));
       engineModel.useRenderer(renderer);
       if (guessed) {

@@ -1,4 +1,4 @@
-import { LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaModel, type Token } from "node-llama-cpp";
+import { LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaEmbeddingContext, type LlamaModel, type Token } from "node-llama-cpp";
 import type { TemplateCapabilities } from "./chat-template.js";
 import type { ChatRenderInput, PromptRenderer, RenderedChat } from "./prompt-renderer.js";
 import { EngineSequence } from "./sequence.js";
@@ -37,6 +37,7 @@ export class EngineModel {
     private readonly context: LlamaContext,
     /** Tokens per sequence. */
     readonly ctxSize: number,
+    private readonly embedding: LlamaEmbeddingContext | undefined = undefined,
   ) {
     this.sequences = [];
     for (let i = 0; i < context.totalSequences; i++) {
@@ -168,7 +169,44 @@ export class EngineModel {
     return tb;
   }
 
+  /** Whether this version serves embeddings (the models file's `embeddings: true`). */
+  get embeds(): boolean {
+    return this.embedding !== undefined;
+  }
+
+  /** Size of the embedding vectors: the model's hidden size. */
+  get embeddingSize(): number {
+    return this.model.embeddingVectorSize;
+  }
+
+  /** The embedding context takes one input at a time: calls queue behind each other. */
+  private embedQueue: Promise<unknown> = Promise.resolve();
+
+  /**
+   * The embedding of each input, pooled as the GGUF declares, L2-normalised (as OpenAI's
+   * are). Inputs run one after another on the embedding context; `signal` stops between them.
+   */
+  embed(inputs: readonly Token[][], signal: AbortSignal): Promise<number[][]> {
+    const ctx = this.embedding;
+    if (!ctx) return Promise.reject(new Error(`model "${this.id}" does not serve embeddings`));
+    const run = this.embedQueue.then(async () => {
+      const out: number[][] = [];
+      for (const tokens of inputs) {
+        signal.throwIfAborted();
+        const v = (await ctx.getEmbeddingFor(tokens)).vector;
+        let norm = 0;
+        for (const x of v) norm += x * x;
+        norm = Math.sqrt(norm) || 1;
+        out.push(Array.from(v, (x) => x / norm));
+      }
+      return out;
+    });
+    this.embedQueue = run.catch(() => {});
+    return run;
+  }
+
   async dispose(): Promise<void> {
+    await this.embedding?.dispose();
     await this.context.dispose();
     await this.model.dispose();
   }

@@ -100,6 +100,8 @@ export interface LoadOptions {
   flashAttention?: "auto" | "on" | "off";
   /** Layers on the GPU: a number or "max"; ignored (0) on the CPU backend. */
   gpuLayers?: number | "max";
+  /** Also make an embedding context (its own KV, counted in the estimate). */
+  embeddings?: boolean;
   observer: StepObserver;
   faults?: EngineFaults;
   /** Told what an operator should know about the load (a guessed chat template). */
@@ -112,7 +114,7 @@ export interface MemoryFootprint {
   vram: number;
 }
 
-export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "flashAttention" | "gpuLayers">;
+export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "flashAttention" | "gpuLayers" | "embeddings">;
 
 export const NODE_LLAMA_CPP_VERSION = "3.21.1";
 

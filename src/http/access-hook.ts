@@ -15,6 +15,8 @@ declare module "fastify" {
   interface FastifyContextConfig {
     /** Who may call this route: required on every route. */
     area?: Area;
+    /** Whose error envelope the route answers with (default OpenAI's). */
+    errors?: "anthropic";
   }
   interface FastifyRequest {
     /** The tenant the request authenticated as, when keys are required. */

@@ -12,13 +12,14 @@ import { ApiError } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { GenerationService } from "../service/generation-service.js";
 import type { ModelService } from "../service/model-service.js";
+import type { ResponseStore } from "../service/response-store.js";
 import type { TextService } from "../service/text-service.js";
 import { registerSocketRoute, type SocketLimits } from "../ws/socket-route.js";
 import { registerAccess } from "./access-hook.js";
 import { registerJsonBody } from "./json-body.js";
 import { registerAdminRoutes } from "./admin-routes.js";
 import { registerHealthRoutes, registerModelRoutes } from "./model-routes.js";
-import { registerOpenAIRoutes } from "./openai-routes.js";
+import { registerGenerationRoutes, sendAnthropicError } from "./generation-routes.js";
 import { registerUtilityRoutes } from "./utility-routes.js";
 import { registerReadTimeout } from "./read-timeout.js";
 import { fromFastifyError, sendError } from "./reply.js";
@@ -29,6 +30,7 @@ export interface AppOptions {
   generation: GenerationService;
   models: ModelService;
   text: TextService;
+  responses: ResponseStore;
   keys: KeyRing;
   publicAreas: readonly PublicArea[];
   metrics: MetricsScrape;
@@ -71,6 +73,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   app.setErrorHandler((err, request, reply) => {
     const apiErr = err instanceof ApiError ? err : fromFastifyError(err as { statusCode?: number; code?: string; message: string }, request.headers["content-type"]);
     if (apiErr.kind === "internal") request.log.error({ err }, "internal error");
+    // Each API's errors in its own envelope: Anthropic's routes answer as Anthropic does.
+    if (request.routeOptions.config?.errors === "anthropic") return sendAnthropicError(reply, apiErr);
     return sendError(reply, apiErr);
   });
   app.setNotFoundHandler((request, reply) =>
@@ -98,8 +102,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
   registerHealthRoutes(app, opts.models);
   registerModelRoutes(app, opts.models);
   registerAdminRoutes(app, opts.models);
-  registerOpenAIRoutes(app, { generation: opts.generation, maxStreamBufferBytes: opts.maxStreamBufferBytes ?? DEFAULT_STREAM_BUFFER });
-  registerUtilityRoutes(app, opts.text);
+  registerGenerationRoutes(app, { generation: opts.generation, responses: opts.responses, maxStreamBufferBytes: opts.maxStreamBufferBytes ?? DEFAULT_STREAM_BUFFER });
+  registerUtilityRoutes(app, opts.text, (id, owner) => opts.responses.get(id, owner));
   void app.register(websocket, { options: { maxPayload: opts.maxFrameBytes ?? opts.maxBodyBytes } });
   void app.register(async (instance) =>
     registerSocketRoute(instance, {

@@ -6,8 +6,10 @@ import type { ModelService } from "../service/model-service.js";
 
 export function registerModelRoutes(app: FastifyInstance, models: ModelService): void {
   const api = { config: { area: "api" as const } };
-  app.get("/v1/models", api, async (request) => catalogJson(models.catalog(request.principal)));
-  app.get<{ Params: { id: string } }>("/v1/models/:id", api, async (request) => entryJson(models.find(request.params.id, request.principal)));
+  for (const prefix of ["/v1", ""]) {
+    app.get(`${prefix}/models`, api, async (request) => catalogJson(models.catalog(request.principal)));
+    app.get<{ Params: { id: string } }>(`${prefix}/models/:id`, api, async (request) => entryJson(models.find(request.params.id, request.principal)));
+  }
 }
 
 export function registerHealthRoutes(app: FastifyInstance, models: ModelService): void {
@@ -25,8 +27,12 @@ export function registerHealthRoutes(app: FastifyInstance, models: ModelService)
     });
   };
   app.get("/readyz", health, ready);
-  app.get("/health", health, ready);
   app.get("/v2/health/ready", health, ready);
+  // llama-server's body: {"status":"ok"} once ready (the detail is in /readyz).
+  app.get("/health", health, async (_req, reply) => {
+    const r = models.readiness();
+    return reply.code(r.ready ? 200 : 503).send({ status: r.ready ? "ok" : r.accepting ? "loading" : "shutting_down" });
+  });
 
   // Open Inference Protocol (KServe v2) model metadata and readiness, per model and per version.
   const metadata = (name: string, versions: string[]) => ({

@@ -375,6 +375,7 @@ export class Residency {
       parallel: this.opts.parallel ?? spec.parallel ?? DEFAULT_PARALLEL,
       flashAttention: this.opts.flashAttention,
       gpuLayers: spec.gpuLayers,
+      embeddings: spec.embeddings !== undefined,
     };
   }
 

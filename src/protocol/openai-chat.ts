@@ -6,14 +6,13 @@
 import { randomBytes } from "node:crypto";
 import { z } from "zod";
 import type { TemplateMessage, TemplateToolCall } from "../engine/chat-template.js";
-import { PromptRenderError } from "../engine/types.js";
-import { ApiError, invalidRequest } from "../errors.js";
+import { invalidRequest } from "../errors.js";
 import type { GenerationPlan, PreparedPrompt, PromptModel } from "../service/generation.js";
-import { refuseSurelyTooLong, resolveMaxTokens, samplingParams } from "../service/sampling.js";
+import { prepareChat } from "./chat-prompt.js";
 import { LIMITS, parseBody, samplingFields, stopList } from "./openai-common.js";
 import { ChunkStream, JsonAnswer, type AnswerShape, type StreamTransport } from "./openai-output.js";
 import { outputGrammar, structuredOutputFields } from "./structured-output.js";
-import { planTools, refuseOtherTools, toolChoiceField, toolsField } from "./openai-tools.js";
+import { refuseOtherTools, toolChoiceField, toolsField } from "./openai-tools.js";
 
 const nullish = <T extends z.ZodType>(t: T) => t.nullable().optional();
 
@@ -145,46 +144,26 @@ export class ChatPlan implements GenerationPlan, AnswerShape {
 
   prepare(model: PromptModel): PreparedPrompt {
     const body = this.body;
-    const messages = toTemplateMessages(body);
-    let chars = 0;
-    for (const m of messages) chars += m.content.length;
-    refuseSurelyTooLong(chars, model, "messages");
-    const tools = planTools(body.tools, body.tool_choice, body.parallel_tool_calls ?? true, model.template, { tools: "tools", choice: "tool_choice" });
-    const structured = outputGrammar(body);
-    if (structured !== undefined && tools.grammar !== undefined) {
-      throw invalidRequest("A forced tool call and a response format both constrain the output: send one.", "tool_choice", "invalid_value");
-    }
     const kwargs: Record<string, unknown> = { ...body.chat_template_kwargs };
     if (body.reasoning_effort) kwargs.reasoning_effort ??= body.reasoning_effort;
-    let rendered;
-    try {
-      rendered = model.renderChat({ messages, tools: tools.tools, kwargs });
-    } catch (err) {
-      if (err instanceof PromptRenderError) throw new ApiError("invalid_request", err.message, { param: "messages", code: "invalid_messages" });
-      throw err;
-    }
-    const reasoning = rendered.capabilities.reasoning;
-    let grammar = tools.grammar ?? structured;
-    // A prompt that opened a thinking section: the model may finish its thoughts before the constrained part.
-    if (grammar !== undefined && rendered.thinkingOpen && reasoning) {
-      grammar = grammar.replace(/^root ::= /m, `root ::= thinking ${JSON.stringify(reasoning.end)} ws-after-thinking `) + `thinking ::= ( [^<] | "<" [^/] )*\nws-after-thinking ::= [ \\t\\n]*\n`;
-    }
-    const maxParam = body.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens";
-    // The newer `max_completion_tokens` wins over `max_tokens`.
-    const requested = body.max_completion_tokens ?? body.max_tokens ?? undefined;
-    return {
-      promptTokens: rendered.tokens,
-      maxTokens: resolveMaxTokens(rendered.tokens.length, requested, model.sampling.max_tokens, model.ctxSize, { prompt: "messages", maxTokens: maxParam }),
-      stop: [...stopList(body.stop), ...rendered.stopStrings],
-      sampling: samplingParams(body, model),
-      grammar,
+    return prepareChat(model, {
+      messages: toTemplateMessages(body),
+      tools: body.tools,
+      toolChoice: body.tool_choice,
+      parallelToolCalls: body.parallel_tool_calls ?? true,
+      grammar: outputGrammar(body),
+      sampling: body,
+      // The newer `max_completion_tokens` wins over `max_tokens`.
+      maxTokens: { value: body.max_completion_tokens ?? body.max_tokens ?? undefined, param: body.max_completion_tokens != null ? "max_completion_tokens" : "max_tokens" },
+      stop: stopList(body.stop),
+      kwargs,
+      logprobs: body.logprobs ? (body.top_logprobs ?? 0) : undefined,
+      choices: body.n ?? 1,
       minTokens: body.min_tokens ?? undefined,
       stopTokenIds: body.stop_token_ids ? new Set(body.stop_token_ids) : undefined,
       includeStopString: body.include_stop_str_in_output ?? undefined,
-      logprobs: body.logprobs ? (body.top_logprobs ?? 0) : undefined,
-      choices: body.n ?? 1,
-      output: reasoning || tools.output ? { reasoning: reasoning ? { ...reasoning, open: rendered.thinkingOpen } : undefined, tools: tools.output } : undefined,
-    };
+      params: { messages: "messages", tools: "tools", toolChoice: "tool_choice" },
+    });
   }
 
   jsonAnswer(): JsonAnswer {

@@ -70,7 +70,8 @@ export function modelJson(m: ModelView, detail: "public" | "operator" = "public"
     state: c.state,
     error: detail === "operator" ? (c.error ?? null) : publicError(c),
     pinned: m.pinned,
-    versions: m.versions.map((v) => v.version),
+    // Versions belong to their model (pickers list ids and aliases); each is reachable as id@version.
+    versions: m.versions.map((v) => versionJson(v, detail)),
     canary: m.canary,
     shadow: m.shadow,
     context_length: c.loaded?.contextLength ?? null,
@@ -95,11 +96,9 @@ export function aliasJson(a: AliasView) {
   };
 }
 
+/** One entry per model id and per alias: what clients' model pickers show. */
 export function catalogJson(catalog: { models: ModelView[]; aliases: AliasView[] }) {
-  return {
-    object: "list" as const,
-    data: [...catalog.models.map((m) => modelJson(m)), ...catalog.aliases.map(aliasJson), ...catalog.models.flatMap((m) => m.versions.map((v) => versionJson(v)))],
-  };
+  return { object: "list" as const, data: [...catalog.models.map((m) => modelJson(m)), ...catalog.aliases.map(aliasJson)] };
 }
 
 export function entryJson(e: CatalogEntry) {

@@ -322,7 +322,7 @@ export class Scheduler {
         await this.whilePaused(() => slot.seq.truncate(prompt.length - 1));
         input = prompt.slice(-1);
       }
-      const result: { logprobSum?: number } = {};
+      const result: { logprobSum?: number; stopString?: string } = {};
       const outcome = req.maxTokens === 0 ? "length" : await this.generate(req, slot.seq, input, sink, (n) => (generatedCount = n), result);
       this.end(job, outcome instanceof ApiError ? { error: outcome, usage: usage() } : { result: { finishReason: outcome, usage: usage(), ...result } });
     } catch (err) {
@@ -410,7 +410,7 @@ export class Scheduler {
     input: Token[],
     sink: TokenSink,
     count: (n: number) => void,
-    result: { logprobSum?: number },
+    result: { logprobSum?: number; stopString?: string },
   ): Promise<FinishReason | ApiError> {
     const priority = EVALUATION_PRIORITY[req.priority];
     const steps = this.steps;
@@ -479,6 +479,7 @@ export class Scheduler {
             if (out.text !== "") sink.onText(out.text, pending?.splice(0));
             if (out.stopped) {
               if (req.includeStopString && out.matched) sink.onText(out.matched, pending?.splice(0));
+              result.stopString = out.matched;
               finish = "stop";
               hitStopString = true;
               break;
@@ -498,6 +499,7 @@ export class Scheduler {
       if (out.text !== "") sink.onText(out.text, pending?.splice(0));
       if (out.stopped) {
         if (req.includeStopString && out.matched) sink.onText(out.matched, pending?.splice(0));
+        result.stopString = out.matched;
         return "stop";
       }
       const held = stopper.flush();

@@ -54,6 +54,8 @@ export interface GenerationResult {
   usage: Usage;
   /** Σ log p of the chosen tokens, when scoreChoice was asked. */
   logprobSum?: number;
+  /** The stop string that ended it, when one did. */
+  stopString?: string;
 }
 
 /** How a generation ended: what submit()'s promise resolves with. */

@@ -10,11 +10,11 @@
 import { mayUse } from "../access/keys.js";
 import type { KeyLimits, LimitLease } from "../access/limits.js";
 import { ApiError, toApiError } from "../errors.js";
-import type { Lease, LoadedModel, ModelRegistry } from "../models/registry.js";
+import type { Acquired, Lease, LoadedModel, ModelRegistry } from "../models/registry.js";
 import type { RequestObservation, RequestObserver, RequestRecord } from "../observers.js";
 import type { GenerationOutcome, GenerationRequest, TokenLogprob, TokenSink } from "../scheduler/types.js";
 import { ChatOutputParser, type ToolCallDelta } from "./chat-output.js";
-import type { ChoiceResult, GenerationEvents, GenerationPlan, PreparedPrompt, PromptModel, RequestInfo, RunOutcome, StartInfo } from "./generation.js";
+import type { ChoiceResult, EmbeddingPlan, EmbeddingResult, GenerationEvents, GenerationPlan, PreparedPrompt, PromptModel, RequestInfo, RunOutcome, StartInfo } from "./generation.js";
 import { requestTiming, type RequestTiming } from "./sampling.js";
 
 export interface GenerationServiceOptions {
@@ -120,27 +120,13 @@ export class GenerationRun {
     const record = this.record;
     let started = false;
     let events: GenerationEvents | undefined;
-    let limit: LimitLease | undefined;
-    let lease: Lease | undefined;
+    const held: Held = {};
     try {
-      const { opts, info } = this;
-      if (!opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
-      const plan = parse();
-      if (plan.stream && info.transport === "http") record.transport = "sse";
-      const timing = requestTiming(info.headers, opts.defaultTimeoutSeconds, info.principal, this.start);
-      if (!mayUse(info.principal, plan.model)) {
-        throw new ApiError("forbidden", `This API key may not use the model '${plan.model}'.`, { param: "model", code: "model_not_allowed" });
-      }
-      limit = opts.limits.admit(info.principal);
+      const { info } = this;
+      const plan = this.admit(parse, held);
       const sink = (events = eventsFor(plan));
-      const waitStart = performance.now();
-      const acquired = await opts.registry.acquire(plan.model, plan.user, timing.deadline, info.signal);
-      lease = acquired.lease;
-      const waitEnd = performance.now();
-      const model = lease.model;
-      record.model = { id: model.id, version: model.version };
-      record.route = acquired.via;
-      if (waitEnd - waitStart >= MODEL_WAIT_REPORTED_MS) record.modelWait = { start: waitStart, end: waitEnd };
+      const { timing, acquired } = await this.acquire(plan, held);
+      const model = acquired.lease.model;
       const prepared = this.prepare(plan, model);
       const choices = Math.max(1, prepared.choices ?? 1);
       const candidates = Math.max(choices, prepared.candidates ?? choices);
@@ -153,12 +139,12 @@ export class GenerationRun {
       const gen = gens[0]!;
       record.timeline = gen.timeline;
       record.sampling = { maxTokens: gen.maxTokens, temperature: gen.sampling.temperature, topP: gen.sampling.topP, seed: gen.sampling.seed, promptTokens: gen.promptTokens.length };
-      if (acquired.shadow) {
-        const shadow = acquired.shadow;
-        acquired.shadow = undefined;
+      if (held.shadow) {
+        const shadow = held.shadow;
+        held.shadow = undefined;
         this.mirror(shadow, plan, timing);
       }
-      const startInfo: StartInfo = { model: model.key, created: Math.floor(Date.now() / 1000), headers: limit.headers, fingerprint: fingerprint(model), choices };
+      const startInfo: StartInfo = { model: model.key, created: Math.floor(Date.now() / 1000), headers: held.limit!.headers, fingerprint: fingerprint(model), choices, promptTokens: gen.promptTokens.length };
       const start = () => {
         if (started) return;
         started = true;
@@ -192,8 +178,8 @@ export class GenerationRun {
       if (failed && "error" in failed) throw failed.error;
       const results: ChoiceResult[] = outcomes.map((o, i) => {
         parsers[i]?.finish();
-        const r = (o as { result: { finishReason: "stop" | "length" } }).result;
-        return { index: i, finishReason: (parsers[i]?.toolCalls ?? 0) > 0 ? "tool_calls" : r.finishReason };
+        const r = (o as { result: { finishReason: "stop" | "length"; stopString?: string } }).result;
+        return { index: i, finishReason: (parsers[i]?.toolCalls ?? 0) > 0 ? "tool_calls" : r.finishReason, stopString: r.stopString };
       });
       let final = results;
       if (replays) {
@@ -205,7 +191,7 @@ export class GenerationRun {
         const picked = results.map((_, i) => i).sort((a, b) => mean(b) - mean(a)).slice(0, choices);
         final = picked.map((i, k) => {
           for (const ev of replays[i]!) ev(sink, k);
-          return { index: k, finishReason: results[i]!.finishReason };
+          return { ...results[i]!, index: k };
         });
       }
       for (const c of final) sink.onChoiceDone?.(c);
@@ -213,18 +199,111 @@ export class GenerationRun {
       sink.onDone({ choices: final, usage: record.usage! });
       return { error: undefined, started };
     } catch (err) {
-      const error = toApiError(err);
-      record.status = error.status;
-      record.error = { kind: error.kind, code: error.code, message: error.message };
+      const error = this.failed(err);
       // After the first event the answer is under way: the error travels in it.
       if (started) events?.onError(error);
       return { error, started };
     } finally {
-      lease?.release();
-      limit?.release(record.usage ? record.usage.promptTokens + record.usage.completionTokens : 0);
-      record.end = performance.now();
-      this.observation.finish(record);
+      this.release(held);
     }
+  }
+
+  /**
+   * Runs an embedding request: the same admission, leases, limits and record as a
+   * generation; the version's embedding context does the work. Never throws.
+   */
+  async embed(parse: () => EmbeddingPlan): Promise<{ error: ApiError; result?: undefined } | { error?: undefined; result: EmbeddingResult }> {
+    if (this.used) throw new Error("a run generates once");
+    this.used = true;
+    const record = this.record;
+    const held: Held = {};
+    try {
+      const plan = this.admit(parse, held);
+      const { acquired } = await this.acquire(plan, held);
+      const model = acquired.lease.model;
+      if (!model.engine.embeds) {
+        throw new ApiError("invalid_request", `The model '${model.key}' does not serve embeddings (set embeddings: true for it in the models file, or start with --embeddings).`, {
+          param: "model",
+          code: "model_not_embedding",
+        });
+      }
+      const pm = promptModel(model);
+      const prepared = plan.prepare({ ...pm, embeddingSize: model.engine.embeddingSize, dimensions: model.spec.embeddings?.dimensions ?? [] });
+      const promptTokens = prepared.inputs.reduce((n, t) => n + t.length, 0);
+      const t0 = performance.now();
+      record.timeline = { queuedAt: t0, startedAt: t0 };
+      // The deadline holds here too: between inputs, a late request stops.
+      const left = Math.max(0, held.timing!.deadline - performance.now());
+      const signal = AbortSignal.any([this.info.signal, AbortSignal.timeout(Math.ceil(Math.min(left, 2 ** 31 - 1)))]);
+      let vectors: number[][];
+      try {
+        vectors = await model.engine.embed(prepared.inputs, signal);
+      } catch (err) {
+        if (this.info.signal.aborted) throw new ApiError("cancelled", "The client closed the request.", { code: "client_disconnected" });
+        if (signal.aborted) throw new ApiError("timeout", "The request's deadline passed while its inputs were embedded.", { code: "generation_timeout" });
+        throw new ApiError("model_error", `The model failed while embedding: ${(err as Error).message}`, { cause: err });
+      }
+      record.timeline.endedAt = performance.now();
+      record.usage = { promptTokens, completionTokens: 0, cachedTokens: 0 };
+      record.finishReason = "stop";
+      const dims = prepared.dimensions;
+      return { result: { model: model.key, vectors: dims ? vectors.map((v) => renormalised(v.slice(0, dims))) : vectors, promptTokens } };
+    } catch (err) {
+      return { error: this.failed(err) };
+    } finally {
+      this.release(held);
+    }
+  }
+
+  /** Accepting, the plan, its deadline, the tenant's scope and limits: what every request passes first. */
+  private admit<P extends { model: string; stream?: boolean }>(parse: () => P, held: Held): P {
+    const { opts, info } = this;
+    if (!opts.isAccepting()) throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
+    const plan = parse();
+    if (plan.stream && info.transport === "http") this.record.transport = "sse";
+    held.timing = requestTiming(info.headers, opts.defaultTimeoutSeconds, info.principal, this.start);
+    if (!mayUse(info.principal, plan.model)) {
+      throw new ApiError("forbidden", `This API key may not use the model '${plan.model}'.`, { param: "model", code: "model_not_allowed" });
+    }
+    held.limit = opts.limits.admit(info.principal);
+    return plan;
+  }
+
+  /** Resolves the name and leases its version (loading it if need be); the record learns which served it. */
+  private async acquire(plan: { model: string; user?: string }, held: Held): Promise<{ timing: RequestTiming; acquired: Acquired }> {
+    const record = this.record;
+    const timing = held.timing!;
+    const waitStart = performance.now();
+    const acquired = await this.opts.registry.acquire(plan.model, plan.user, timing.deadline, this.info.signal);
+    held.lease = acquired.lease;
+    held.shadow = acquired.shadow;
+    const waitEnd = performance.now();
+    const model = acquired.lease.model;
+    record.model = { id: model.id, version: model.version };
+    record.route = acquired.via;
+    if (waitEnd - waitStart >= MODEL_WAIT_REPORTED_MS) record.modelWait = { start: waitStart, end: waitEnd };
+    return { timing, acquired };
+  }
+
+  private failed(err: unknown): ApiError {
+    const error = toApiError(err);
+    this.record.status = error.status;
+    this.record.error = { kind: error.kind, code: error.code, message: error.message };
+    if (error.kind === "internal" || error.kind === "model_error") {
+      const cause = error.cause as Error | undefined;
+      if (cause) this.record.error.cause = (cause.stack ?? String(cause)).split("\n").slice(0, 4).join(" | ");
+    }
+    return error;
+  }
+
+  /** Every path out of a run: leases released, the tenant's tokens counted, one record reported. */
+  private release(held: Held): void {
+    const record = this.record;
+    held.shadow?.release();
+    held.lease?.release();
+    held.limit?.release(record.usage ? record.usage.promptTokens + record.usage.completionTokens : 0);
+    record.end = performance.now();
+    this.observation.finish(record);
   }
 
   /** The plan's prompt for this model, its grammar compiled (a grammar llama.cpp refuses is the client's 400). */
@@ -329,6 +408,22 @@ export class GenerationRun {
 }
 
 const DISCARD = { onStart() {}, onText() {} };
+
+/** What a run holds until its end. */
+interface Held {
+  timing?: RequestTiming;
+  limit?: LimitLease;
+  lease?: Lease;
+  /** A shadow lease not yet handed to its mirrored run. */
+  shadow?: Lease;
+}
+
+function renormalised(v: number[]): number[] {
+  let n = 0;
+  for (const x of v) n += x * x;
+  n = Math.sqrt(n) || 1;
+  return v.map((x) => x / n);
+}
 
 /** A lease on a resident version takes microseconds; anything longer was a load or an eviction. */
 const MODEL_WAIT_REPORTED_MS = 1;

@@ -84,11 +84,15 @@ export interface StartInfo {
   fingerprint: string;
   /** How many choices the answer has. */
   choices: number;
+  /** Tokens of the prompt as the model reads it (template included). */
+  promptTokens: number;
 }
 
 export interface ChoiceResult {
   index: number;
   finishReason: FinishReason;
+  /** The stop string that ended the choice, when one did. */
+  stopString?: string;
 }
 
 export interface GenerationResult {
@@ -134,4 +138,26 @@ export interface RunOutcome {
   error: ApiError | undefined;
   /** Whether onStart was called: after it, the events carried any error themselves. */
   started: boolean;
+}
+
+/** What an embedding request may use of the model: its tokenizer, context, and vector size. */
+export interface EmbeddingModel extends PromptModel {
+  readonly embeddingSize: number;
+  /** Shorter vectors the model supports (Matryoshka), as its models file declares; empty: none. */
+  readonly dimensions: readonly number[];
+}
+
+/** A validated embeddings request. */
+export interface EmbeddingPlan {
+  readonly model: string;
+  readonly user: string | undefined;
+  /** The inputs as tokens (each fitting the context), and the vector size asked for. */
+  prepare(model: EmbeddingModel): { inputs: Token[][]; dimensions: number | undefined };
+}
+
+export interface EmbeddingResult {
+  /** "id@version" */
+  model: string;
+  vectors: number[][];
+  promptTokens: number;
 }

@@ -67,6 +67,7 @@ export class RequestTelemetry implements RequestObserver {
         finish_reason: r.finishReason ?? null,
         error_type: r.error?.kind ?? null,
         error_code: r.error?.code ?? null,
+        ...(r.error?.cause ? { error_cause: r.error.cause } : {}),
         prompt_tokens: r.usage?.promptTokens ?? null,
         cached_tokens: r.usage?.cachedTokens ?? null,
         completion_tokens: r.usage?.completionTokens ?? null,

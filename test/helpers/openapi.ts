@@ -68,3 +68,16 @@ export function assertCompletionChunk(chunk: { choices: Array<{ finish_reason: u
   for (const c of chunk.choices) if (c.finish_reason !== null && !["stop", "length"].includes(c.finish_reason as string)) throw new Error(`bad finish_reason ${String(c.finish_reason)}`);
   assertSchema("CreateCompletionResponse", { ...chunk, choices: chunk.choices.map((c) => ({ ...c, finish_reason: c.finish_reason ?? "stop" })) });
 }
+
+/**
+ * One event of a union of events (ResponseStreamEvent…), checked against the branch its
+ * `type` names, so a failure names that event's schema and not every branch's.
+ */
+export function assertEvent(union: string, event: { type: string }): void {
+  const spec = getAjv().getSchema("openai")!.schema as { components: { schemas: Record<string, { anyOf?: Array<{ $ref: string }>; oneOf?: Array<{ $ref: string }>; properties?: { type?: { enum?: string[] } } }> } };
+  const schemas = spec.components.schemas;
+  const branches = schemas[union]?.anyOf ?? schemas[union]?.oneOf ?? [];
+  const name = branches.map((b) => b.$ref.split("/").pop()!).find((n) => schemas[n]?.properties?.type?.enum?.includes(event.type));
+  if (!name) throw new Error(`${union} has no event of type ${event.type}`);
+  assertSchema(name, event);
+}

@@ -16,6 +16,8 @@ export interface TestModel {
   chatTemplate?: string;
   ctxSize?: number;
   parallel?: number;
+  /** Serve /v1/embeddings too (true), optionally with Matryoshka truncations. */
+  embeddings?: boolean | { dimensions: number[] };
 }
 
 export function spec(m: TestModel): ModelSpec {
@@ -29,6 +31,7 @@ export function spec(m: TestModel): ModelSpec {
     ctxSize: m.ctxSize,
     parallel: m.parallel,
     sampling: {},
+    embeddings: m.embeddings === true ? { dimensions: [] } : m.embeddings || undefined,
   };
 }
 
