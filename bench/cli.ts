@@ -23,6 +23,7 @@ import { engineCeiling } from "./engine-ceiling.js";
 import { micro, MICRO_COMMANDS, type MicroCommand } from "./micro.js";
 import { soak } from "./soak.js";
 import { residencyBench } from "./residency.js";
+import { newestReport, sizingTable } from "./sizing.js";
 import { renderChart, type ChartPoint } from "./lib/chart.js";
 import { PRESETS, writeSyntheticGguf, type WeightType } from "./synthetic-gguf.js";
 import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
@@ -389,6 +390,10 @@ ${Object.entries(PRESETS)
       .map(([k, p]) => `  ${k}: ${p.note}`)
       .join("\n")}`,
   },
+  sizing: {
+    summary: "a sizing table (replicas and memory for N streams) from a W1/W2 report",
+    help: "--report FILE (default: the newest w2, else w1, report in .bench/results) --model-path FILE (default: the report's model) --target NAME (default spindle) --streams N (default 100) --ctx-size N (default 512)",
+  },
   micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)]` },
 };
 
@@ -499,6 +504,20 @@ async function run(command: string, rest: string[]): Promise<void> {
     );
     return;
   }
+  if (command === "sizing") {
+    const { values: v } = parseArgs({
+      args: rest,
+      options: { report: { type: "string" }, "model-path": { type: "string" }, target: { type: "string", default: "spindle" }, streams: { type: "string", default: "100" }, "ctx-size": { type: "string", default: "512" } },
+    });
+    const report = v.report ?? newestReport(join(ROOT, ".bench", "results"));
+    if (!report) throw new BenchError("no W1/W2 report in .bench/results: run npm run bench -- w2 first, or pass --report FILE");
+    const recorded = (JSON.parse((await import("node:fs")).readFileSync(report, "utf8")) as { modelPath?: string }).modelPath;
+    const modelPath = v["model-path"] ?? recorded ?? (report.includes("/w2-") ? await synthesize("25m", "q8_0", 1, undefined, undefined) : join(ROOT, "..", "shared", "models", "stories260K.gguf"));
+    const streams = Number(v.streams);
+    if (!Number.isInteger(streams) || streams < 1) throw new BenchError(`--streams: expected a whole number of streams, got "${v.streams}"`);
+    process.stdout.write(`${await sizingTable({ report, modelPath, target: v.target!, streams, ctxSize: Number(v["ctx-size"]) })}\n`);
+    return;
+  }
   if (command === "micro") {
     const [what, ...more] = rest;
     if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new BenchError(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
@@ -562,7 +581,7 @@ async function run(command: string, rest: string[]): Promise<void> {
     const md = report(results, names);
     const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
     process.stdout.write(`${header}\n\n${md}\n`);
-    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
+    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
 }

@@ -1,10 +1,10 @@
 /** The process: reads the configuration, starts the server, prints where it listens, and stops on signals. */
-import { existsSync } from "node:fs";
-import { resolve } from "node:path";
+import { existsSync, readdirSync, statSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { helpText, parseCommandLine } from "./config/cli.js";
 import { loadModelsFile, repositoryFromSpecs, versionName, type RepositoryConfig } from "./config/models-file.js";
 import type { ServerOptions } from "./config/options.js";
-import { ModelLoadError } from "./engine/types.js";
+import { BackendUnavailableError, ModelLoadError } from "./engine/types.js";
 import { ConfigError } from "./errors.js";
 import type { RunningServer } from "./server.js";
 
@@ -17,13 +17,27 @@ function fail(message: string): never {
   process.exit(2);
 }
 
+/**
+ * A --model path as a file: a directory stands for the one .gguf file in it (as KServe's
+ * storage initializer leaves a model in /mnt/models under the name it had).
+ */
+function modelFile(path: string): string {
+  const abs = resolve(path);
+  if (!existsSync(abs) || !statSync(abs).isDirectory()) return abs;
+  const ggufs = readdirSync(abs).filter((f) => f.toLowerCase().endsWith(".gguf"));
+  if (ggufs.length !== 1) {
+    throw new ConfigError(`--model ${path}: a directory must hold exactly one .gguf file; it holds ${ggufs.length === 0 ? "none" : ggufs.join(", ")}`);
+  }
+  return join(abs, ggufs[0]!);
+}
+
 function repositoryConfig(options: ServerOptions): RepositoryConfig {
   if (options.models.length > 0) {
     return repositoryFromSpecs(
       options.models.map((m) => ({
         id: m.id,
         version: versionName(undefined, undefined),
-        path: resolve(m.path),
+        path: modelFile(m.path),
         sha256: undefined,
         sources: [],
         chatTemplate: undefined,
@@ -75,7 +89,7 @@ async function main(): Promise<void> {
       throw err;
     }
   } catch (err) {
-    if (err instanceof ConfigError || err instanceof ModelLoadError) fail(err.message);
+    if (err instanceof ConfigError || err instanceof ModelLoadError || err instanceof BackendUnavailableError) fail(err.message);
     fail(`cannot start: ${String((err as Error).message).split("\n")[0]}`);
   }
   process.stdout.write(`listening on ${server.url}\n`);

@@ -120,8 +120,10 @@ export interface SchedulerSnapshot {
   totalSlots: number;
   waiting: number;
   waitingTokens: number;
-  /** Tokens whose KV the slots hold. */
+  /** Tokens whose KV the slots hold (idle slots keep theirs for prefix reuse). */
   heldTokens: number;
+  /** Tokens whose KV the busy slots hold: what running requests occupy. */
+  runningTokens: number;
   /** Decode steps, sequences in them, sequences running at them, tokens in them. */
   steps: number;
   items: number;

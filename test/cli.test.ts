@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { describe, expect, it } from "vitest";
@@ -132,6 +132,10 @@ describe("the spindle process", () => {
     ["a missing model file", ["--model", "/nonexistent/model.gguf"], /not found/],
     ["an unloadable model file", ["--model", sharedModel("stories260K-ggufv1-unsupported.gguf")], /cannot load/],
     ["a missing models file", ["--config", "/nonexistent/models.yaml"], /cannot read models file \/nonexistent\/models\.yaml: it does not exist \(pass --config FILE/],
+    // No GPU here (CI machines have none): a backend asked for by name names what is missing.
+    ...(existsSync("/dev/nvidia0") ? [] : [["--gpu cuda without a usable CUDA", ["--gpu", "cuda", "--model", sharedModel("stories260K.gguf")], /^spindle: --gpu cuda: the CUDA build (cannot load: .*not found \(|.*is not installed).*--gpu cpu/]]),
+    ["a model directory without a .gguf", ["--model", mkdtempSync(join(tmpdir(), "spindle-cli-empty-"))], /^spindle: --model .*: a directory must hold exactly one \.gguf file; it holds none$/],
+    ["--gpu metal off macOS", ["--gpu", "metal", "--model", sharedModel("stories260K.gguf")], /^spindle: --gpu metal: Metal runs on macOS only;.*--gpu cpu/],
   ])("%s: one line naming the problem, exit code 2, no stack trace", (_name, args, message) => {
     const r = run(args as string[]);
     expect(r.status).toBe(2);

@@ -81,6 +81,13 @@ describe("Prometheus metrics under real traffic", () => {
     expect(sum(m, "spindle_queued_prompt_tokens", mv)).toBeGreaterThan(2);
     expect(sum(m, "spindle_slots_busy", mv)).toBe(1);
     expect(sum(m, "spindle_kv_cache_used_bytes", mv)).toBeGreaterThan(0);
+    const ratio = sum(m, "spindle_kv_cache_usage_ratio", mv);
+    expect(ratio).toBeGreaterThan(0);
+    expect(ratio).toBeLessThanOrEqual(1);
+    // The whole-process series pickers read: here one model, so the same figures.
+    expect(sum(m, "spindle_process_kv_cache_usage_ratio")).toBeCloseTo(ratio, 9);
+    expect(sum(m, "spindle_process_requests_waiting")).toBe(2);
+    expect(sum(m, "spindle_process_requests_running")).toBe(1);
     const promtool = spawnSync("promtool", ["check", "metrics"], { input: text, encoding: "utf8" });
     if (promtool.error) throw new Error("promtool is missing: .ci/run installs Debian's prometheus package");
     expect(promtool.stdout + promtool.stderr).toBe("");
@@ -90,6 +97,9 @@ describe("Prometheus metrics under real traffic", () => {
     await waitFor(() => sched.busySlots === 0);
     const after = parseMetrics(await scrape(server));
     expect(sum(after, "spindle_requests_waiting", mv)).toBe(0);
+    // Idle slots keep their tokens for prefix reuse: held, but not in use by a request.
+    expect(sum(after, "spindle_kv_cache_used_bytes", mv)).toBeGreaterThan(0);
+    expect(sum(after, "spindle_kv_cache_usage_ratio", mv)).toBe(0);
     expect(sum(after, "spindle_errors_total", { type: "cancelled" })).toBe(1);
   });
 });

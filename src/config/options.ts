@@ -154,7 +154,7 @@ export const OPTIONS = [
   }),
   option({
     flag: "model", env: "SPINDLE_MODEL", arg: "PATH[=ID]", field: "models", defaultText: "–", multiple: true,
-    help: "serve these GGUF files instead of a models file; repeatable; ID defaults to the file name without `.gguf`",
+    help: "serve these GGUF files instead of a models file; repeatable; ID defaults to the file name without `.gguf`; a directory stands for the one `.gguf` in it (KServe's `/mnt/models`)",
     read: (raw) => {
       const models = raw.map(parseModelArg);
       const ids = new Set<string>();

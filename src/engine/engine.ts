@@ -7,21 +7,33 @@ import { getLlama, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, ty
 import { StepGate } from "./batch-strategy.js";
 import { EngineModel } from "./model.js";
 import { resolveRenderer } from "./templates.js";
-import { firstLine, ModelLoadError, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+import { diagnoseBackend } from "./backend-diagnosis.js";
+import { BackendUnavailableError, firstLine, ModelLoadError, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
 
 export class Engine {
   private constructor(readonly llama: Llama) {}
 
   static async create(gpu: GpuBackend): Promise<Engine> {
-    const llama = await getLlama({
-      gpu: gpu === "cpu" ? false : gpu,
-      // Never download or compile a binary at start: a missing one is an error.
-      build: "never",
-      // 0: every context uses exactly the threads it asks for, no library-side splitting.
-      maxThreads: 0,
-      logLevel: LlamaLogLevel.error,
-      progressLogs: false,
-    });
+    let llama: Llama;
+    try {
+      llama = await getLlama({
+        gpu: gpu === "cpu" ? false : gpu,
+        // Never download or compile a binary at start: a missing one is an error.
+        build: "never",
+        // 0: every context uses exactly the threads it asks for, no library-side splitting.
+        maxThreads: 0,
+        logLevel: LlamaLogLevel.error,
+        progressLogs: false,
+      });
+    } catch (err) {
+      if (gpu === "cuda" || gpu === "vulkan" || gpu === "metal") throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
+      throw err;
+    }
+    // A backend asked for by name must be the one that runs, not a silent fallback.
+    if ((gpu === "cuda" || gpu === "vulkan" || gpu === "metal") && llama.gpu !== gpu) {
+      await llama.dispose();
+      throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
+    }
     return new Engine(llama);
   }
 

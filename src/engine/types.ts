@@ -12,6 +12,14 @@ export class ModelLoadError extends Error {
   }
 }
 
+/** The requested GPU backend cannot run here; the message names what is missing and what to do. */
+export class BackendUnavailableError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "BackendUnavailableError";
+  }
+}
+
 /** The prompt cannot be rendered (e.g. a template that rejects the role order). */
 export class PromptRenderError extends Error {
   constructor(message: string) {

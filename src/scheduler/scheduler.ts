@@ -103,13 +103,13 @@ export class Scheduler {
 
   snapshot(): SchedulerSnapshot {
     const { steps, items, expected, tokens } = this.steps.stats;
-    return { busySlots: this.busySlots, totalSlots: this.totalSlots, waiting: this.waiting, waitingTokens: this.queuedTokens, heldTokens: this.heldTokens(), steps, items, expected, tokens };
+    return { busySlots: this.busySlots, totalSlots: this.totalSlots, waiting: this.waiting, waitingTokens: this.queuedTokens, heldTokens: this.heldTokens(), runningTokens: this.heldTokens(true), steps, items, expected, tokens };
   }
 
-  /** Tokens whose KV the slots hold (in use, of what the context reserves). */
-  heldTokens(): number {
+  /** Tokens whose KV the slots hold (in use, of what the context reserves); `busyOnly`: only slots serving a request. */
+  heldTokens(busyOnly = false): number {
     let n = 0;
-    for (const s of this.slots) n += s.seq.heldTokens().length;
+    for (const s of this.slots) if (s.busy || !busyOnly) n += s.seq.heldTokens().length;
     return n;
   }
 

@@ -156,6 +156,28 @@ export class Metrics {
       loaded((l, labels) => set(labels, l.kvBytesPerToken * l.contextLength * l.parallel)),
     );
     gauge("spindle_kv_cache_used_bytes", "KV cache holding tokens now.", (set) => loaded((l, labels) => set(labels, l.kvBytesPerToken * l.scheduler.heldTokens)));
+    // What gateway endpoint pickers read as KV utilisation (vLLM's kv_cache_usage_perc, 0-1):
+    // cells held for running requests; cells idle slots keep for prefix reuse count as free.
+    gauge("spindle_kv_cache_usage_ratio", "KV cache cells holding tokens of running requests, divided by all cells (0-1).", (set) =>
+      loaded((l, labels) => set(labels, l.contextLength * l.parallel > 0 ? l.scheduler.runningTokens / (l.contextLength * l.parallel) : 0)),
+    );
+    // Whole-process figures, one series each: endpoint pickers (the inference gateway's EPP)
+    // read one series per metric name, so per-model series would make them see one model only.
+    const processGauge = (name: string, help: string, value: (loaded: NonNullable<VersionSnapshot["loaded"]>[]) => number) =>
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          this.set(value(snapshot().versions.flatMap((v) => (v.loaded ? [v.loaded] : []))));
+        },
+      });
+    processGauge("spindle_process_requests_waiting", "Requests waiting for a slot, all models.", (ls) => ls.reduce((n, l) => n + l.scheduler.waiting, 0));
+    processGauge("spindle_process_requests_running", "Requests holding a slot, all models.", (ls) => ls.reduce((n, l) => n + l.scheduler.busySlots, 0));
+    processGauge("spindle_process_kv_cache_usage_ratio", "KV cache cells holding tokens of running requests over all cells, all loaded models (0-1).", (ls) => {
+      const cells = ls.reduce((n, l) => n + l.contextLength * l.parallel, 0);
+      return cells > 0 ? ls.reduce((n, l) => n + l.scheduler.runningTokens, 0) / cells : 0;
+    });
     gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => loaded((l, labels) => set(labels, l.weightsBytes)));
     new Gauge({
       name: "spindle_models_resident",
