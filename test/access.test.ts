@@ -22,7 +22,8 @@ describe("API keys", () => {
   const body = JSON.stringify({ model: "stories260K", prompt: "Once", max_tokens: 2 });
   const routes: Array<[string, string]> = [
     ["GET", "/"],
-    ["GET", "/chat.js"],
+    ["GET", "/app.js"],
+    ["GET", "/vendor/marked.js"],
     ["GET", "/v1/models"],
     ["GET", "/v1/models/stories260K"],
     ["POST", "/v1/chat/completions"],

@@ -251,3 +251,25 @@ describe("WebSocket backpressure", () => {
     socket.emit("close");
   });
 });
+
+describe("WebSocket refusals", () => {
+  it("a refusal that HTTP answers with Retry-After carries retry_after in its error frame", async () => {
+    const s = await startTestServer([{ ...STORIES, ctxSize: 2048 }], { parallel: 1, maxQueue: 0 });
+    try {
+      const ws = new WebSocket(`${s.url.replace("http", "ws")}/v1/ws`);
+      const frames: Array<{ type: string; id: string; error?: { code: string }; retry_after?: number }> = [];
+      ws.on("message", (d) => frames.push(JSON.parse(String(d))));
+      await new Promise((r) => ws.once("open", r));
+      ws.send(JSON.stringify({ type: "completions.create", id: "long", body: { model: "stories260K", prompt: "Once", max_tokens: 1800, ignore_eos: true } }));
+      await waitFor(() => s.registry.resolve("stories260K").scheduler.busySlots === 1);
+      ws.send(JSON.stringify({ type: "completions.create", id: "refused", body: { model: "stories260K", prompt: "Once", max_tokens: 2 } }));
+      await waitFor(() => frames.some((f) => f.id === "refused"));
+      const refusal = frames.find((f) => f.id === "refused")!;
+      expect(refusal).toMatchObject({ type: "error", error: { code: "queue_full" } });
+      expect(refusal.retry_after).toBeGreaterThanOrEqual(1);
+      ws.close();
+    } finally {
+      await s.close();
+    }
+  });
+});

@@ -11,7 +11,7 @@ import type { TemplateMessage, TemplateToolCall } from "../engine/chat-template.
 import { ApiError, invalidRequest, type ErrorKind } from "../errors.js";
 import type { ChoiceResult, GenerationEvents, GenerationPlan, GenerationResult, PreparedPrompt, PromptModel, StartInfo, ToolCallDelta, Usage } from "../service/generation.js";
 import { prepareChat } from "./chat-prompt.js";
-import { LIMITS, parseBody } from "./openai-common.js";
+import { LIMITS, parseBody, refuseMediaParts } from "./openai-common.js";
 import type { StreamTransport } from "./openai-output.js";
 import { functionTool, type ToolChoice } from "./openai-tools.js";
 import { outputGrammar } from "./structured-output.js";
@@ -139,18 +139,7 @@ export function toMessages(body: Pick<MessagesRequest, "system" | "messages">): 
 }
 
 function refuseMedia(raw: unknown): void {
-  const messages = (raw as { messages?: unknown })?.messages;
-  if (!Array.isArray(messages)) return;
-  messages.forEach((m, i) => {
-    const content = (m as { content?: unknown })?.content;
-    if (!Array.isArray(content)) return;
-    content.forEach((b, j) => {
-      const type = (b as { type?: unknown })?.type;
-      if (typeof type === "string" && type in MEDIA_BLOCKS) {
-        throw invalidRequest(`messages.${i}.content.${j}: ${MEDIA_BLOCKS[type]} ('${type}' blocks) is not supported: the served models read text only.`, `messages.${i}.content.${j}.type`, "unsupported_content");
-      }
-    });
-  });
+  refuseMediaParts((raw as { messages?: unknown })?.messages, MEDIA_BLOCKS, (i, j) => `messages.${i}.content.${j}`, "blocks");
 }
 
 export function toolChoiceOf(c: MessagesRequest["tool_choice"]): { choice: ToolChoice | undefined; parallel: boolean } {

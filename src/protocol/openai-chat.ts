@@ -9,7 +9,7 @@ import type { TemplateMessage, TemplateToolCall } from "../engine/chat-template.
 import { invalidRequest } from "../errors.js";
 import type { GenerationPlan, PreparedPrompt, PromptModel } from "../service/generation.js";
 import { prepareChat } from "./chat-prompt.js";
-import { LIMITS, parseBody, samplingFields, stopList } from "./openai-common.js";
+import { LIMITS, parseBody, refuseMediaParts, samplingFields, stopList } from "./openai-common.js";
 import { ChunkStream, JsonAnswer, type AnswerShape, type StreamTransport } from "./openai-output.js";
 import { outputGrammar, structuredOutputFields } from "./structured-output.js";
 import { refuseOtherTools, toolChoiceField, toolsField } from "./openai-tools.js";
@@ -103,20 +103,8 @@ export function toTemplateMessages(req: Pick<ChatRequest, "messages">): Template
   });
 }
 
-/** Refuses content parts a text model cannot read, by their type's name. */
 function refuseMedia(raw: unknown): void {
-  const messages = (raw as { messages?: unknown })?.messages;
-  if (!Array.isArray(messages)) return;
-  messages.forEach((m, i) => {
-    const parts = (m as { content?: unknown })?.content;
-    if (!Array.isArray(parts)) return;
-    parts.forEach((p, j) => {
-      const type = (p as { type?: unknown })?.type;
-      if (typeof type === "string" && type in MEDIA_PARTS) {
-        throw invalidRequest(`Invalid value for 'messages[${i}].content[${j}]': ${MEDIA_PARTS[type]} ('${type}' parts) is not supported: the served models read text only.`, `messages[${i}].content[${j}].type`, "unsupported_content");
-      }
-    });
-  });
+  refuseMediaParts((raw as { messages?: unknown })?.messages, MEDIA_PARTS, (i, j) => `messages[${i}].content[${j}]`);
 }
 
 /** A validated chat request: what the service runs, and the answers it is given back as. */

@@ -118,3 +118,24 @@ export function stopList(stop: string | string[] | null | undefined): string[] {
   if (stop === null || stop === undefined) return [];
   return typeof stop === "string" ? [stop] : stop;
 }
+
+/**
+ * Refuses content parts a text model cannot read, by their type's name, before the body
+ * is parsed (the schema would only say "invalid"). `list` is the request's list of
+ * messages or items; `kinds` names each refused part type; `where(i, j)` spells the
+ * part's path as this API spells paths.
+ */
+export function refuseMediaParts(list: unknown, kinds: Record<string, string>, where: (i: number, j: number) => string, noun = "parts"): void {
+  if (!Array.isArray(list)) return;
+  list.forEach((m, i) => {
+    const parts = (m as { content?: unknown })?.content;
+    if (!Array.isArray(parts)) return;
+    parts.forEach((p, j) => {
+      const type = (p as { type?: unknown })?.type;
+      if (typeof type === "string" && Object.hasOwn(kinds, type)) {
+        const path = where(i, j);
+        throw invalidRequest(`Invalid value for '${path}': ${kinds[type]} ('${type}' ${noun}) is not supported: the served models read text only.`, `${path}.type`, "unsupported_content");
+      }
+    });
+  });
+}

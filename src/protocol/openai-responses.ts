@@ -11,7 +11,7 @@ import { ApiError, invalidRequest } from "../errors.js";
 import type { ChoiceResult, GenerationEvents, GenerationPlan, GenerationResult, PreparedPrompt, PromptModel, StartInfo, TokenLogprob, ToolCallDelta, Usage } from "../service/generation.js";
 import type { StoredResponse } from "../service/response-store.js";
 import { prepareChat } from "./chat-prompt.js";
-import { LIMITS, parseBody, samplingFields } from "./openai-common.js";
+import { LIMITS, parseBody, refuseMediaParts, samplingFields } from "./openai-common.js";
 import type { StreamTransport } from "./openai-output.js";
 import { functionTool, type ToolChoice } from "./openai-tools.js";
 import { outputGrammar } from "./structured-output.js";
@@ -21,7 +21,7 @@ const rid = (prefix: string) => `${prefix}_${randomBytes(16).toString("hex")}`;
 
 const inputText = z.strictObject({ type: z.literal("input_text"), text: z.string() });
 const outputText = z.strictObject({ type: z.literal("output_text"), text: z.string(), annotations: nullish(z.array(z.unknown())), logprobs: nullish(z.array(z.unknown())) });
-const MEDIA = new Set(["input_image", "input_file", "input_audio"]);
+const MEDIA: Record<string, string> = { input_image: "image input", input_file: "file input", input_audio: "audio input" };
 
 const messageItem = z.strictObject({
   type: z.literal("message").optional(),
@@ -144,32 +144,7 @@ export function itemsToMessages(items: ResponsesRequest["input"]): TemplateMessa
 }
 
 function refuseMedia(raw: unknown): void {
-  const input = (raw as { input?: unknown })?.input;
-  if (!Array.isArray(input)) return;
-  input.forEach((item, i) => {
-    const content = (item as { content?: unknown })?.content;
-    if (!Array.isArray(content)) return;
-    content.forEach((p, j) => {
-      const type = (p as { type?: unknown })?.type;
-      if (typeof type === "string" && MEDIA.has(type)) {
-        throw invalidRequest(`Invalid value for 'input[${i}].content[${j}]': '${type}' is not supported: the served models read text only.`, `input[${i}].content[${j}].type`, "unsupported_content");
-      }
-    });
-  });
-  const tools = (raw as { tools?: unknown })?.tools;
-  if (Array.isArray(tools)) {
-    tools.forEach((t, i) => {
-      const type = (t as { type?: unknown })?.type;
-      if (typeof type === "string" && type !== "function") {
-        throw invalidRequest(`Invalid value for 'tools[${i}].type': '${type.slice(0, 64)}' tools are not supported here; only function tools are.`, `tools[${i}].type`, "unsupported_value");
-      }
-    });
-  }
-  for (const field of ["background", "conversation", "prompt", "max_tool_calls"]) {
-    if (raw && typeof raw === "object" && field in raw && (raw as Record<string, unknown>)[field] != null) {
-      throw invalidRequest(`Unsupported parameter: '${field}' is not supported by this server.`, field, "unsupported_parameter");
-    }
-  }
+  refuseMediaParts((raw as { input?: unknown })?.input, MEDIA, (i, j) => `input[${i}].content[${j}]`);
 }
 
 type OutputItem =

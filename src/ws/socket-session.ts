@@ -130,7 +130,8 @@ export class SocketSession {
   }
 
   private sendError(id: string | null, error: ApiError): void {
-    this.send(JSON.stringify({ type: "error", id, error: error.toEnvelope().error }));
+    // retry_after: what an HTTP answer carries in its Retry-After header.
+    this.send(JSON.stringify({ type: "error", id, error: error.toEnvelope().error, ...(error.retryAfter !== undefined ? { retry_after: error.retryAfter } : {}) }));
   }
 
   /** A token bucket: a flood of frames closes the connection. */
