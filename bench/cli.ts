@@ -27,7 +27,7 @@ import { newestReport, sizingTable } from "./sizing.js";
 import { renderChart, type ChartPoint } from "./lib/chart.js";
 import { PRESETS, writeSyntheticGguf, type WeightType } from "./synthetic-gguf.js";
 import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
-import { ROOT, startLlamaServer, startSpindle, type ServerProcess } from "./lib/processes.js";
+import { ROOT, startLlamaServer, startSpindle, startSpindleWith, type ServerProcess } from "./lib/processes.js";
 import { parseSlo, summarize, type RunMetrics, type Slo } from "./lib/stats.js";
 import { streamRequest, type RequestRecord } from "./lib/stream-client.js";
 import { scrapeMetrics, serverView, type ServerMetricsView } from "./lib/server-metrics.js";
@@ -378,6 +378,7 @@ ${LOAD_HELP}` },
 ${LOAD_HELP}` },
   w2: { summary: "W1 on the ~25M-parameter synthetic model (compute-bound)", help: `as w1; the model is synthesized once into $TMPDIR/spindle-bench
 ${LOAD_HELP}` },
+  w3: { summary: "W1 on Llama 3.2 1B's shape (Q8_0 or Q4_0): c=1,4, 32 output tokens", help: "as w1; --weights q8_0|q4_0 (default q8_0); the model (1-1.3 GB) is synthesized once into $TMPDIR/spindle-bench" },
   engine: { summary: "the engine ceiling alone: node-llama-cpp with no HTTP", help: "--concurrency LIST --rounds N --threads N --max-tokens N --model-path FILE" },
   telemetry: { summary: "W1 with metrics and tracing on against both off", help: `--threads N --model-path FILE
 ${LOAD_HELP}` },
@@ -385,10 +386,18 @@ ${LOAD_HELP}` },
   soak: { summary: "minutes of mixed traffic: cancels, deadlines, overload; RSS and heap", help: "--minutes N (default 10) --concurrency N (default 24) --threads N --model-path FILE" },
   synth: {
     summary: "write a synthetic GGUF of a named shape",
-    help: `--preset ${Object.keys(PRESETS).join("|")} (default 25m) --weights f16|q8_0 (default q8_0) --seed N --tokenizer-from FILE --out FILE
+    help: `--preset ${Object.keys(PRESETS).join("|")} (default 25m) --weights f16|q8_0|q4_0 (default q8_0) --seed N --tokenizer-from FILE --out FILE
 ${Object.entries(PRESETS)
       .map(([k, p]) => `  ${k}: ${p.note}`)
       .join("\n")}`,
+  },
+  slots: {
+    summary: "what slot classes cost: one context of 8x512 against 7x512,1x1024 (two contexts), side by side",
+    help: "--model-path FILE (default: stories260K, W1; --w2 for the synthetic 25m) --w2 --concurrency LIST (default 8) --rounds N --threads N --classes A;B (default 8x512;7x512,1x1024)",
+  },
+  spec: {
+    summary: "speculative decoding by prompt lookup against none, on a prompt the output repeats",
+    help: "--concurrency LIST (default 1,8) --rounds N --threads N --model-path FILE --w2 --prompt TEXT --endpoint chat|completions",
   },
   sizing: {
     summary: "a sizing table (replicas and memory for N streams) from a W1/W2 report",
@@ -504,6 +513,48 @@ async function run(command: string, rest: string[]): Promise<void> {
     );
     return;
   }
+  if (command === "slots" || command === "spec") {
+    const { values: v } = parseArgs({
+      args: rest,
+      options: {
+        ...commonOptions,
+        concurrency: { type: "string", default: command === "slots" ? "8" : "1,8" },
+        threads: { type: "string", default: "1" },
+        "model-path": { type: "string" },
+        w2: { type: "boolean", default: false },
+        classes: { type: "string", default: "8x512;7x512,1x1024" },
+      },
+    });
+    const modelPath = resolve(v["model-path"] ?? (v.w2 ? await synthesize("25m", "q8_0", 1, undefined, undefined) : join(ROOT, "..", "shared", "models", "stories260K.gguf")));
+    // slots: one server per layout; spec: with and without prompt lookup, on a prompt that holds
+    // the text the model will write (stories260K's greedy story, told once already).
+    const variants: Array<{ name: string; args: string[] }> =
+      command === "slots"
+        ? String(v.classes).split(";").map((l) => ({ name: `slots ${l}`, args: ["--slots", l] }))
+        : [
+            { name: "no speculation", args: ["--parallel", "8", "--ctx-size", "1024"] },
+            { name: "ngram:4", args: ["--parallel", "8", "--ctx-size", "1024", "--speculative", "ngram:4"] },
+          ];
+    if (command === "spec" && v.prompt === "Once upon a time") {
+      v.prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.\n\nOnce upon a time";
+      v.endpoint = "completions";
+    }
+    const names = variants.map((x) => x.name);
+    const w = workloadFrom(v, "stories260K");
+    const results = await sideBySide(
+      async () => {
+        const procs = await Promise.all(variants.map((x) => startSpindleWith(["--model", `${modelPath}=stories260K`, ...x.args, "--threads", String(v.threads), "--max-queue", "1024"])));
+        return { targets: procs.map((p, i) => ({ name: names[i]!, url: p.url })), stop: async () => void (await Promise.all(procs.map((p) => p.stop()))) };
+      },
+      w,
+      v,
+    );
+    const md = report(results, names);
+    const header = `${command === "slots" ? "Slot classes" : "Speculative decoding"} on ${modelPath.split("/").pop()}: ${w.endpoint} "${w.prompt.slice(0, 40)}…", max_tokens ${w.maxTokens}, ${v.threads} thread(s), ${v.rounds} rounds (medians, A B A B)`;
+    process.stdout.write(`${header}\n\n${md}\n`);
+    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, modelPath, results }, `# ${header}\n\n${md}\n`, command === "slots" ? "Slot classes" : "Speculative decoding");
+    return;
+  }
   if (command === "sizing") {
     const { values: v } = parseArgs({
       args: rest,
@@ -534,14 +585,30 @@ async function run(command: string, rest: string[]): Promise<void> {
     process.stdout.write(`${out}\n`);
     return;
   }
-  if (command === "w1" || command === "w2" || command === "engine") {
+  if (command === "w1" || command === "w2" || command === "w3" || command === "engine") {
+    const w3 = command === "w3";
     const { values: v } = parseArgs({
       args: rest,
-      options: { ...commonOptions, threads: { type: "string", default: "1" }, "llama-server": { type: "string" }, "no-llama-server": { type: "boolean", default: false }, "model-path": { type: "string" } },
+      options: {
+        ...commonOptions,
+        // W3 is compute-bound: short outputs at low concurrency.
+        ...(w3 ? { concurrency: { type: "string", default: "1,4" }, "max-tokens": { type: "string", default: "32" } } : {}),
+        threads: { type: "string", default: "1" },
+        "llama-server": { type: "string" },
+        "no-llama-server": { type: "boolean", default: false },
+        "model-path": { type: "string" },
+        weights: { type: "string", default: "q8_0" },
+      },
     });
-    // W2: W1's workload on the ~25M-parameter synthetic model (generated once into the scratch folder).
+    if (!["q8_0", "q4_0"].includes(String(v.weights))) throw new BenchError(`--weights: q8_0 or q4_0, got "${v.weights}"`);
+    // W2: W1's workload on the ~25M-parameter synthetic model; W3: on Llama 3.2 1B's shape (both generated once into the scratch folder).
     const modelPath = resolve(
-      v["model-path"] ?? (command === "w2" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : join(ROOT, "..", "shared", "models", "stories260K.gguf")),
+      v["model-path"] ??
+        (command === "w2"
+          ? await synthesize("25m", "q8_0", 1, undefined, undefined)
+          : w3
+            ? await synthesize("llama-1b", v.weights as WeightType, 1, undefined, undefined)
+            : join(ROOT, "..", "shared", "models", "stories260K.gguf")),
     );
     const threads = Number(v.threads);
     const w = workloadFrom(v, "stories260K");
@@ -579,7 +646,7 @@ async function run(command: string, rest: string[]): Promise<void> {
       ceiling,
     );
     const md = report(results, names);
-    const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
+    const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : w3 ? `W3: synthetic llama-1b (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
     process.stdout.write(`${header}\n\n${md}\n`);
     await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;

@@ -25,9 +25,9 @@ export const PRESETS: Record<string, ModelShape & { note: string }> = {
   "llama-8b": { layers: 32, hidden: 4096, heads: 32, kvHeads: 8, ffn: 14336, contextLength: 8192, note: "Llama 3.1 8B's shape (with a 32k vocabulary)" },
 };
 
-export type WeightType = "f16" | "q8_0";
+export type WeightType = "f16" | "q8_0" | "q4_0";
 
-const GGML = { F32: 0, F16: 1, Q8_0: 8 } as const;
+const GGML = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8 } as const;
 const GGUF_TYPE = { UINT32: 4, INT32: 5, FLOAT32: 6, STRING: 8, ARRAY: 9, UINT64: 10 } as const;
 const ALIGN = 32;
 const Q8_BLOCK = 32;
@@ -54,11 +54,13 @@ function tensorBytes(dims: number[], type: number): number {
   const n = dims.reduce((a, b) => a * b, 1);
   if (type === GGML.F32) return n * 4;
   if (type === GGML.F16) return n * 2;
+  // Q4_0: an f16 scale and 32 4-bit values per block; Q8_0: an f16 scale and 32 bytes.
+  if (type === GGML.Q4_0) return (n / Q8_BLOCK) * (2 + Q8_BLOCK / 2);
   return (n / Q8_BLOCK) * (2 + Q8_BLOCK);
 }
 
 function plan(s: ModelShape, vocab: number, weights: WeightType): TensorPlan[] {
-  const w = weights === "f16" ? GGML.F16 : GGML.Q8_0;
+  const w = weights === "f16" ? GGML.F16 : weights === "q4_0" ? GGML.Q4_0 : GGML.Q8_0;
   const kv = s.kvHeads * (s.hidden / s.heads);
   const list: Array<Omit<TensorPlan, "bytes" | "offset">> = [
     { name: "token_embd.weight", dims: [s.hidden, vocab], type: w, fill: "random" },
@@ -169,7 +171,7 @@ export async function writeSyntheticGguf(outPath: string, o: SynthOptions): Prom
   const s = o.shape;
   if (s.hidden % s.heads !== 0) throw new Error("hidden must be a multiple of heads");
   if (s.heads % s.kvHeads !== 0) throw new Error("heads must be a multiple of kvHeads");
-  if (o.weights === "q8_0" && (s.hidden % Q8_BLOCK !== 0 || s.ffn % Q8_BLOCK !== 0)) throw new Error("Q8_0 needs hidden and ffn to be multiples of 32");
+  if (o.weights !== "f16" && (s.hidden % Q8_BLOCK !== 0 || s.ffn % Q8_BLOCK !== 0)) throw new Error(`${o.weights.toUpperCase()} needs hidden and ffn to be multiples of 32`);
   const src = (await readGgufFileInfo(o.tokenizerFrom)).metadata as unknown as {
     tokenizer: { ggml: { model: string; tokens: string[]; scores: number[]; token_type: number[]; bos_token_id?: number; eos_token_id?: number; unknown_token_id?: number }; chat_template?: string };
   };
@@ -241,7 +243,20 @@ export async function writeSyntheticGguf(outPath: string, o: SynthOptions): Prom
           for (let i = 0; i < rowLen; i++) row[i] = t.fill === "ones" ? 1 : normal();
           if (t.type === GGML.F32) for (let i = 0; i < rowLen; i++, pos += 4) out.writeFloatLE(row[i]!, pos);
           else if (t.type === GGML.F16) for (let i = 0; i < rowLen; i++, pos += 2) out.writeUInt16LE(toHalf(row[i]!), pos);
-          else {
+          else if (t.type === GGML.Q4_0) {
+            // As llama.cpp quantizes: d = (the value of largest magnitude) / -8, q = x/d + 8 in 0..15;
+            // element j and j+16 share a byte (low and high nibble).
+            for (let b = 0; b < rowLen; b += Q8_BLOCK) {
+              let max = 0;
+              for (let i = 0; i < Q8_BLOCK; i++) if (Math.abs(row[b + i]!) > Math.abs(max)) max = row[b + i]!;
+              const d = max / -8;
+              const id = d === 0 ? 0 : 1 / d;
+              out.writeUInt16LE(toHalf(d), pos);
+              pos += 2;
+              const q = (x: number) => Math.min(15, Math.trunc(x * id + 8.5));
+              for (let i = 0; i < Q8_BLOCK / 2; i++, pos++) out.writeUInt8(q(row[b + i]!) | (q(row[b + i + Q8_BLOCK / 2]!) << 4), pos);
+            }
+          } else {
             for (let b = 0; b < rowLen; b += Q8_BLOCK) {
               let amax = 0;
               for (let i = 0; i < Q8_BLOCK; i++) amax = Math.max(amax, Math.abs(row[b + i]!));

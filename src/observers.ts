@@ -157,9 +157,17 @@ export interface VersionSnapshot {
   /** Present while the version is in memory. */
   loaded:
     | {
+        /** Tokens per sequence of the largest slot class. */
         contextLength: number;
+        /** Sequences over every class. */
         parallel: number;
+        slotClasses: Array<{ count: number; ctxSize: number }>;
+        /** KV cells over every class. */
+        kvCells: number;
+        /** Speculative decoding, when on: predicted tokens the model accepted and rejected since the load. */
+        speculative: { method: string; tokens: number; accepted: number; rejected: number } | undefined;
         chatTemplate: string;
+        kvCacheTypes: { k: string; v: string };
         kvBytesPerToken: number;
         weightsBytes: number;
         scheduler: SchedulerSnapshot;

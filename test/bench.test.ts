@@ -169,7 +169,7 @@ describe("synthetic GGUF", () => {
     expect(toHalf(0)).toBe(0);
   });
 
-  it.each(["f16", "q8_0"] as const)("a %s file loads, has the requested shape and parameter count, and generates tokens", async (weights) => {
+  it.each(["f16", "q8_0", "q4_0"] as const)("a %s file loads, has the requested shape and parameter count, and generates tokens", async (weights) => {
     const path = join(mkdtempSync(join(tmpdir(), "spindle-synth-")), "m.gguf");
     const shape = PRESETS.tiny!;
     const r = await writeSyntheticGguf(path, { shape, weights, seed: 3, tokenizerFrom: sharedModel("llama-2-tiny-random-chat.gguf") });

@@ -4,11 +4,17 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { describe, expect, it } from "vitest";
 import { helpText, parseCommandLine } from "../src/config/cli.js";
+import { loadModelsFile } from "../src/config/models-file.js";
 import { defaultServerOptions, OPTIONS, optionsTable } from "../src/config/options.js";
 import { ConfigError } from "../src/errors.js";
 import { sharedModel } from "./helpers/server.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
+const writeTemp = (text: string) => {
+  const file = join(mkdtempSync(join(tmpdir(), "spindle-cli-")), "models.yaml");
+  writeFileSync(file, text);
+  return file;
+};
 
 function run(args: string[], env: Record<string, string> = {}) {
   return spawnSync(process.execPath, ["dist/launch.cjs", ...args], {
@@ -59,6 +65,24 @@ describe("command line parsing", () => {
     expect(on(["--embeddings"], {})).toBe(true);
     expect(on([], { SPINDLE_EMBEDDINGS: "on" })).toBe(true);
     expect(() => on([], { SPINDLE_EMBEDDINGS: "maybe" })).toThrow(/SPINDLE_EMBEDDINGS/);
+  });
+
+  it("reads slot classes: smallest first, one size merged; refuses what is not COUNTxTOKENS", () => {
+    const slots = (raw: string) => {
+      const r = parseCommandLine(["--slots", raw], {});
+      return r.kind === "run" ? r.options.slots : undefined;
+    };
+    expect(slots("1x4096, 8x512")).toEqual([
+      { count: 8, ctxSize: 512 },
+      { count: 1, ctxSize: 4096 },
+    ]);
+    expect(slots("2x256,3x256")).toEqual([{ count: 5, ctxSize: 256 }]);
+    for (const bad of ["8", "8x", "0x512", "8x8", "8x512;1x1024"]) expect(() => slots(bad), bad).toThrow(/--slots/);
+    expect(() => loadModelsFile(writeTemp("models:\n  - id: m\n    file: a.gguf\n    parallel: 2\n    slots: [{ count: 1, ctx_size: 512 }]\n"))).toThrow(/field slots: give slots, or parallel and ctx_size, not both/);
+    expect(loadModelsFile(writeTemp("models:\n  - id: m\n    file: a.gguf\n    slots: [{ count: 1, ctx_size: 4096 }, { count: 8, ctx_size: 512 }]\n")).models[0]!.versions[0]!.slots).toEqual([
+      { count: 8, ctxSize: 512 },
+      { count: 1, ctxSize: 4096 },
+    ]);
   });
 
   it("reads memory sizes in bytes, decimal and binary units", () => {

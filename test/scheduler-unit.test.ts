@@ -15,7 +15,12 @@ const tok = (xs: number[]) => xs as Token[];
 
 class FakeSequence implements SlotSequence {
   held: Token[] = [];
-  constructor(readonly index: number, private readonly stepMs: number) {}
+  constructor(
+    readonly index: number,
+    private readonly stepMs: number,
+    readonly slotClass = 0,
+    readonly ctxSize = 1 << 20,
+  ) {}
   heldTokens() {
     return this.held;
   }
@@ -40,10 +45,16 @@ class FakeSequence implements SlotSequence {
   }
 }
 
-function fakeModel(slots: number, stepMs = 2): SchedulerModel & { sequences: FakeSequence[] } {
+/** `slots`: a count (one class of unbounded slots), or slot classes as [count, ctxSize] pairs, smallest first. */
+function fakeModel(slots: number | Array<[number, number]>, stepMs = 2): SchedulerModel & { sequences: FakeSequence[] } {
+  const classes: Array<[number, number]> = typeof slots === "number" ? [[slots, 1 << 20]] : slots;
+  const sequences: FakeSequence[] = [];
+  classes.forEach(([count, ctx], c) => {
+    for (let i = 0; i < count; i++) sequences.push(new FakeSequence(sequences.length, stepMs, c, ctx));
+  });
   return {
     id: "fake",
-    sequences: Array.from({ length: slots }, (_, i) => new FakeSequence(i, stepMs)),
+    sequences,
     detokenize: (tokens) => tokens.map((t) => String.fromCharCode(97 + t)).join(""),
     makeTokenBias: () => undefined,
     tokenText: (t) => ({ text: String.fromCharCode(97 + t), bytes: [97 + t] }),
@@ -87,7 +98,7 @@ function run(s: Scheduler, req: GenerationRequest, rec: Recorder = recorder()): 
   });
 }
 
-function scheduler(slots: number, maxQueue: number, stepMs = 2) {
+function scheduler(slots: number | Array<[number, number]>, maxQueue: number, stepMs = 2) {
   const model = fakeModel(slots, stepMs);
   const s = new Scheduler(model, new StepTracker(undefined), { maxQueue });
   return { s, model };
@@ -201,6 +212,64 @@ describe("Scheduler admission", () => {
     expect(b.r.error?.status).toBe(503);
     expect(() => run(s, request())).toThrow(/shutting down/);
     await first;
+  });
+});
+
+describe("slot classes", () => {
+  it("a request takes the smallest class it fits; one too long for it runs in the larger class", async () => {
+    const { s, model } = scheduler([[2, 16], [1, 64]], 4);
+    const small = request({ promptTokens: tok([1, 2, 3]), maxTokens: 5, timeline: {} });
+    await run(s, small);
+    expect(model.sequences[small.timeline.slot!]!.ctxSize).toBe(16);
+    const long = request({ promptTokens: tok(Array.from({ length: 20 }, (_, i) => i + 1)), maxTokens: 10, timeline: {} });
+    const rec = recorder();
+    await run(s, long, rec);
+    expect(model.sequences[long.timeline.slot!]!.ctxSize).toBe(64);
+    expect(rec.r.result?.finishReason).toBe("length");
+  });
+
+  it("while the small class is busy, a fitting request takes a free larger slot instead of waiting", async () => {
+    const { s, model } = scheduler([[1, 16], [1, 64]], 4, 5);
+    const busy = request({ maxTokens: 10, timeline: {} });
+    const first = run(s, busy);
+    const second = request({ maxTokens: 5, timeline: {} });
+    await run(s, second);
+    expect(model.sequences[busy.timeline.slot!]!.ctxSize).toBe(16);
+    expect(model.sequences[second.timeline.slot!]!.ctxSize).toBe(64);
+    await first;
+  });
+
+  it("a request waiting for the busy large class does not hold up those that fit the small one", async () => {
+    const { s, model } = scheduler([[1, 16], [1, 64]], 4, 5);
+    const order: string[] = [];
+    const track = (name: string): Recorder => {
+      const rec = recorder(name);
+      return { ...rec, sink: { ...rec.sink, onStart: () => order.push(name) } };
+    };
+    const big = () => request({ promptTokens: tok(Array.from({ length: 20 }, (_, i) => i + 1)), maxTokens: 30, timeline: {} });
+    const runs = [run(s, big(), track("big1")), run(s, big(), track("big2")), run(s, request({ maxTokens: 3 }), track("small"))];
+    await Promise.all(runs);
+    // big2 waits for the large slot; small, which came after it, starts in the small slot first.
+    expect(order).toEqual(["big1", "small", "big2"]);
+    expect(model.sequences.map((q) => q.ctxSize)).toEqual([16, 64]);
+  });
+
+  it("without max_tokens a request fills the context of the slot it got", async () => {
+    const { s } = scheduler([[1, 16], [1, 64]], 4);
+    const rec = recorder();
+    await run(s, request({ promptTokens: tok([1, 2, 3]), maxTokens: 61, fillsContext: true }), rec);
+    expect(rec.r.result).toMatchObject({ finishReason: "length", usage: { completionTokens: 13 } });
+  });
+
+  it("a larger slot that holds the conversation's prefix is taken over a smaller empty one", async () => {
+    const { s, model } = scheduler([[1, 128], [1, 512]], 4);
+    const conversation = tok(Array.from({ length: 80 }, (_, i) => (i % 50) + 1));
+    model.sequences[1]!.held = [...conversation];
+    const req = request({ promptTokens: tok([...conversation, 7, 8]), maxTokens: 4, timeline: {} });
+    const rec = recorder();
+    await run(s, req, rec);
+    expect(req.timeline.slot).toBe(1);
+    expect(rec.r.result?.usage.cachedTokens).toBe(80);
   });
 });
 

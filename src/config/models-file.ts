@@ -14,6 +14,7 @@ import { readFileSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { KV_CACHE_TYPES, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
 
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$/;
@@ -43,9 +44,22 @@ const runtimeFields = {
   chat_template: z.string().min(1).optional(),
   ctx_size: z.number().int().min(16).optional(),
   parallel: z.number().int().min(1).max(256).optional(),
+  /** Slot classes instead of parallel × ctx_size: one context per class, smallest first. */
+  slots: z.array(z.strictObject({ count: z.number().int().min(1).max(256), ctx_size: z.number().int().min(16) })).min(1).max(8).optional(),
   /** Layers offloaded to the GPU: a number, or "max" (all). Ignored on the CPU backend. */
   gpu_layers: z.union([z.number().int().min(0), z.literal("max")]).optional(),
   threads: z.number().int().min(1).max(1024).optional(),
+  /** Speculative decoding by prompt lookup (vLLM's speculative_config names). */
+  speculative: z
+    .strictObject({
+      method: z.literal("ngram"),
+      num_speculative_tokens: z.number().int().min(1).max(16).optional(),
+      prompt_lookup_min: z.number().int().min(1).max(16).optional(),
+    })
+    .optional(),
+  /** KV cache element types (llama-server's names); f16 by default. */
+  cache_type_k: z.enum(KV_CACHE_TYPES).optional(),
+  cache_type_v: z.enum(KV_CACHE_TYPES).optional(),
   sampling: samplingSchema.optional(),
   /** Serve /v1/embeddings too (an embedding context of its own); `dimensions`: the truncations the model supports (Matryoshka). */
   embeddings: z.union([z.boolean(), z.strictObject({ dimensions: z.array(z.number().int().min(1)).max(64).optional() })]).optional(),
@@ -114,6 +128,11 @@ export interface ModelSpec {
   sampling: SamplingDefaults;
   gpuLayers?: number | "max";
   threads?: number;
+  /** Slot classes (count × tokens), smallest first; instead of parallel × ctxSize. */
+  slots?: SlotClass[];
+  cacheTypeK?: KvCacheType;
+  cacheTypeV?: KvCacheType;
+  speculative?: SpeculativeOptions;
   /** Serves embeddings; `dimensions`: the shorter vectors clients may ask for. */
   embeddings?: { dimensions: number[] };
   license?: string;
@@ -207,7 +226,13 @@ export function parseModelsFile(text: string, file: string): RepositoryConfig {
   if (!result.success) throw new ConfigError(`${file}: ${describeIssue(doc, firstIssue(doc, result.error))}`);
   const base = dirname(resolve(file));
   const rel = (p: string) => (isAbsolute(p) ? p : resolve(base, p));
-  const runtime = (id: string, version: string, sha: string | undefined, r: z.infer<z.ZodObject<typeof runtimeFields>>): ModelSpec => ({
+  const runtime = (id: string, version: string, sha: string | undefined, r: z.infer<z.ZodObject<typeof runtimeFields>>): ModelSpec => {
+    if (r.slots && (r.parallel !== undefined || r.ctx_size !== undefined)) {
+      throw new ConfigError(`${file}: model "${id}" version "${version}", field slots: give slots, or parallel and ctx_size, not both`);
+    }
+    return runtimeSpec(id, version, sha, r);
+  };
+  const runtimeSpec = (id: string, version: string, sha: string | undefined, r: z.infer<z.ZodObject<typeof runtimeFields>>): ModelSpec => ({
     id,
     version,
     path: rel(r.file),
@@ -220,6 +245,10 @@ export function parseModelsFile(text: string, file: string): RepositoryConfig {
     sampling: r.sampling ?? {},
     gpuLayers: r.gpu_layers,
     threads: r.threads,
+    slots: r.slots ? normalizeSlots(r.slots.map((c) => ({ count: c.count, ctxSize: c.ctx_size }))) : undefined,
+    speculative: r.speculative ? { method: "ngram", tokens: r.speculative.num_speculative_tokens ?? 3, minPattern: r.speculative.prompt_lookup_min ?? 1 } : undefined,
+    cacheTypeK: r.cache_type_k,
+    cacheTypeV: r.cache_type_v,
     embeddings: r.embeddings === true ? { dimensions: [] } : r.embeddings ? { dimensions: r.embeddings.dimensions ?? [] } : undefined,
     license: r.license,
     source: r.source,
@@ -281,4 +310,11 @@ export function loadModelsFile(file: string): RepositoryConfig {
     throw new ConfigError(`cannot read models file ${file}: ${code ?? (err as Error).message}`);
   }
   return parseModelsFile(text, file);
+}
+
+/** Slot classes smallest first, classes of one size merged. */
+export function normalizeSlots(classes: Array<{ count: number; ctxSize: number }>): SlotClass[] {
+  const bySize = new Map<number, number>();
+  for (const c of classes) bySize.set(c.ctxSize, (bySize.get(c.ctxSize) ?? 0) + c.count);
+  return [...bySize.entries()].sort((a, b) => a[0] - b[0]).map(([ctxSize, count]) => ({ count, ctxSize }));
 }

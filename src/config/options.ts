@@ -5,8 +5,9 @@
  * fails when the README's table differs from it).
  */
 import { availableParallelism } from "node:os";
+import { KV_CACHE_TYPES, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
-import { isValidName } from "./models-file.js";
+import { isValidName, normalizeSlots } from "./models-file.js";
 import { parseSize } from "./sizes.js";
 
 export type PublicArea = "health" | "metrics" | "page";
@@ -34,6 +35,13 @@ export interface ServerOptions {
   /** A built-in template name or a Jinja file, for every model (overrides the models file and the GGUF's own). */
   chatTemplate: string | undefined;
   flashAttention: "auto" | "on" | "off";
+  /** KV cache element types for every version (override the models file's). */
+  /** Speculative decoding for every version (--speculative ngram[:N]). */
+  speculative: SpeculativeOptions | undefined;
+  /** Slot classes for every version (--slots 8x512,1x4096). */
+  slots: SlotClass[] | undefined;
+  cacheTypeK: KvCacheType | undefined;
+  cacheTypeV: KvCacheType | undefined;
   maxQueue: number;
   maxQueuedTokens: number;
   requestTimeoutSeconds: number;
@@ -128,6 +136,21 @@ function choice<T extends string>(flag: string, raw: string, choices: readonly T
 
 const last = (raw: string[]) => raw[raw.length - 1]!;
 
+/** `8x512,1x4096`: counts of slots and their tokens each. */
+export function parseSlots(raw: string): SlotClass[] {
+  const classes = raw.split(",").map((part) => {
+    const m = /^\s*(\d+)\s*x\s*(\d+)\s*$/i.exec(part);
+    if (!m) throw new ConfigError(`--slots: expected COUNTxTOKENS[,COUNTxTOKENS…] such as 8x512,1x4096, got "${raw}"`);
+    const count = Number(m[1]);
+    const ctxSize = Number(m[2]);
+    if (count < 1 || count > 256) throw new ConfigError(`--slots: a class has 1 to 256 slots, got ${count}`);
+    if (ctxSize < 16) throw new ConfigError(`--slots: a slot has at least 16 tokens, got ${ctxSize}`);
+    return { count, ctxSize };
+  });
+  if (classes.length > 8) throw new ConfigError("--slots: at most 8 classes");
+  return normalizeSlots(classes);
+}
+
 export function parseModelArg(raw: string): CliModel {
   const eq = raw.lastIndexOf("=");
   const path = eq > 0 ? raw.slice(0, eq) : raw;
@@ -201,6 +224,32 @@ export const OPTIONS = [
     flag: "flash-attention", env: "SPINDLE_FLASH_ATTENTION", arg: "auto|on|off", field: "flashAttention", defaultText: "`auto`",
     help: "on for GPU backends, off on CPU (where it prefilled 1,801 tokens in 2.9 s against 0.85 s without: `npm run bench -- micro flash-attention`)",
     read: (r) => choice("flash-attention", last(r), ["auto", "on", "off"] as const), fallback: () => "auto" as const,
+  }),
+  option({
+    flag: "speculative", env: "SPINDLE_SPECULATIVE", arg: "ngram[:N]", field: "speculative", defaultText: "off",
+    help: "speculative decoding for every model by prompt lookup: up to N tokens (default 3) that followed the last ones in the prompt are evaluated ahead and kept when the model agrees; pays when outputs repeat their input (edits, summaries, code)",
+    read: (r) => {
+      const m = /^ngram(?::(\d+))?$/.exec(last(r));
+      const tokens = m?.[1] !== undefined ? Number(m[1]) : 3;
+      if (!m || tokens < 1 || tokens > 16) throw new ConfigError(`--speculative: expected ngram or ngram:N (N from 1 to 16), got "${last(r)}"`);
+      return { method: "ngram" as const, tokens, minPattern: 1 };
+    },
+    fallback: () => undefined,
+  }),
+  option({
+    flag: "slots", env: "SPINDLE_SLOTS", arg: "NxCTX,…", field: "slots", defaultText: "–",
+    help: "slot classes for every model instead of one `--parallel` × `--ctx-size`: `8x512,1x4096` is 8 slots of 512 tokens and 1 of 4,096, each class a context of its own; a request takes the smallest class it fits",
+    read: (r) => parseSlots(last(r)), fallback: () => undefined,
+  }),
+  option({
+    flag: "cache-type-k", env: "SPINDLE_CACHE_TYPE_K", arg: "TYPE", field: "cacheTypeK", defaultText: "`f16`",
+    help: "KV cache keys' type for every model: `f16`, `q8_0` (half the memory), `q4_0`, … as llama-server names them; the memory estimate and KV metrics follow it",
+    read: (r) => choice("cache-type-k", last(r), KV_CACHE_TYPES), fallback: () => undefined,
+  }),
+  option({
+    flag: "cache-type-v", env: "SPINDLE_CACHE_TYPE_V", arg: "TYPE", field: "cacheTypeV", defaultText: "`f16`",
+    help: "KV cache values' type; a quantized one turns flash attention on (llama.cpp needs it)",
+    read: (r) => choice("cache-type-v", last(r), KV_CACHE_TYPES), fallback: () => undefined,
   }),
   option({
     flag: "max-queue", env: "SPINDLE_MAX_QUEUE", arg: "N", field: "maxQueue", defaultText: "64",

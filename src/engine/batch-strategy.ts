@@ -20,10 +20,15 @@ export class StepGate {
   private spins = 0;
   static readonly MAX_SPINS = 64;
 
-  constructor(private readonly observer: StepObserver, private readonly faults: EngineFaults | undefined) {}
+  constructor(
+    private readonly observer: StepObserver,
+    private readonly faults: EngineFaults | undefined,
+    /** The slot class whose context this gate forms batches for. */
+    private readonly slotClass = 0,
+  ) {}
 
   readonly strategy = ({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] => {
-    if (items.length < this.observer.expectedItems() && this.spins < StepGate.MAX_SPINS) {
+    if (items.length < this.observer.expectedItems(this.slotClass) && this.spins < StepGate.MAX_SPINS) {
       this.spins++;
       return [];
     }
@@ -33,7 +38,7 @@ export class StepGate {
     const batch = fairShare(items, size);
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;
-    this.observer.onStep(batch.length, tokens);
+    this.observer.onStep(this.slotClass, batch.length, tokens);
     return batch;
   };
 

@@ -3,12 +3,17 @@
  * It loads models, owns their contexts and sequences, estimates what a load will take,
  * and exposes tokens in and tokens out. It knows nothing of HTTP or of requests.
  */
-import { getLlama, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, type LlamaModel } from "node-llama-cpp";
+import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, type LlamaModel } from "node-llama-cpp";
 import { StepGate } from "./batch-strategy.js";
-import { EngineModel } from "./model.js";
+import { EngineModel, type SlotContext } from "./model.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
-import { BackendUnavailableError, firstLine, ModelLoadError, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+import { BackendUnavailableError, firstLine, ModelLoadError, slotClassesOf, type KvCacheType, type KvCacheTypes, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+
+/** node-llama-cpp's name for a KV type (its GgmlType enum); undefined keeps its F16 default. */
+function ggmlType(t: KvCacheType | undefined): GgmlType | undefined {
+  return t === undefined ? undefined : GgmlType[t.toUpperCase() as keyof typeof GgmlType];
+}
 
 export class Engine {
   private constructor(readonly llama: Llama) {}
@@ -49,8 +54,11 @@ export class Engine {
    * "auto" means on for GPU backends, where it pays, and off on the CPU, where llama.cpp's
    * flash-attention path prefilled slower here (`npm run bench -- flash-attention`).
    */
-  private flashAttentionFor(choice: "auto" | "on" | "off"): boolean | "auto" {
-    if (choice === "on") return true;
+  private flashAttentionFor(choice: "auto" | "on" | "off", kv: KvCacheTypes | undefined, id: string): boolean | "auto" {
+    // llama.cpp stores a quantized V cache only with flash attention: "auto" turns it on.
+    const quantizedV = kv !== undefined && !["f16", "bf16", "f32"].includes(kv.v);
+    if (quantizedV && choice === "off") throw new ModelLoadError(`model "${id}": a ${kv.v} V cache needs flash attention, which --flash-attention off turns off`);
+    if (choice === "on" || quantizedV) return true;
     if (choice === "off") return false;
     return this.llama.gpu === false ? false : "auto";
   }
@@ -79,19 +87,28 @@ export class Engine {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
     const gpuLayers = this.gpuLayersFor(opts.gpuLayers, insights.totalLayers);
-    const { contextSize, batchSize } = Engine.contextShape(opts.ctxSize, insights.trainContextSize, opts.parallel);
     const weights = await insights.estimateModelResourceRequirementsV2({ gpuLayers });
-    const context = await insights.estimateContextResourceRequirementsV2({
-      contextSize,
-      sequences: opts.parallel,
-      batchSize,
-      modelGpuLayers: gpuLayers,
-      flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
-    });
-    let ram = weights.cpuRam + context.cpuRam;
-    let vram = weights.gpuVram + context.gpuVram;
+    let ram = weights.cpuRam;
+    let vram = weights.gpuVram;
+    // One context per slot class, each estimated as it will be created.
+    let largest = 0;
+    for (const cls of slotClassesOf(opts)) {
+      const { contextSize, batchSize } = Engine.contextShape(cls.ctxSize, insights.trainContextSize, cls.count);
+      largest = Math.max(largest, contextSize);
+      const context = await insights.estimateContextResourceRequirementsV2({
+        contextSize,
+        sequences: cls.count,
+        batchSize,
+        modelGpuLayers: gpuLayers,
+        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id),
+        kvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
+        kvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
+      });
+      ram += context.cpuRam;
+      vram += context.gpuVram;
+    }
     if (opts.embeddings) {
-      const e = await insights.estimateContextResourceRequirementsV2({ contextSize, sequences: 1, batchSize: contextSize, modelGpuLayers: gpuLayers, isEmbeddingContext: true });
+      const e = await insights.estimateContextResourceRequirementsV2({ contextSize: largest, sequences: 1, batchSize: largest, modelGpuLayers: gpuLayers, isEmbeddingContext: true });
       ram += e.cpuRam;
       vram += e.gpuVram;
     }
@@ -110,19 +127,28 @@ export class Engine {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
     try {
-      const { contextSize: ctxSize, batchSize } = Engine.contextShape(opts.ctxSize, model.trainContextSize, opts.parallel);
-      const stepGate = new StepGate(opts.observer, opts.faults);
-      const context = await model.createContext({
-        sequences: opts.parallel,
-        contextSize: ctxSize,
-        threads: opts.threads,
-        batchSize,
-        batching: { itemPrioritizationStrategy: stepGate.strategy },
-        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto"),
-      });
-      // Embeddings get a context of their own: one input at a time, the whole context long.
+      // One context per slot class; node-llama-cpp batches each context's sequences into its own decode steps.
+      const contexts: SlotContext[] = [];
+      const classes = slotClassesOf(opts);
+      for (const [slotClass, cls] of classes.entries()) {
+        const { contextSize, batchSize } = Engine.contextShape(cls.ctxSize, model.trainContextSize, cls.count);
+        const stepGate = new StepGate(opts.observer, opts.faults, slotClass);
+        const context = await model.createContext({
+          sequences: cls.count,
+          contextSize,
+          threads: opts.threads,
+          batchSize,
+          batching: { itemPrioritizationStrategy: stepGate.strategy },
+          flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id),
+          experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
+          experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
+        });
+        contexts.push({ context, ctxSize: contextSize });
+      }
+      const ctxSize = contexts[contexts.length - 1]!.ctxSize;
+      // Embeddings get a context of their own: one input at a time, the largest class long.
       const embedding = opts.embeddings ? await model.createEmbeddingContext({ contextSize: ctxSize, batchSize: ctxSize, threads: opts.threads }) : undefined;
-      const engineModel = new EngineModel(opts.id, this.llama, model, context, ctxSize, embedding);
+      const engineModel = new EngineModel(opts.id, this.llama, model, contexts, embedding, opts.kvCacheTypes ?? { k: "f16", v: "f16" }, opts.speculative);
       const { renderer, guessed } = resolveRenderer(this.llama, model, opts.chatTemplate, opts.id, (text) => engineModel.tokenizePrompt(text));
       engineModel.useRenderer(renderer);
       if (guessed) {

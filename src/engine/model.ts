@@ -1,8 +1,8 @@
-import { LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaEmbeddingContext, type LlamaModel, type Token } from "node-llama-cpp";
+import { InputLookupTokenPredictor, LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaEmbeddingContext, type LlamaModel, type Token } from "node-llama-cpp";
 import type { TemplateCapabilities } from "./chat-template.js";
 import type { ChatRenderInput, PromptRenderer, RenderedChat } from "./prompt-renderer.js";
 import { EngineSequence } from "./sequence.js";
-import { firstLine, type MemoryFootprint } from "./types.js";
+import { firstLine, KV_TYPE_BYTES, type KvCacheTypes, type MemoryFootprint, type SpeculationStats, type SpeculativeOptions } from "./types.js";
 
 /** One token as logprobs show it: its text and its raw bytes (a byte token is one byte of a character). */
 export interface TokenText {
@@ -13,11 +13,17 @@ export interface TokenText {
 /** Compiled grammars by GBNF text: the same schema in many requests is compiled once. */
 const GRAMMAR_CACHE_SIZE = 64;
 
-/** A loaded model version: its weights, its one context (whose sequences are the slots), its template. */
+/** One context of a version: its sequences are the slots of one class, each `ctxSize` tokens. */
+export interface SlotContext {
+  context: LlamaContext;
+  ctxSize: number;
+}
+
+/** A loaded model version: its weights, its contexts (one per slot class; their sequences are the slots), its template. */
 export class EngineModel {
   readonly sequences: EngineSequence[];
   readonly vocabularySize: number;
-  /** KV cache bytes one token occupies (F16 keys and values over all layers). */
+  /** KV cache bytes one token occupies (keys and values over all layers, in their cache types). */
   readonly kvBytesPerToken: number;
   /**
    * The most characters one token stands for (its vocabulary string's length, which is
@@ -34,27 +40,64 @@ export class EngineModel {
     readonly id: string,
     private readonly llama: Llama,
     private readonly model: LlamaModel,
-    private readonly context: LlamaContext,
-    /** Tokens per sequence. */
-    readonly ctxSize: number,
+    /** Smallest class first. */
+    private readonly contexts: readonly SlotContext[],
     private readonly embedding: LlamaEmbeddingContext | undefined = undefined,
+    /** The KV cache's element types. */
+    readonly kvCacheTypes: KvCacheTypes = { k: "f16", v: "f16" },
+    readonly speculative: SpeculativeOptions | undefined = undefined,
   ) {
     this.sequences = [];
-    for (let i = 0; i < context.totalSequences; i++) {
-      this.sequences.push(new EngineSequence(i, context.getSequence(), this.model));
-    }
+    contexts.forEach(({ context, ctxSize }, slotClass) => {
+      for (let i = 0; i < context.totalSequences; i++) {
+        // A predictor per sequence (node-llama-cpp's rule: never shared).
+        const tokenPredictor = speculative
+          ? new InputLookupTokenPredictor({ patternLength: { min: speculative.minPattern }, predictionLength: { min: 1, max: speculative.tokens } })
+          : undefined;
+        this.sequences.push(new EngineSequence(this.sequences.length, context.getSequence({ tokenPredictor }), this.model, slotClass, ctxSize));
+      }
+    });
     const tokens = model.fileInfo.metadata.tokenizer?.ggml?.tokens;
     this.vocab = tokens ?? [];
     this.vocabularySize = tokens?.length ?? 0;
     let longest = 1;
     for (const t of tokens ?? []) if (t.length > longest) longest = t.length;
     this.maxTokenChars = longest;
-    this.kvBytesPerToken = kvBytesPerToken(model);
+    this.kvBytesPerToken = kvBytesPerToken(model, kvCacheTypes);
     this.bos = model.tokens.shouldPrependBosToken ? (model.tokens.bos ?? undefined) : undefined;
   }
 
   get parallel(): number {
     return this.sequences.length;
+  }
+
+  /** Tokens per sequence of the largest class: the longest request this version takes. */
+  get ctxSize(): number {
+    return this.contexts[this.contexts.length - 1]!.ctxSize;
+  }
+
+  /** The slot classes, smallest first. */
+  get slotClasses(): Array<{ count: number; ctxSize: number }> {
+    return this.contexts.map((c) => ({ count: c.context.totalSequences, ctxSize: c.ctxSize }));
+  }
+
+  /** Predicted tokens confirmed and refuted, over every sequence since the load. */
+  get speculation(): SpeculationStats | undefined {
+    if (!this.speculative) return undefined;
+    const out = { accepted: 0, rejected: 0 };
+    for (const s of this.sequences) {
+      const p = s.predictions;
+      out.accepted += p.validated;
+      out.rejected += p.refuted;
+    }
+    return out;
+  }
+
+  /** KV cells over every class: what the KV cache holds at most. */
+  get kvCells(): number {
+    let n = 0;
+    for (const c of this.contexts) n += c.context.totalSequences * c.ctxSize;
+    return n;
   }
 
   /** Binds the chat renderer, which needs the model's tokenizer (made with the model). */
@@ -78,8 +121,13 @@ export class EngineModel {
   /** What llama.cpp reports it allocated for the weights and the context (its memory breakdown). */
   get memoryUsage(): MemoryFootprint {
     const m = this.model.memoryUsage;
-    const c = this.context.memoryUsage;
-    return { ram: m.ram + c.ram, vram: m.vram + c.vram };
+    const out = { ram: m.ram, vram: m.vram };
+    for (const { context } of this.contexts) {
+      const c = context.memoryUsage;
+      out.ram += c.ram;
+      out.vram += c.vram;
+    }
+    return out;
   }
 
   /** A completion prompt: BOS (when the model wants one) and the text, special tokens parsed as llama-server does. */
@@ -207,7 +255,7 @@ export class EngineModel {
 
   async dispose(): Promise<void> {
     await this.embedding?.dispose();
-    await this.context.dispose();
+    for (const { context } of this.contexts) await context.dispose();
     await this.model.dispose();
   }
 }
@@ -216,7 +264,7 @@ export class EngineModel {
  * Σ over layers of n_head_kv × (head_dim_k + head_dim_v) × 2 bytes (F16), from the GGUF
  * metadata of the model's architecture (stories260K: 5 × 4 × (8 + 8) × 2 = 640).
  */
-function kvBytesPerToken(model: LlamaModel): number {
+function kvBytesPerToken(model: LlamaModel, types: KvCacheTypes): number {
   const meta = model.fileInfo.metadata as unknown as Record<string, Record<string, unknown>> & { general: { architecture: string } };
   const arch = meta[meta.general.architecture] as
     | { block_count?: number; embedding_length?: number; attention?: { head_count?: number; head_count_kv?: number | number[]; key_length?: number; value_length?: number } }
@@ -227,5 +275,5 @@ function kvBytesPerToken(model: LlamaModel): number {
   const perLayerKv = Array.isArray(kv) ? kv : new Array<number>(arch.block_count).fill(kv);
   const k = arch.attention.key_length ?? headDim;
   const v = arch.attention.value_length ?? headDim;
-  return perLayerKv.reduce((sum, heads) => sum + heads * (k + v) * 2, 0);
+  return perLayerKv.reduce((sum, heads) => sum + heads * (k * KV_TYPE_BYTES[types.k] + v * KV_TYPE_BYTES[types.v]), 0);
 }

@@ -7,7 +7,15 @@ export class EngineSequence {
     readonly index: number,
     private readonly seq: LlamaContextSequence,
     private readonly model: LlamaModel,
+    /** Which slot class (context) it belongs to, and that class's tokens per sequence. */
+    readonly slotClass = 0,
+    readonly ctxSize = Infinity,
   ) {}
+
+  /** Its token predictor's counts (zeros without one). */
+  get predictions(): { validated: number; refuted: number } {
+    return this.seq.tokenPredictions;
+  }
 
   /** The tokens whose KV this sequence holds. */
   heldTokens(): readonly Token[] {
@@ -58,6 +66,8 @@ export class EngineSequence {
           }
         : undefined,
     };
+    // Prompt lookup searches the whole prompt: the prefix held from before and the new input.
+    this.seq.tokenPredictor?.updateInputTokens?.([...this.seq.contextTokens, ...tokens]);
     const probe = extras.probe;
     if (!probe) return this.seq.evaluate(tokens, options) as AsyncGenerator<Token, void, void>;
     return this.probed(tokens, options, probe);

@@ -5,6 +5,38 @@ export type { Token };
 
 export type GpuBackend = "auto" | "cuda" | "metal" | "vulkan" | "cpu";
 
+/** KV cache element types, as llama-server's --cache-type-k/-v name them. */
+export const KV_CACHE_TYPES = ["f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"] as const;
+export type KvCacheType = (typeof KV_CACHE_TYPES)[number];
+
+/** Bytes per element of each type (a quantized block's bytes over its 32 elements). */
+export const KV_TYPE_BYTES: Record<KvCacheType, number> = { f16: 2, bf16: 2, f32: 4, q8_0: 34 / 32, q4_0: 18 / 32, q4_1: 20 / 32, q5_0: 22 / 32, q5_1: 24 / 32, iq4_nl: 18 / 32 };
+
+/**
+ * Speculative decoding by prompt lookup (vLLM's "ngram" method, llama.cpp's lookup): the
+ * tokens that followed the last generated ones where they occur in the prompt are
+ * evaluated ahead, and kept when the model agrees. Greedy output does not change.
+ */
+export interface SpeculativeOptions {
+  method: "ngram";
+  /** Tokens predicted ahead at most (vLLM's num_speculative_tokens). */
+  tokens: number;
+  /** Shortest run of last tokens looked up in the prompt (vLLM's prompt_lookup_min). */
+  minPattern: number;
+}
+
+/** What speculation did on a version: predicted tokens the model then confirmed or refuted. */
+export interface SpeculationStats {
+  accepted: number;
+  rejected: number;
+}
+
+/** Keys' and values' types in the KV cache. */
+export interface KvCacheTypes {
+  k: KvCacheType;
+  v: KvCacheType;
+}
+
 export class ModelLoadError extends Error {
   constructor(message: string) {
     super(message);
@@ -82,9 +114,9 @@ export interface GenerateOptions {
 
 /** What the batch strategy learns and asks about each decode step; the engine notes say this is the only window. */
 export interface StepObserver {
-  /** Sequences that are running a generation and will ask for a token soon. */
-  expectedItems(): number;
-  onStep(items: number, tokens: number): void;
+  /** Sequences of this slot class's context that are running a generation and will ask for a token soon. */
+  expectedItems(slotClass: number): number;
+  onStep(slotClass: number, items: number, tokens: number): void;
 }
 
 /**
@@ -97,11 +129,20 @@ export interface EngineFaults {
   failNextLoads: number;
 }
 
+/** Slots of one context size: `count` sequences of `ctxSize` tokens each (undefined: the model's default). */
+export interface SlotClass {
+  count: number;
+  ctxSize: number | undefined;
+}
+
 export interface LoadOptions {
   id: string;
   path: string;
+  /** One class of slots (the --parallel/--ctx-size shorthand), unless `slots` is given. */
   ctxSize: number | undefined;
   parallel: number;
+  /** Slot classes: one context per class, smallest first. */
+  slots?: SlotClass[];
   threads: number;
   chatTemplate: string | undefined;
   /** "auto": on for GPU backends, off on CPU. */
@@ -110,6 +151,9 @@ export interface LoadOptions {
   gpuLayers?: number | "max";
   /** Also make an embedding context (its own KV, counted in the estimate). */
   embeddings?: boolean;
+  /** Element types of the KV cache; f16 both when absent. */
+  kvCacheTypes?: KvCacheTypes;
+  speculative?: SpeculativeOptions;
   observer: StepObserver;
   faults?: EngineFaults;
   /** Told what an operator should know about the load (a guessed chat template). */
@@ -122,7 +166,12 @@ export interface MemoryFootprint {
   vram: number;
 }
 
-export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "flashAttention" | "gpuLayers" | "embeddings">;
+export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "slots" | "flashAttention" | "gpuLayers" | "embeddings" | "kvCacheTypes">;
+
+/** The slot classes a load makes, smallest first. */
+export function slotClassesOf(opts: Pick<LoadOptions, "ctxSize" | "parallel" | "slots">): SlotClass[] {
+  return opts.slots && opts.slots.length > 0 ? [...opts.slots] : [{ count: opts.parallel, ctxSize: opts.ctxSize }];
+}
 
 export const NODE_LLAMA_CPP_VERSION = "3.21.1";
 

@@ -14,7 +14,7 @@ import type { ModelSpec, WarmupFixture } from "../config/models-file.js";
 import { formatBytes } from "../config/sizes.js";
 import type { Engine } from "../engine/engine.js";
 import type { EngineModel } from "../engine/model.js";
-import { GREEDY_SAMPLING, type EngineFaults, type MemoryFootprint } from "../engine/types.js";
+import { GREEDY_SAMPLING, type EngineFaults, type KvCacheType, type MemoryFootprint, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ApiError } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { EvictionReason, ModelEvents, ModelState, VersionSnapshot } from "../observers.js";
@@ -44,9 +44,16 @@ export interface ResidencyOptions {
   threads: number;
   parallel: number | undefined;
   ctxSize: number | undefined;
+  /** Slot classes for every version (--slots), over the models file's. */
+  slots?: SlotClass[];
+  /** Speculative decoding for every version (--speculative), over the models file's. */
+  speculative?: SpeculativeOptions;
   /** Overrides every version's chat template (--chat-template). */
   chatTemplate?: string;
   flashAttention: "auto" | "on" | "off";
+  /** KV cache types for every version (--cache-type-k/-v), over the models file's. */
+  cacheTypeK?: KvCacheType;
+  cacheTypeV?: KvCacheType;
   maxQueue: number;
   maxQueuedTokens: number;
   log: Logger;
@@ -166,7 +173,11 @@ export class Residency {
         ? {
             contextLength: l.engine.ctxSize,
             parallel: l.engine.parallel,
+            slotClasses: l.engine.slotClasses,
+            kvCells: l.engine.kvCells,
+            speculative: l.engine.speculative ? { method: l.engine.speculative.method, tokens: l.engine.speculative.tokens, ...l.engine.speculation! } : undefined,
             chatTemplate: l.engine.templateName,
+            kvCacheTypes: l.engine.kvCacheTypes,
             kvBytesPerToken: l.engine.kvBytesPerToken,
             weightsBytes: l.engine.sizeBytes,
             scheduler: l.scheduler.snapshot(),
@@ -373,9 +384,13 @@ export class Residency {
       // Command-line values override the models file, so one flag tunes every model.
       ctxSize: this.opts.ctxSize ?? spec.ctxSize,
       parallel: this.opts.parallel ?? spec.parallel ?? DEFAULT_PARALLEL,
+      // Slot classes: --slots, else the models file's, unless --parallel/--ctx-size ask for one class.
+      slots: this.opts.slots ?? (this.opts.parallel !== undefined || this.opts.ctxSize !== undefined ? undefined : spec.slots),
       flashAttention: this.opts.flashAttention,
       gpuLayers: spec.gpuLayers,
       embeddings: spec.embeddings !== undefined,
+      speculative: this.opts.speculative ?? spec.speculative,
+      kvCacheTypes: { k: this.opts.cacheTypeK ?? spec.cacheTypeK ?? "f16", v: this.opts.cacheTypeV ?? spec.cacheTypeV ?? "f16" },
     };
   }
 
@@ -464,7 +479,7 @@ export class Residency {
     this.opts.onReady?.(r.spec);
     const u = this.used();
     this.opts.log.info(
-      `model ${r.key} ready: ${engineModel.parallel} slots x ${engineModel.ctxSize} tokens, template ${engineModel.templateName}, ` +
+      `model ${r.key} ready: ${engineModel.slotClasses.map((c) => `${c.count} slots x ${c.ctxSize} tokens`).join(" + ")}, template ${engineModel.templateName}, ` +
         `memory ${formatBytes(r.actual.ram)} (estimated ${formatBytes(r.estimate!.ram)}), load ${r.loadSeconds.toFixed(2)}s, ` +
         `warmup ${r.warmupSeconds.toFixed(3)}s; resident ${formatBytes(u.ram)} of ${formatBytes(this.opts.budget.ram)}`,
     );

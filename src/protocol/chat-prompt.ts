@@ -57,6 +57,7 @@ export function prepareChat(model: PromptModel, input: ChatInput): PreparedPromp
   return {
     promptTokens: rendered.tokens,
     maxTokens: resolveMaxTokens(rendered.tokens.length, input.maxTokens.value, model.sampling.max_tokens, model.ctxSize, { prompt: input.params.messages, maxTokens: input.maxTokens.param }),
+    fillsContext: input.maxTokens.value == null && model.sampling.max_tokens === undefined,
     stop: [...input.stop, ...rendered.stopStrings],
     sampling: samplingParams(input.sampling, model),
     grammar,

@@ -52,7 +52,12 @@ export function versionJson(v: VersionSnapshot, detail: "public" | "operator" = 
     active_requests: v.active,
     context_length: v.loaded?.contextLength ?? null,
     parallel: v.loaded?.parallel ?? null,
+    speculative: v.loaded?.speculative
+      ? { ...v.loaded.speculative, acceptance_rate: v.loaded.speculative.accepted + v.loaded.speculative.rejected > 0 ? v.loaded.speculative.accepted / (v.loaded.speculative.accepted + v.loaded.speculative.rejected) : null }
+      : null,
+    slots: v.loaded ? v.loaded.slotClasses.map((c) => ({ count: c.count, context_length: c.ctxSize })) : null,
     chat_template: v.loaded?.chatTemplate ?? null,
+    kv_cache_type: v.loaded?.kvCacheTypes ?? null,
     scheduler: schedulerJson(v.loaded?.scheduler),
   };
 }

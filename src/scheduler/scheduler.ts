@@ -10,6 +10,9 @@ import { WaitingQueue } from "./waiting-queue.js";
 /** What the scheduler needs of a slot; the engine's sequence, or a fake in unit tests. */
 export interface SlotSequence {
   readonly index: number;
+  /** Its slot class (one context per class) and that class's tokens per sequence. */
+  readonly slotClass: number;
+  readonly ctxSize: number;
   heldTokens(): readonly Token[];
   truncate(from: number): Promise<void>;
   prefill(tokens: Token[], priority: number): Promise<void>;
@@ -60,6 +63,14 @@ interface Job {
 }
 
 const EVALUATION_PRIORITY = { high: 5, normal: 3, low: 1 } as const;
+
+/** Prompt tokens a larger class's slot must share beyond a smaller one's to be taken instead. */
+const PREFIX_ADVANTAGE = 32;
+
+/** Whether a request's prompt and its tokens to come fit the slot's context. */
+function fits(slot: { seq: { ctxSize: number } }, req: Pick<GenerationRequest, "promptTokens" | "maxTokens" | "fillsContext">): boolean {
+  return req.promptTokens.length + (req.fillsContext ? 1 : Math.max(req.maxTokens, 1)) <= slot.seq.ctxSize;
+}
 
 /** Why a generation was aborted: the transport's own reason when it gave one. */
 function abortReason(signal: AbortSignal): ApiError {
@@ -165,7 +176,7 @@ export class Scheduler {
       throw new ApiError("unavailable", "The server is shutting down.", { retryAfter: 5, code: "shutting_down" });
     }
     if (req.signal.aborted) throw abortReason(req.signal);
-    const hasFreeSlot = this.slots.some((s) => !s.busy) && this.queue.length === 0;
+    const hasFreeSlot = this.queue.length === 0 && this.slots.some((s) => !s.busy && fits(s, req));
     if (!hasFreeSlot) this.admitToQueue(req);
     return new Promise<GenerationOutcome>((settle) => {
       const job: Job = {
@@ -240,25 +251,37 @@ export class Scheduler {
     while (this.queue.length > 0) {
       const free = this.slots.filter((s) => !s.busy);
       if (free.length === 0) return;
-      const job = this.queue.shift(performance.now())!;
+      // The next request that fits a free slot: one waiting for a busy larger class holds up no one.
+      const job = this.queue.shift(performance.now(), (j) => free.some((s) => fits(s, j.req)));
+      if (!job) return;
       this.queuedTokens -= job.req.promptTokens.length;
       this.unwatch(job);
       job.started = true;
-      const slot = this.pickSlot(free, job.req.promptTokens);
+      const slot = this.pickSlot(free, job.req)!;
       slot.busy = true;
       void this.run(job, slot);
     }
   }
 
-  /** The free slot whose KV shares the longest prefix with the prompt; else the least recently used. */
-  private pickSlot(free: Slot[], prompt: readonly Token[]): Slot {
-    let best = free[0]!;
-    let bestShared = -1;
+  /**
+   * The free slot for a request: in the smallest slot class it fits (larger classes stay
+   * free for the requests only they can take), the one whose KV shares the longest prefix
+   * with the prompt, else the least recently used. A larger class's slot wins when it
+   * shares PREFIX_ADVANTAGE more tokens: reusing a conversation's KV beats a smaller slot.
+   */
+  private pickSlot(free: Slot[], req: GenerationRequest): Slot | undefined {
+    const prompt = req.promptTokens;
+    let best: Slot | undefined;
+    let bestScore = -Infinity;
+    let smallest = Infinity;
+    for (const slot of free) if (fits(slot, req)) smallest = Math.min(smallest, slot.seq.ctxSize);
     for (const slot of free) {
+      if (!fits(slot, req)) continue;
       const shared = slot.dirty ? 0 : commonPrefix(slot.seq.heldTokens(), prompt);
-      if (shared > bestShared || (shared === bestShared && slot.lastUsed < best.lastUsed)) {
+      const score = shared - (slot.seq.ctxSize > smallest ? PREFIX_ADVANTAGE : 0);
+      if (best === undefined || score > bestScore || (score === bestScore && slot.lastUsed < best.lastUsed)) {
         best = slot;
-        bestShared = shared;
+        bestScore = score;
       }
     }
     return best;
@@ -283,11 +306,11 @@ export class Scheduler {
     }
   }
 
-  private async waitIfPaused(): Promise<void> {
+  private async waitIfPaused(slotClass: number): Promise<void> {
     while (this.resumeGate !== null) {
-      this.steps.running--;
+      this.steps.add(slotClass, -1);
       await this.resumeGate;
-      this.steps.running++;
+      this.steps.add(slotClass, 1);
     }
   }
 
@@ -414,17 +437,20 @@ export class Scheduler {
   ): Promise<FinishReason | ApiError> {
     const priority = EVALUATION_PRIORITY[req.priority];
     const steps = this.steps;
-    steps.running++;
+    const slotClass = seq.slotClass;
+    // Unasked-for max_tokens means "until the context is full": this slot's context.
+    const maxTokens = req.fillsContext ? Math.min(req.maxTokens, seq.ctxSize - req.promptTokens.length) : req.maxTokens;
+    steps.add(slotClass, 1);
     let stillRunning = true;
     const stopRunning = () => {
-      if (stillRunning) steps.running--;
+      if (stillRunning) steps.add(slotClass, -1);
       stillRunning = false;
     };
     try {
       // Long prompts go in chunks so a cancel or deadline is honoured between them.
       let rest = input;
       while (rest.length > this.prefillChunk) {
-        await this.waitIfPaused();
+        await this.waitIfPaused(slotClass);
         const dead = this.checkLive(req);
         if (dead) return dead;
         await seq.prefill(rest.slice(0, this.prefillChunk), priority);
@@ -448,7 +474,7 @@ export class Scheduler {
       let logprobSum = 0;
       try {
         for (;;) {
-          if (this.resumeGate !== null) await this.waitIfPaused();
+          if (this.resumeGate !== null) await this.waitIfPaused(slotClass);
           const dead = this.checkLive(req);
           if (dead) {
             finish = dead;
@@ -485,7 +511,7 @@ export class Scheduler {
               break;
             }
           }
-          if (generated.length >= req.maxTokens) break;
+          if (generated.length >= maxTokens) break;
         }
       } finally {
         count(generated.length);

@@ -16,21 +16,33 @@ export interface StepStats {
  * reads that count to keep every step full, and reports each step back here.
  */
 export class StepTracker implements StepObserver {
-  /** Token loops between their first step and their end, not paused. */
-  running = 0;
+  /** Token loops between their first step and their end, not paused: per slot class (one context each). */
+  private readonly runningIn: number[] = [0];
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
 
   constructor(readonly observer: SchedulerObserver | undefined) {}
 
-  expectedItems(): number {
-    return this.running;
+  /** All running token loops. */
+  get running(): number {
+    let n = 0;
+    for (const r of this.runningIn) n += r;
+    return n;
   }
 
-  onStep(items: number, tokens: number): void {
+  /** A token loop of this class starts (+1), pauses or ends (-1). */
+  add(slotClass: number, delta: number): void {
+    this.runningIn[slotClass] = (this.runningIn[slotClass] ?? 0) + delta;
+  }
+
+  expectedItems(slotClass: number): number {
+    return this.runningIn[slotClass] ?? 0;
+  }
+
+  onStep(slotClass: number, items: number, tokens: number): void {
     const s = this.stats;
     s.steps++;
     s.items += items;
-    s.expected += Math.max(items, this.running);
+    s.expected += Math.max(items, this.runningIn[slotClass] ?? 0);
     s.tokens += tokens;
     this.observer?.decodeStep(items, tokens);
   }

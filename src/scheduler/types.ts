@@ -10,6 +10,11 @@ export type FinishReason = "stop" | "length";
 export interface GenerationRequest {
   promptTokens: Token[];
   maxTokens: number;
+  /**
+   * maxTokens is "the rest of the (largest) context", not asked for: the request fits any
+   * slot its prompt fits, and there may generate until that slot's context is full.
+   */
+  fillsContext?: boolean;
   /** User stop strings plus the chat template's own; none is ever sent to the client. */
   stop: string[];
   sampling: SamplingParams;

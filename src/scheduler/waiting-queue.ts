@@ -53,13 +53,17 @@ export class WaitingQueue<T extends Waiting> {
     return Math.max(this.passes.get(it.tenant ?? "") ?? 0, this.virtualTime);
   }
 
-  /** The next entry to admit. */
-  shift(now: number): T | undefined {
+  /**
+   * The next entry to admit, among those `admissible` accepts (those that can start now:
+   * one that needs a busy slot class does not hold up those that fit a free one).
+   */
+  shift(now: number, admissible?: (item: T) => boolean): T | undefined {
     let best = -1;
     let bestRank = Infinity;
     let bestPass = Infinity;
     for (let i = 0; i < this.items.length; i++) {
       const it = this.items[i]!;
+      if (admissible && !admissible(it)) continue;
       const rank = this.rank(it, now);
       if (rank > bestRank) continue;
       const pass = this.pass(it);

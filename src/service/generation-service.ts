@@ -329,6 +329,7 @@ export class GenerationRun {
     return {
       promptTokens: p.promptTokens,
       maxTokens: p.maxTokens,
+      fillsContext: p.fillsContext,
       stop: p.stop,
       sampling: i === 0 ? p.sampling : { ...p.sampling, seed: (p.sampling.seed + i) >>> 0 },
       priority: timing.priority,

@@ -43,6 +43,8 @@ export interface PromptModel {
 export interface PreparedPrompt {
   promptTokens: Token[];
   maxTokens: number;
+  /** max_tokens was not given and had no default: "the rest of the context", of whichever slot it gets. */
+  fillsContext?: boolean;
   stop: string[];
   sampling: SamplingParams;
   /** GBNF the output must follow (structured outputs, forced tool calls). */

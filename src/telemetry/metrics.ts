@@ -153,14 +153,29 @@ export class Metrics {
     gauge("spindle_slots_busy", "Slots (sequences) in use.", (set) => loaded((l, labels) => set(labels, l.scheduler.busySlots)));
     gauge("spindle_slots", "Slots (sequences) of the model's context.", (set) => loaded((l, labels) => set(labels, l.scheduler.totalSlots)));
     gauge("spindle_kv_cache_reserved_bytes", "KV cache reserved by the context.", (set) =>
-      loaded((l, labels) => set(labels, l.kvBytesPerToken * l.contextLength * l.parallel)),
+      loaded((l, labels) => set(labels, l.kvBytesPerToken * l.kvCells)),
     );
     gauge("spindle_kv_cache_used_bytes", "KV cache holding tokens now.", (set) => loaded((l, labels) => set(labels, l.kvBytesPerToken * l.scheduler.heldTokens)));
     // What gateway endpoint pickers read as KV utilisation (vLLM's kv_cache_usage_perc, 0-1):
     // cells held for running requests; cells idle slots keep for prefix reuse count as free.
     gauge("spindle_kv_cache_usage_ratio", "KV cache cells holding tokens of running requests, divided by all cells (0-1).", (set) =>
-      loaded((l, labels) => set(labels, l.contextLength * l.parallel > 0 ? l.scheduler.runningTokens / (l.contextLength * l.parallel) : 0)),
+      loaded((l, labels) => set(labels, l.kvCells > 0 ? l.scheduler.runningTokens / l.kvCells : 0)),
     );
+    // Speculative decoding: predicted tokens evaluated ahead, and those the model confirmed.
+    // Read from the engine's cumulative counts at scrape time (they restart with a reload).
+    const specCounter = (name: string, help: string, value: (s: { accepted: number; rejected: number }) => number) =>
+      new Counter({
+        name,
+        help,
+        labelNames: ["model", "version"],
+        registers,
+        collect() {
+          this.reset();
+          loaded((l, labels) => l.speculative && this.inc(labels, value(l.speculative)));
+        },
+      });
+    specCounter("spindle_spec_draft_tokens_total", "Tokens predicted by speculative decoding and evaluated ahead.", (s) => s.accepted + s.rejected);
+    specCounter("spindle_spec_accepted_tokens_total", "Predicted tokens the model confirmed (kept without a decode step of their own).", (s) => s.accepted);
     // Whole-process figures, one series each: endpoint pickers (the inference gateway's EPP)
     // read one series per metric name, so per-model series would make them see one model only.
     const processGauge = (name: string, help: string, value: (loaded: NonNullable<VersionSnapshot["loaded"]>[]) => number) =>
@@ -175,7 +190,7 @@ export class Metrics {
     processGauge("spindle_process_requests_waiting", "Requests waiting for a slot, all models.", (ls) => ls.reduce((n, l) => n + l.scheduler.waiting, 0));
     processGauge("spindle_process_requests_running", "Requests holding a slot, all models.", (ls) => ls.reduce((n, l) => n + l.scheduler.busySlots, 0));
     processGauge("spindle_process_kv_cache_usage_ratio", "KV cache cells holding tokens of running requests over all cells, all loaded models (0-1).", (ls) => {
-      const cells = ls.reduce((n, l) => n + l.contextLength * l.parallel, 0);
+      const cells = ls.reduce((n, l) => n + l.kvCells, 0);
       return cells > 0 ? ls.reduce((n, l) => n + l.scheduler.runningTokens, 0) / cells : 0;
     });
     gauge("spindle_model_memory_bytes", "Model weights in memory.", (set) => loaded((l, labels) => set(labels, l.weightsBytes)));
