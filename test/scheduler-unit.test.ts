@@ -8,6 +8,7 @@ import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/schedu
 import { StepTracker } from "../src/scheduler/step-tracker.js";
 import type { GenerationRequest, GenerationResult, TokenSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
+import { sequenceOf, StepGate, taggedPriority } from "../src/engine/batch-strategy.js";
 import { GREEDY_SAMPLING, type Token } from "../src/engine/types.js";
 
 /** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
@@ -270,6 +271,29 @@ describe("slot classes", () => {
     await run(s, req, rec);
     expect(req.timeline.slot).toBe(1);
     expect(rec.r.result?.usage.cachedTokens).toBe(80);
+  });
+});
+
+describe("sequence contiguity", () => {
+  it("a new request takes the free slot that keeps the busy slots consecutive (llama.cpp decodes consecutive sequence ids in one pass)", async () => {
+    const { s, model } = scheduler(6, 4, 5);
+    const running = [0, 1, 2, 3].map(() => request({ maxTokens: 30, timeline: {} }));
+    const runs = running.map((r) => run(s, r));
+    expect(running.map((r) => r.timeline.slot)).toEqual([0, 1, 2, 3]);
+    // Slot 5 holds this prompt's prefix, but taking it would split the step in two.
+    model.sequences[5]!.held = tok([1, 2, 3]);
+    const next = request({ maxTokens: 2, timeline: {} });
+    await run(s, next);
+    expect(next.timeline.slot).toBe(4);
+    await Promise.all(runs);
+  });
+
+  it("the batch strategy puts a step's items in sequence order, read from their tagged priorities", () => {
+    const items = [7, 2, 5, 0].map((seq) => ({ tokens: [1], logits: [true], evaluationPriority: taggedPriority(seq === 2 ? 1 : 5, seq) }));
+    const observer = { expectedItems: () => 0, onStep: () => {} };
+    const out = new StepGate(observer, undefined).strategy({ items: items as never, size: 512 });
+    expect(out.map((p) => sequenceOf(p.item))).toEqual([0, 2, 5, 7]);
+    expect(Math.floor(items[1]!.evaluationPriority)).toBe(1);
   });
 });
 

@@ -35,7 +35,10 @@ export class StepGate {
     this.spins = 0;
     // Where a real decode failure would strike: the batch as it is about to be decoded.
     if (this.faults) this.injectFaults(items.length);
-    const batch = fairShare(items, size);
+    // Sequence order: llama.cpp splits a step whose sequence ids are not consecutive and
+    // increasing into several ubatches (one more pass over the weights each) when the KV
+    // cache is per sequence, as node-llama-cpp's is.
+    const batch = fairShare(items, size).sort((a, b) => sequenceOf(a.item) - sequenceOf(b.item));
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;
     this.observer.onStep(this.slotClass, batch.length, tokens);
@@ -56,6 +59,20 @@ export class StepGate {
       throw new Error("injected decode failure");
     }
   }
+}
+
+/**
+ * node-llama-cpp's batch items do not say which sequence they belong to, and llama.cpp
+ * needs them in sequence order (see above). The only field an item carries from its
+ * sequence is its evaluation priority (1–5), so each sequence adds its index as a
+ * fraction: 3.0005 is priority 3 from sequence 4. Whole priorities still order as before.
+ */
+export const SEQUENCE_TAG = 10_000;
+export function taggedPriority(priority: number, sequence: number): number {
+  return Math.floor(priority) + (sequence + 1) / SEQUENCE_TAG;
+}
+export function sequenceOf(item: { evaluationPriority: number }): number {
+  return Math.round((item.evaluationPriority % 1) * SEQUENCE_TAG) - 1;
 }
 
 /**

@@ -54,7 +54,7 @@ export class EngineModel {
         const tokenPredictor = speculative
           ? new InputLookupTokenPredictor({ patternLength: { min: speculative.minPattern }, predictionLength: { min: 1, max: speculative.tokens } })
           : undefined;
-        this.sequences.push(new EngineSequence(this.sequences.length, context.getSequence({ tokenPredictor }), this.model, slotClass, ctxSize));
+        this.sequences.push(new EngineSequence(this.sequences.length, context.getSequence({ tokenPredictor }), this.model, slotClass, ctxSize, i));
       }
     });
     const tokens = model.fileInfo.metadata.tokenizer?.ggml?.tokens;

@@ -1,4 +1,5 @@
 import { LlamaGrammarEvaluationState, type LlamaContextSequence, type LlamaGrammar, type LlamaModel, type Token, type TokenBias } from "node-llama-cpp";
+import { taggedPriority } from "./batch-strategy.js";
 import type { GenerateOptions, SamplingParams } from "./types.js";
 
 /** One slot: a sequence of the model's context, created once and reused for every request. */
@@ -10,7 +11,14 @@ export class EngineSequence {
     /** Which slot class (context) it belongs to, and that class's tokens per sequence. */
     readonly slotClass = 0,
     readonly ctxSize = Infinity,
+    /** Its sequence id within its context (what llama.cpp orders a step by). */
+    readonly localIndex = index,
   ) {}
+
+  /** A priority carrying this sequence's id, for the batch strategy (batch-strategy.ts). */
+  private priority(p: number): 1 | 2 | 3 | 4 | 5 {
+    return taggedPriority(p, this.localIndex) as 1 | 2 | 3 | 4 | 5;
+  }
 
   /** Its token predictor's counts (zeros without one). */
   get predictions(): { validated: number; refuted: number } {
@@ -33,7 +41,7 @@ export class EngineSequence {
 
   /** Evaluates tokens without sampling (a prefill chunk). */
   async prefill(tokens: Token[], priority: number): Promise<void> {
-    await this.seq.evaluateWithoutGeneratingNewTokens(tokens, { evaluationPriority: priority as 1 | 2 | 3 | 4 | 5 });
+    await this.seq.evaluateWithoutGeneratingNewTokens(tokens, { evaluationPriority: this.priority(priority) });
   }
 
   /**
@@ -51,6 +59,7 @@ export class EngineSequence {
       topK: sampling.temperature === 0 ? 1 : sampling.topK,
       minP: sampling.minP,
       seed: sampling.seed,
+      evaluationPriority: this.priority(5),
       tokenBias: extras.tokenBias as TokenBias | (() => TokenBias) | undefined,
       grammarEvaluationState: extras.grammar ? new LlamaGrammarEvaluationState({ model: this.model, grammar: extras.grammar as LlamaGrammar }) : undefined,
       yieldEogToken: sampling.ignoreEos,
@@ -94,7 +103,10 @@ export class EngineSequence {
    * scoring: echo with logprobs). Evaluates them all; `from` of them may already be held.
    */
   async score(tokens: Token[]): Promise<Array<ReadonlyMap<Token, number> | undefined>> {
-    const out = await this.seq.controlledEvaluate(tokens.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 0 } } }] as const));
+    const out = await this.seq.controlledEvaluate(
+      tokens.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 0 } } }] as const),
+      { evaluationPriority: this.priority(5) },
+    );
     return out.map((o) => o?.next?.probabilities);
   }
 

@@ -264,24 +264,44 @@ export class Scheduler {
   }
 
   /**
-   * The free slot for a request: in the smallest slot class it fits (larger classes stay
-   * free for the requests only they can take), the one whose KV shares the longest prefix
-   * with the prompt, else the least recently used. A larger class's slot wins when it
-   * shares PREFIX_ADVANTAGE more tokens: reusing a conversation's KV beats a smaller slot.
+   * The free slot for a request.
+   *
+   * Class: the smallest slot class it fits (larger classes stay free for the requests only
+   * they can take), unless a larger class's slot shares PREFIX_ADVANTAGE more tokens of the
+   * prompt (reusing a conversation's KV beats a smaller slot).
+   *
+   * Within the class: the slot that keeps the busy slots' indices in the fewest runs of
+   * consecutive numbers. llama.cpp decodes a step's sequences in one pass over the
+   * weights only when their ids are consecutive (with a KV cache per sequence, as
+   * node-llama-cpp's is); each gap costs another pass for every step of every running
+   * request. Then the longest shared prefix, then the lowest index.
    */
   private pickSlot(free: Slot[], req: GenerationRequest): Slot | undefined {
     const prompt = req.promptTokens;
+    const fitting = free.filter((s) => fits(s, req));
+    if (fitting.length === 0) return undefined;
+    const shared = new Map<Slot, number>();
+    for (const slot of fitting) shared.set(slot, slot.dirty ? 0 : commonPrefix(slot.seq.heldTokens(), prompt));
+    const smallest = Math.min(...fitting.map((s) => s.seq.ctxSize));
+    const bestIn = (pred: (s: Slot) => boolean) => Math.max(-1, ...fitting.filter(pred).map((s) => shared.get(s)!));
+    const smallShared = bestIn((s) => s.seq.ctxSize === smallest);
+    let cls = fitting.find((s) => s.seq.ctxSize === smallest)!.seq.slotClass;
+    const larger = fitting.filter((s) => s.seq.ctxSize > smallest && shared.get(s)! >= smallShared + PREFIX_ADVANTAGE);
+    if (larger.length > 0) cls = larger.reduce((a, b) => (shared.get(b)! > shared.get(a)! ? b : a)).seq.slotClass;
+    const busy = new Set(this.slots.filter((s) => s.busy && s.seq.slotClass === cls).map((s) => s.seq.index));
+    const runsWith = (index: number) => {
+      let runs = 0;
+      for (const i of [...busy, index]) if (!busy.has(i - 1) && i - 1 !== index) runs++;
+      return runs;
+    };
     let best: Slot | undefined;
-    let bestScore = -Infinity;
-    let smallest = Infinity;
-    for (const slot of free) if (fits(slot, req)) smallest = Math.min(smallest, slot.seq.ctxSize);
-    for (const slot of free) {
-      if (!fits(slot, req)) continue;
-      const shared = slot.dirty ? 0 : commonPrefix(slot.seq.heldTokens(), prompt);
-      const score = shared - (slot.seq.ctxSize > smallest ? PREFIX_ADVANTAGE : 0);
-      if (best === undefined || score > bestScore || (score === bestScore && slot.lastUsed < best.lastUsed)) {
+    let bestKey: [number, number, number] = [Infinity, -Infinity, Infinity];
+    for (const slot of fitting) {
+      if (slot.seq.slotClass !== cls) continue;
+      const key: [number, number, number] = [runsWith(slot.seq.index), shared.get(slot)!, slot.seq.index];
+      if (key[0] < bestKey[0] || (key[0] === bestKey[0] && (key[1] > bestKey[1] || (key[1] === bestKey[1] && key[2] < bestKey[2])))) {
         best = slot;
-        bestScore = score;
+        bestKey = key;
       }
     }
     return best;
