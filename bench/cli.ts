@@ -19,7 +19,7 @@ import { createServer } from "node:http";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { engineCeiling } from "./engine-ceiling.js";
+import { ceilingBuild, engineCeiling } from "./engine-ceiling.js";
 import { micro, MICRO_COMMANDS, type MicroCommand } from "./micro.js";
 import { soak } from "./soak.js";
 import { residencyBench } from "./residency.js";
@@ -30,7 +30,7 @@ import { arrivalGaps, closedLoop, openLoop, rng } from "./lib/load.js";
 import { ROOT, startLlamaServer, startSpindle, startSpindleWith, type ServerProcess } from "./lib/processes.js";
 import { parseSlo, summarize, type RunMetrics, type Slo } from "./lib/stats.js";
 import { streamRequest, type RequestRecord } from "./lib/stream-client.js";
-import { scrapeMetrics, serverView, type ServerMetricsView } from "./lib/server-metrics.js";
+import { engineBuildOf, scrapeMetrics, serverView, type ServerMetricsView } from "./lib/server-metrics.js";
 
 interface Target {
   name: string;
@@ -375,6 +375,8 @@ const COMMANDS: Record<string, { summary: string; help: string }> = {
   serve: { summary: "measure OpenAI-compatible servers side by side", help: `--target URL[=NAME] (repeat for more servers; ratios are against the first)
 ${LOAD_HELP}` },
   w1: { summary: "this server vs llama-server vs the raw engine on stories260K", help: `--threads N (default 1) --llama-server PATH | --no-llama-server --model-path FILE
+  --spindle NAME=ARGS           a Spindle target started with extra server arguments (repeat for more, side by side;
+                                default one target, "spindle", with none), e.g. --spindle "local-fa=--engine-build local --flash-attention on"
 ${LOAD_HELP}` },
   w2: { summary: "W1 on the ~25M-parameter synthetic model (compute-bound)", help: `as w1; the model is synthesized once into $TMPDIR/spindle-bench
 ${LOAD_HELP}` },
@@ -401,9 +403,9 @@ ${Object.entries(PRESETS)
   },
   sizing: {
     summary: "a sizing table (replicas and memory for N streams) from a W1/W2 report",
-    help: "--report FILE (default: the newest w2, else w1, report in .bench/results) --model-path FILE (default: the report's model) --target NAME (default spindle) --streams N (default 100) --ctx-size N (default 512)",
+    help: "--report FILE (default: the newest w2, else w1, report in .bench/results) --model-path FILE (default: the report's model) --target NAME (default: the report's first) --streams N (default 100) --ctx-size N (default 512)",
   },
-  micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)]` },
+  micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)] [--engine-build auto|prebuilt|local (flash-attention)]` },
 };
 
 function usage(): string {
@@ -558,7 +560,7 @@ async function run(command: string, rest: string[]): Promise<void> {
   if (command === "sizing") {
     const { values: v } = parseArgs({
       args: rest,
-      options: { report: { type: "string" }, "model-path": { type: "string" }, target: { type: "string", default: "spindle" }, streams: { type: "string", default: "100" }, "ctx-size": { type: "string", default: "512" } },
+      options: { report: { type: "string" }, "model-path": { type: "string" }, target: { type: "string" }, streams: { type: "string", default: "100" }, "ctx-size": { type: "string", default: "512" } },
     });
     const report = v.report ?? newestReport(join(ROOT, ".bench", "results"));
     if (!report) throw new BenchError("no W1/W2 report in .bench/results: run npm run bench -- w2 first, or pass --report FILE");
@@ -566,14 +568,17 @@ async function run(command: string, rest: string[]): Promise<void> {
     const modelPath = v["model-path"] ?? recorded ?? (report.includes("/w2-") ? await synthesize("25m", "q8_0", 1, undefined, undefined) : join(ROOT, "..", "shared", "models", "stories260K.gguf"));
     const streams = Number(v.streams);
     if (!Number.isInteger(streams) || streams < 1) throw new BenchError(`--streams: expected a whole number of streams, got "${v.streams}"`);
-    process.stdout.write(`${await sizingTable({ report, modelPath, target: v.target!, streams, ctxSize: Number(v["ctx-size"]) })}\n`);
+    process.stdout.write(`${await sizingTable({ report, modelPath, target: v.target, streams, ctxSize: Number(v["ctx-size"]) })}\n`);
     return;
   }
   if (command === "micro") {
     const [what, ...more] = rest;
     if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new BenchError(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
-    const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" } } });
-    process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds))}\n`);
+    const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" }, "engine-build": { type: "string", default: "auto" } } });
+    const engineBuild = v["engine-build"] as "auto" | "prebuilt" | "local";
+    if (!["auto", "prebuilt", "local"].includes(engineBuild)) throw new BenchError(`--engine-build: auto, prebuilt or local, got "${engineBuild}"`);
+    const w2Path = what === "flash-attention" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : undefined;
+    process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds), { w2Path, engineBuild })}\n`);
     return;
   }
   if (command === "synth") {
@@ -598,7 +603,13 @@ async function run(command: string, rest: string[]): Promise<void> {
         "no-llama-server": { type: "boolean", default: false },
         "model-path": { type: "string" },
         weights: { type: "string", default: "q8_0" },
+        spindle: { type: "string", multiple: true },
       },
+    });
+    const variants = (v.spindle ?? ["spindle="]).map((x) => {
+      const eq = x.indexOf("=");
+      if (eq <= 0) throw new BenchError(`--spindle: NAME=ARGS, got "${x}"`);
+      return { name: x.slice(0, eq), args: x.slice(eq + 1).split(/\s+/).filter((a) => a !== "") };
     });
     if (!["q8_0", "q4_0"].includes(String(v.weights))) throw new BenchError(`--weights: q8_0 or q4_0, got "${v.weights}"`);
     // W2: W1's workload on the ~25M-parameter synthetic model; W3: on Llama 3.2 1B's shape (both generated once into the scratch folder).
@@ -634,21 +645,32 @@ async function run(command: string, rest: string[]): Promise<void> {
     if (!llamaBin && !v["no-llama-server"]) {
       llamaBin = execFileSync("bash", [join(ROOT, "bench", "build-llama-server.sh")], { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] }).trim();
     }
-    const names = ["spindle", ...(llamaBin ? ["llama-server"] : []), "engine"];
+    const names = [...variants.map((x) => x.name), ...(llamaBin ? ["llama-server"] : []), "engine"];
+    const engines: Record<string, string> = {};
     const results = await sideBySide(
       async (c) => {
-        const procs: ServerProcess[] = [await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads })];
-        if (llamaBin) procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads }));
+        const procs: ServerProcess[] = [];
+        for (const x of variants) {
+          const p = await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: x.args });
+          p.name = x.name;
+          engines[p.name] = `${await engineBuildOf(p.url)}${x.args.length > 0 ? ` (${x.args.join(" ")})` : ""}`;
+          procs.push(p);
+        }
+        if (llamaBin) {
+          procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads }));
+          engines["llama-server"] = "llama.cpp built here with GGML_NATIVE (bench/build-llama-server.sh), flash attention at its default (auto: on for CPU)";
+        }
         return { targets: procs.map((p) => ({ name: p.name, url: p.url })), stop: async () => void (await Promise.all(procs.map((p) => p.stop()))) };
       },
       w,
       v,
       ceiling,
     );
-    const md = report(results, names);
+    engines.engine = await ceilingBuild();
+    const md = `${report(results, names)}\n\nBinaries: ${Object.entries(engines).map(([k, e]) => `${k}: ${e}`).join("; ")}.`;
     const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : w3 ? `W3: synthetic llama-1b (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
     process.stdout.write(`${header}\n\n${md}\n`);
-    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
+    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, engines, variants, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
 }

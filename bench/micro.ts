@@ -6,7 +6,8 @@
  *   threads          engine decode tokens/s with 1 and 2 compute threads (one sequence; more threads than
  *                    cores, e.g. the library's default of 4 here, is slower still)
  *   top-k            engine decode ms/token at temperature 1 with top-k 40 vs off, on the 32k vocabulary
- *   flash-attention  prefill of a long prompt with llama.cpp's flash attention on vs off (CPU)
+ *   flash-attention  prefill and decode with llama.cpp's flash attention on vs off (CPU), per binary
+ *                    (--engine-build prebuilt|local), on stories260K and the W2 synthetic model
  *
  * Every comparison alternates its sides (A B A B …) and prints medians with their range.
  */
@@ -16,6 +17,8 @@ import { getLlama, LlamaLogLevel, type Llama, type LlamaModel, type Token } from
 import { Histogram, Registry } from "prom-client";
 import { HotHistogram } from "../src/telemetry/hot-histogram.js";
 import { ROOT } from "./lib/processes.js";
+import { binaryOptions } from "../src/engine/engine.js";
+import type { EngineBuildChoice } from "../src/config/options.js";
 
 const SHARED = join(ROOT, "..", "shared", "models");
 
@@ -126,25 +129,62 @@ async function topK(rounds: number): Promise<string> {
   });
 }
 
-async function flashAttention(rounds: number): Promise<string> {
-  return withModel("stories260K.gguf", async (_l, model) => {
-    const prompt = model.tokenize("Once upon a time, there was a little girl named Lily. ".repeat(120), true).slice(0, 1900) as Token[];
-    const prefill = (flash: boolean) => async () => {
-      const ctx = await model.createContext({ contextSize: 2048, sequences: 1, threads: 1, flashAttention: flash, batchSize: 512 });
+/**
+ * Flash attention on vs off, per binary (prebuilt or local build: their FA kernels differ),
+ * on two head sizes: stories260K (8 per head) and the W2 synthetic 25m (32). Decode is
+ * timed after a short prompt (most of the padded KV masked, which FA skips) and after 512
+ * tokens (all of it in use).
+ */
+async function flashAttention(rounds: number, w2Path: string, binary: EngineBuildChoice): Promise<string> {
+  const rows: string[] = [];
+  const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error, ...binaryOptions(binary) });
+  const kind = llama.buildType === "localBuild" ? "local build" : "prebuilt";
+  try {
+    for (const [name, path, promptTokens] of [["stories260K", join(SHARED, "stories260K.gguf"), 1800], ["W2 25m", w2Path, 512]] as const) {
+      const model = await llama.loadModel({ modelPath: path });
       try {
-        const t0 = performance.now();
-        await ctx.getSequence().evaluateWithoutGeneratingNewTokens(prompt);
-        return performance.now() - t0;
+        const long = model.tokenize("Once upon a time, there was a little girl named Lily. ".repeat(120), true).slice(0, promptTokens) as Token[];
+        const short = model.tokenize("Once upon a time", true) as Token[];
+        const run = (flash: boolean, what: "prefill" | "decode-short" | "decode-long") => async () => {
+          const ctx = await model.createContext({ contextSize: 2048, sequences: 1, threads: 1, flashAttention: flash, batchSize: 512 });
+          try {
+            const seq = ctx.getSequence();
+            if (what === "prefill") {
+              const t0 = performance.now();
+              await seq.evaluateWithoutGeneratingNewTokens(long);
+              return performance.now() - t0;
+            }
+            const prompt = what === "decode-short" ? short : long;
+            let n = 0;
+            let t0 = 0;
+            for await (const _ of seq.evaluate(prompt, { temperature: 0, topK: 1, yieldEogToken: true })) {
+              if (n === 0) t0 = performance.now();
+              if (++n > 128) break;
+            }
+            return (performance.now() - t0) / 128;
+          } finally {
+            await ctx.dispose();
+          }
+        };
+        for (const what of ["prefill", "decode-short", "decode-long"] as const) {
+          if (name === "stories260K" && what !== "prefill") continue;
+          const r = await alternate(rounds, { off: run(false, what), on: run(true, what) });
+          const label = what === "prefill" ? `prefill ${long.length} tokens` : what === "decode-short" ? `decode after ${short.length} tokens` : `decode after ${long.length} tokens`;
+          const unit = what === "prefill" ? "ms" : "ms/token";
+          const ratio = r.on.map((v, i) => v / r.off[i]!);
+          rows.push(`| ${kind} | ${name} | ${label} | ${fmt(r.off, 2)} ${unit} | ${fmt(r.on, 2)} ${unit} | ${fmt(ratio, 2)} |`);
+        }
       } finally {
-        await ctx.dispose();
+        await model.dispose();
       }
-    };
-    const r = await alternate(rounds, { "flash attention off": prefill(false), "flash attention on": prefill(true) });
-    return Object.entries(r).map(([k, v]) => `| stories260K, prefill ${prompt.length} tokens, ${k} | ${fmt(v, 0)} ms |`).join("\n");
-  });
+    }
+  } finally {
+    await llama.dispose();
+  }
+  return `| binary | model | what | flash attention off | on | on ÷ off |\n|---|---|---|---|---|---|\n${rows.join("\n")}`;
 }
 
-export async function micro(command: MicroCommand, rounds: number): Promise<string> {
+export async function micro(command: MicroCommand, rounds: number, opts: { w2Path?: string; engineBuild?: EngineBuildChoice } = {}): Promise<string> {
   const header = "| measurement | median (min–max) |\n|---|---|\n";
   switch (command) {
     case "startup":
@@ -156,6 +196,6 @@ export async function micro(command: MicroCommand, rounds: number): Promise<stri
     case "top-k":
       return header + (await topK(rounds));
     case "flash-attention":
-      return header + (await flashAttention(rounds));
+      return flashAttention(rounds, opts.w2Path!, opts.engineBuild ?? "auto");
   }
 }

@@ -19,7 +19,8 @@ interface ReportRun {
 export interface SizingOptions {
   report: string;
   modelPath: string;
-  target: string;
+  /** Default: the report's first target. */
+  target: string | undefined;
   streams: number;
   ctxSize: number;
 }
@@ -43,8 +44,11 @@ export function newestReport(dir: string): string | undefined {
 }
 
 export async function sizingTable(opts: SizingOptions): Promise<string> {
-  const runs = (JSON.parse(readFileSync(opts.report, "utf8")) as { results: ReportRun[] }).results.filter((r) => r.target === opts.target);
-  if (runs.length === 0) throw new Error(`${opts.report} has no runs of target "${opts.target}"`);
+  const all = (JSON.parse(readFileSync(opts.report, "utf8")) as { results: ReportRun[] }).results;
+  // Without --target: the report's first target (its first Spindle variant; ratios were against it).
+  const target = opts.target ?? all[0]?.target ?? "spindle";
+  const runs = all.filter((r) => r.target === target);
+  if (runs.length === 0) throw new Error(`${opts.report} has no runs of target "${target}"`);
   const levels = [...new Set(runs.map((r) => r.concurrency))].sort((a, b) => a - b);
   const engine = await Engine.create("cpu");
   const rows: string[] = [];
@@ -63,7 +67,7 @@ export async function sizingTable(opts: SizingOptions): Promise<string> {
     await engine.llama.dispose();
   }
   return [
-    `Sizing from ${opts.report.split("/").pop()} (target ${opts.target}; medians over its rounds), model ${opts.modelPath.split("/").pop()}, ${opts.ctxSize} tokens per slot, for ${opts.streams} concurrent streams:`,
+    `Sizing from ${opts.report.split("/").pop()} (target ${target}; medians over its rounds), model ${opts.modelPath.split("/").pop()}, ${opts.ctxSize} tokens per slot, for ${opts.streams} concurrent streams:`,
     "",
     `| streams per replica | out tok/s per replica | tok/s per stream | TTFT ms | model memory per replica | replicas for ${opts.streams} | model memory for ${opts.streams} |`,
     "|---|---|---|---|---|---|---|",

@@ -64,14 +64,14 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     maxConcurrent: options.keyMaxConcurrent,
     tokensPerMinute: options.keyTokensPerMinute,
   });
-  const engine = await Engine.create(options.gpu);
+  const engine = await Engine.create(options.gpu, options.engineBuild);
   const config = Array.isArray(models) ? repositoryFromSpecs(models) : models;
   // Default budget: a safe share of the machine, leaving room for the process, the OS and page cache.
   const budget = {
     ram: options.memoryBudget ?? Math.floor(totalmem() * DEFAULT_RAM_SHARE),
     vram: engine.backend === "cpu" ? Infinity : (options.vramBudget ?? Math.floor((await engine.vramTotal()) * DEFAULT_VRAM_SHARE)),
   };
-  const telemetry = createTelemetry({ backend: engine.backend, engineVersion: NODE_LLAMA_CPP_VERSION, metrics: options.metrics, otlpEndpoint: options.otlpEndpoint, log });
+  const telemetry = createTelemetry({ backend: engine.backend, engineVersion: NODE_LLAMA_CPP_VERSION, engineBuild: engine.build, metrics: options.metrics, otlpEndpoint: options.otlpEndpoint, log });
   const registry = new ModelRegistry(engine, config, {
     threads: options.threads,
     parallel: options.parallel,
@@ -124,6 +124,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     wsMaxConnectionsPerClient: options.wsMaxConnectionsPerClient,
     ...io.app,
   });
+  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}`);
   log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
     // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.

@@ -221,4 +221,28 @@ describe("the spindle process", () => {
     p.child.kill("SIGTERM");
     expect(await p.exited).toBe(0);
   });
+
+  it("--engine-build picks the llama.cpp binary, says which in the log and spindle_build_info, and refuses a local build that is not there", async () => {
+    const buildInfo = async (url: string) => /spindle_build_info\{[^}]*engine_build="(\w+)",cpu_variant="([\w-]+)"\}/.exec(await (await fetch(`${url}/metrics`)).text());
+    const pre = startProcess(["--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0", "--engine-build", "prebuilt"], { SPINDLE_LOG_LEVEL: "info" });
+    const info = await buildInfo(await pre.url);
+    expect(info?.[1]).toBe("prebuilt");
+    expect(pre.output()).toMatch(/engine: node-llama-cpp 3\.21\.1, cpu, prebuilt binary, ggml CPU variant [\w-]+/);
+    pre.child.kill("SIGTERM");
+    expect(await pre.exited).toBe(0);
+    // A local build exists only where `npm run engine:build` ran (never in CI): either it
+    // serves from it, or the start fails in one line that says how to make one.
+    const localBuilds = join(ROOT, "node_modules", "node-llama-cpp", "llama", "localBuilds");
+    if (existsSync(localBuilds)) {
+      const local = startProcess(["--model", `${sharedModel("stories260K.gguf")}=tiny`, "--port", "0", "--engine-build", "local"], { SPINDLE_LOG_LEVEL: "warn" });
+      expect((await buildInfo(await local.url))?.[1]).toBe("local");
+      local.child.kill("SIGTERM");
+      expect(await local.exited).toBe(0);
+    } else {
+      const r = run(["--model", sharedModel("stories260K.gguf"), "--port", "0", "--engine-build", "local"]);
+      expect(r.status).toBe(2);
+      expect(r.stderr.trim().split("\n")).toHaveLength(1);
+      expect(r.stderr).toContain("npm run engine:build");
+    }
+  });
 });

@@ -1,4 +1,5 @@
 import { spawn, spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -56,6 +57,13 @@ describe("Prometheus metrics under real traffic", () => {
     expect(sum(m, "spindle_request_completion_tokens_count", mv)).toBe(4);
     expect(sum(m, "spindle_decode_step_sequences_count", mv)).toBeGreaterThan(30);
     expect(sum(m, "spindle_build_info", { backend: "cpu", node_llama_cpp_version: "3.21.1" })).toBe(1);
+    // Which binary runs, and which ggml CPU variant it loaded, as this process's own maps say.
+    const info = m.find((s) => s.name === "spindle_build_info")!;
+    expect(["prebuilt", "local"]).toContain(info.labels.engine_build);
+    const maps = readFileSync("/proc/self/maps", "utf8");
+    const variant = /libggml-cpu-([\w-]+)\.so/.exec(maps)?.[1];
+    if (variant !== undefined) expect(info.labels.cpu_variant).toBe(variant);
+    else expect(info.labels.cpu_variant).not.toBe("");
     expect(sum(m, "spindle_model_loads_total", mv)).toBe(1);
     expect(sum(m, "spindle_kv_cache_reserved_bytes", mv)).toBe(640 * 4096);
   });

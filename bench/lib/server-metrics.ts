@@ -58,3 +58,15 @@ export function serverView(before: Scrape | undefined, after: Scrape | undefined
   }
   return undefined;
 }
+
+/** Which llama.cpp binary a Spindle target runs, from its spindle_build_info labels. */
+export async function engineBuildOf(baseUrl: string): Promise<string> {
+  try {
+    const text = await (await fetch(`${baseUrl.replace(/\/$/, "")}/metrics`, { signal: AbortSignal.timeout(5000) })).text();
+    const line = text.split("\n").find((l) => l.startsWith("spindle_build_info{"));
+    const label = (k: string) => (line ? new RegExp(`${k}="([^"]*)"`).exec(line)?.[1] : undefined);
+    return line ? `node-llama-cpp ${label("node_llama_cpp_version")} ${label("engine_build")} binary, ggml CPU variant ${label("cpu_variant")}` : "unknown";
+  } catch {
+    return "unknown";
+  }
+}

@@ -14,6 +14,8 @@ export type PublicArea = "health" | "metrics" | "page";
 export const PUBLIC_AREAS: readonly PublicArea[] = ["health", "metrics", "page"];
 export const GPU_CHOICES = ["auto", "cuda", "metal", "vulkan", "cpu"] as const;
 export type GpuChoice = (typeof GPU_CHOICES)[number];
+export const ENGINE_BUILDS = ["auto", "prebuilt", "local"] as const;
+export type EngineBuildChoice = (typeof ENGINE_BUILDS)[number];
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
 
 export interface CliModel {
@@ -30,6 +32,8 @@ export interface ServerOptions {
   port: number;
   threads: number;
   gpu: GpuChoice;
+  /** Which llama.cpp binary: node-llama-cpp's prebuilt one, or one built here (npm run engine:build). */
+  engineBuild: EngineBuildChoice;
   parallel: number | undefined;
   ctxSize: number | undefined;
   /** A built-in template name or a Jinja file, for every model (overrides the models file and the GGUF's own). */
@@ -206,6 +210,11 @@ export const OPTIONS = [
     read: (r) => choice("gpu", last(r), GPU_CHOICES), fallback: () => "auto" as const,
   }),
   option({
+    flag: "engine-build", env: "SPINDLE_ENGINE_BUILD", arg: ENGINE_BUILDS.join("|"), field: "engineBuild", defaultText: "`auto`",
+    help: "llama.cpp binary: `local` is one compiled for this CPU by `npm run engine:build` (faster here: README, \"Engine builds\"), `prebuilt` node-llama-cpp's own, `auto` local when there is one",
+    read: (r) => choice("engine-build", last(r), ENGINE_BUILDS), fallback: () => "auto" as const,
+  }),
+  option({
     flag: "parallel", env: "SPINDLE_PARALLEL", arg: "N", field: "parallel", defaultText: "4 (or the models file)",
     help: "concurrent sequences (slots) per model",
     read: (r) => integer("parallel", last(r), 1, 256), fallback: () => undefined,
@@ -222,7 +231,7 @@ export const OPTIONS = [
   }),
   option({
     flag: "flash-attention", env: "SPINDLE_FLASH_ATTENTION", arg: "auto|on|off", field: "flashAttention", defaultText: "`auto`",
-    help: "on for GPU backends, off on CPU (where it prefilled 1,801 tokens in 2.9 s against 0.85 s without: `npm run bench -- micro flash-attention`)",
+    help: "`auto`: on for GPU backends and for a CPU local build (`npm run engine:build`) when attention heads are at least 32 wide; off with the prebuilt CPU binary, whose kernels for it are scalar here (`npm run bench -- micro flash-attention`)",
     read: (r) => choice("flash-attention", last(r), ["auto", "on", "off"] as const), fallback: () => "auto" as const,
   }),
   option({

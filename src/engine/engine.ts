@@ -3,7 +3,8 @@
  * It loads models, owns their contexts and sequences, estimates what a load will take,
  * and exposes tokens in and tokens out. It knows nothing of HTTP or of requests.
  */
-import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type Llama, type LlamaModel } from "node-llama-cpp";
+import { readFileSync } from "node:fs";
+import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type GgufFileInfo, type Llama, type LlamaModel } from "node-llama-cpp";
 import { StepGate } from "./batch-strategy.js";
 import { EngineModel, type SlotContext } from "./model.js";
 import { resolveRenderer } from "./templates.js";
@@ -15,16 +16,46 @@ function ggmlType(t: KvCacheType | undefined): GgmlType | undefined {
   return t === undefined ? undefined : GgmlType[t.toUpperCase() as keyof typeof GgmlType];
 }
 
+/** Width of one attention head (key length), from the GGUF header; 0 where it does not say. */
+function headSizeOf(info: GgufFileInfo): number {
+  const a = info.architectureMetadata as { embedding_length?: number; attention?: { key_length?: number; head_count?: number | number[] } } | undefined;
+  const heads = Array.isArray(a?.attention?.head_count) ? a.attention.head_count[0] : a?.attention?.head_count;
+  return a?.attention?.key_length ?? (a?.embedding_length && heads ? a.embedding_length / heads : 0);
+}
+
+export type EngineBuild = { type: "prebuilt" | "local"; cpuVariant: string };
+
+/** The ggml CPU variant the process loaded (libggml-cpu-zen4.so: "zen4"), where the OS says. */
+function loadedCpuVariant(): string | undefined {
+  try {
+    return /libggml-cpu-([\w-]+)\.so/.exec(readFileSync("/proc/self/maps", "utf8"))?.[1];
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * getLlama's options for a binary choice. node-llama-cpp always prefers a local build whose
+ * build options match; a custom CMake option that no local build has makes none match, and
+ * the prebuilt binary (chosen without custom options) loads. "local" forbids the prebuilt one.
+ */
+export function binaryOptions(binary: "auto" | "prebuilt" | "local"): { cmakeOptions?: Record<string, string>; usePrebuiltBinaries?: boolean } {
+  if (binary === "prebuilt") return { cmakeOptions: { SPINDLE_PREBUILT_ONLY: "ON" } };
+  if (binary === "local") return { usePrebuiltBinaries: false };
+  return {};
+}
+
 export class Engine {
   private constructor(readonly llama: Llama) {}
 
-  static async create(gpu: GpuBackend): Promise<Engine> {
+  static async create(gpu: GpuBackend, binary: "auto" | "prebuilt" | "local" = "auto"): Promise<Engine> {
     let llama: Llama;
     try {
       llama = await getLlama({
         gpu: gpu === "cpu" ? false : gpu,
         // Never download or compile a binary at start: a missing one is an error.
         build: "never",
+        ...binaryOptions(binary),
         // 0: every context uses exactly the threads it asks for, no library-side splitting.
         maxThreads: 0,
         logLevel: LlamaLogLevel.error,
@@ -32,6 +63,7 @@ export class Engine {
       });
     } catch (err) {
       if (gpu === "cuda" || gpu === "vulkan" || gpu === "metal") throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
+      if (binary === "local") throw new BackendUnavailableError(`--engine-build local: no local build of llama.cpp for this machine and backend (npm run engine:build makes one)`);
       throw err;
     }
     // A backend asked for by name must be the one that runs, not a silent fallback.
@@ -51,16 +83,29 @@ export class Engine {
   }
 
   /**
-   * "auto" means on for GPU backends, where it pays, and off on the CPU, where llama.cpp's
-   * flash-attention path prefilled slower here (`npm run bench -- flash-attention`).
+   * Which llama.cpp binary runs: node-llama-cpp's prebuilt one (compiled for every CPU
+   * kind, picking a ggml CPU variant at load) or a local build (`npm run engine:build`,
+   * compiled for this CPU). The two differ in speed (README, "Engine builds").
    */
-  private flashAttentionFor(choice: "auto" | "on" | "off", kv: KvCacheTypes | undefined, id: string): boolean | "auto" {
+  get build(): EngineBuild {
+    return { type: this.llama.buildType === "localBuild" ? "local" : "prebuilt", cpuVariant: loadedCpuVariant() ?? (this.llama.buildType === "localBuild" ? "native" : "unknown") };
+  }
+
+  /**
+   * "auto": on for GPU backends; on the CPU, on for a local build (npm run engine:build) and
+   * off for the prebuilt binary, whose flash-attention kernels convert f16 one value at a
+   * time here (decode 1.2–2.1× slower with it on); off too where attention heads are under
+   * 32 wide, where it prefilled 3.4–3.6× slower (stories260K's 8). Measured by
+   * `npm run bench -- micro flash-attention --engine-build local|prebuilt` and W2 (README).
+   */
+  private flashAttentionFor(choice: "auto" | "on" | "off", kv: KvCacheTypes | undefined, id: string, headSize: number): boolean | "auto" {
     // llama.cpp stores a quantized V cache only with flash attention: "auto" turns it on.
     const quantizedV = kv !== undefined && !["f16", "bf16", "f32"].includes(kv.v);
     if (quantizedV && choice === "off") throw new ModelLoadError(`model "${id}": a ${kv.v} V cache needs flash attention, which --flash-attention off turns off`);
     if (choice === "on" || quantizedV) return true;
     if (choice === "off") return false;
-    return this.llama.gpu === false ? false : "auto";
+    if (this.llama.gpu !== false) return "auto";
+    return this.llama.buildType === "localBuild" && headSize >= 32;
   }
 
   private gpuLayersFor(choice: number | "max" | undefined, totalLayers: number): number {
@@ -81,8 +126,10 @@ export class Engine {
    */
   async estimate(opts: EstimateOptions): Promise<MemoryFootprint> {
     let insights: GgufInsights;
+    let info: GgufFileInfo;
     try {
-      insights = await GgufInsights.from(await readGgufFileInfo(opts.path, { logWarnings: false }), this.llama);
+      info = await readGgufFileInfo(opts.path, { logWarnings: false });
+      insights = await GgufInsights.from(info, this.llama);
     } catch (err) {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
@@ -100,7 +147,7 @@ export class Engine {
         sequences: cls.count,
         batchSize,
         modelGpuLayers: gpuLayers,
-        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id),
+        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id, headSizeOf(info)),
         kvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
         kvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
       });
@@ -139,7 +186,7 @@ export class Engine {
           threads: opts.threads,
           batchSize,
           batching: { itemPrioritizationStrategy: stepGate.strategy },
-          flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id),
+          flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id, headSizeOf(model.fileInfo)),
           experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });

@@ -492,15 +492,25 @@ export class Scheduler {
       let hitStopString = false;
       let lastTokenAt = 0;
       let logprobSum = 0;
+      // The next step is asked for as soon as a token arrives, before that token's text is
+      // made and written: the decode runs on a worker thread, so this token's JS work (text,
+      // stop strings, the SSE or WebSocket frame) overlaps the next token's decode instead
+      // of adding to it. Not when this token must be the last (max_tokens), a pause is
+      // pending, or the request is dead; a stop string found in its text wastes that one step.
+      let next: Promise<IteratorResult<Token, void>> | undefined;
       try {
         for (;;) {
-          if (this.resumeGate !== null) await this.waitIfPaused(slotClass);
-          const dead = this.checkLive(req);
-          if (dead) {
-            finish = dead;
-            break;
+          if (next === undefined) {
+            if (this.resumeGate !== null) await this.waitIfPaused(slotClass);
+            const dead = this.checkLive(req);
+            if (dead) {
+              finish = dead;
+              break;
+            }
+            next = iter.next();
           }
-          const step = await iter.next();
+          const step = await next;
+          next = undefined;
           if (step.done === true) {
             finish = "stop";
             break;
@@ -510,11 +520,14 @@ export class Scheduler {
             finish = "stop";
             break;
           }
+          // The probe holds this step's figures until the next step is asked for.
           if (probe !== undefined) {
             if (pending !== undefined) pending.push(this.logprobEntry(token, probe.probabilities, req.logprobs!, generated.length > 0 ? generated.slice(-4) : req.promptTokens.slice(-4)));
             else logprobSum += Math.log(Math.max(probe.confidence ?? 1e-30, 1e-30));
           }
+          // Before the next step: penalties and token biases read what was generated.
           generated.push(token);
+          if (generated.length < maxTokens && this.resumeGate === null && this.checkLive(req) === undefined) next = iter.next();
           const now = performance.now();
           if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
           else steps.observer?.interTokenLatency((now - lastTokenAt) / 1000);
@@ -537,6 +550,8 @@ export class Scheduler {
         count(generated.length);
         if (probe?.want === "confidence") result.logprobSum = logprobSum;
         stopRunning();
+        // A step asked for ahead ends before the generator can close; its token is dropped.
+        if (next !== undefined) await next.catch(() => undefined);
         await iter.return();
       }
       if (finish instanceof ApiError || hitStopString) return finish;

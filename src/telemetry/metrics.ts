@@ -46,7 +46,7 @@ export class Metrics {
   private readonly keyTokens: Counter;
 
   /** Off (--metrics off): nothing is recorded and /metrics answers 404. */
-  constructor(backend: string, nodeLlamaCppVersion: string, readonly enabled = true) {
+  constructor(backend: string, nodeLlamaCppVersion: string, readonly enabled = true, engineBuild: { type: string; cpuVariant: string } = { type: "prebuilt", cpuVariant: "unknown" }) {
     const registers = [this.registry];
     // prom-client's default process metrics include gauges named *_total, which
     // `promtool check metrics` rejects; these are the ones an operator needs.
@@ -107,9 +107,9 @@ export class Metrics {
     new Gauge({
       name: "spindle_build_info",
       help: "Build information; the value is always 1.",
-      labelNames: ["version", "node_llama_cpp_version", "backend"],
+      labelNames: ["version", "node_llama_cpp_version", "backend", "engine_build", "cpu_variant"],
       registers,
-    }).set({ version: SPINDLE_VERSION, node_llama_cpp_version: nodeLlamaCppVersion, backend }, 1);
+    }).set({ version: SPINDLE_VERSION, node_llama_cpp_version: nodeLlamaCppVersion, backend, engine_build: engineBuild.type, cpu_variant: engineBuild.cpuVariant }, 1);
   }
 
   private read: (() => ResidencySnapshot) | undefined;

@@ -14,8 +14,8 @@ export interface Telemetry {
   models: ModelTelemetry;
 }
 
-export function createTelemetry(opts: { backend: string; engineVersion: string; metrics: boolean; otlpEndpoint: string | undefined; log: Logger }): Telemetry {
-  const metrics = new Metrics(opts.backend, opts.engineVersion, opts.metrics);
+export function createTelemetry(opts: { backend: string; engineVersion: string; engineBuild: { type: string; cpuVariant: string }; metrics: boolean; otlpEndpoint: string | undefined; log: Logger }): Telemetry {
+  const metrics = new Metrics(opts.backend, opts.engineVersion, opts.metrics, opts.engineBuild);
   const endpoint = tracesEndpoint(opts.otlpEndpoint);
   const tracing = endpoint ? startTracing(endpoint, { "spindle.backend": opts.backend }) : undefined;
   return { metrics, tracing, requests: new RequestTelemetry(metrics, tracing, opts.log), models: new ModelTelemetry(metrics, tracing) };
