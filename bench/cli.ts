@@ -20,6 +20,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { ceilingBuild, engineCeiling } from "./engine-ceiling.js";
+import { ENGINE_BINARIES, type EngineBinary } from "../src/engine/types.js";
 import { micro, MICRO_COMMANDS, type MicroCommand } from "./micro.js";
 import { soak } from "./soak.js";
 import { residencyBench } from "./residency.js";
@@ -575,8 +576,8 @@ async function run(command: string, rest: string[]): Promise<void> {
     const [what, ...more] = rest;
     if (!MICRO_COMMANDS.includes(what as MicroCommand)) throw new BenchError(`micro: expected one of ${MICRO_COMMANDS.join(", ")}`);
     const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" }, "engine-build": { type: "string", default: "auto" } } });
-    const engineBuild = v["engine-build"] as "auto" | "prebuilt" | "local";
-    if (!["auto", "prebuilt", "local"].includes(engineBuild)) throw new BenchError(`--engine-build: auto, prebuilt or local, got "${engineBuild}"`);
+    const engineBuild = v["engine-build"] as EngineBinary;
+    if (!ENGINE_BINARIES.includes(engineBuild)) throw new BenchError(`--engine-build: ${ENGINE_BINARIES.join(", ")}; got "${engineBuild}"`);
     const w2Path = what === "flash-attention" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : undefined;
     process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds), { w2Path, engineBuild })}\n`);
     return;

@@ -3,7 +3,7 @@
  * of one context each generate from the same prompt, as fast as the library's own
  * batching allows; every server figure can be stated as a fraction of this.
  */
-import { readFileSync } from "node:fs";
+import { buildOf } from "../src/engine/engine.js";
 import { getLlama, LlamaLogLevel, resolveChatWrapper, type BatchItem, type PrioritizedBatchItem, type Token } from "node-llama-cpp";
 
 export interface CeilingResult {
@@ -18,9 +18,8 @@ export interface CeilingResult {
 
 /** Which binary the ceiling runs: node-llama-cpp picks a local build (npm run engine:build) over its prebuilt one. */
 export async function ceilingBuild(): Promise<string> {
-  const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error });
-  const variant = /libggml-cpu-([\w-]+)\.so/.exec(readFileSync("/proc/self/maps", "utf8"))?.[1] ?? (llama.buildType === "localBuild" ? "native" : "unknown");
-  return `node-llama-cpp ${llama.buildType === "localBuild" ? "local" : "prebuilt"} binary, ggml CPU variant ${variant}`;
+  const b = buildOf(await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error }));
+  return `node-llama-cpp ${b.type} binary, ggml CPU variant ${b.cpuVariant}`;
 }
 
 export async function engineCeiling(opts: {

@@ -18,7 +18,7 @@ import { Histogram, Registry } from "prom-client";
 import { HotHistogram } from "../src/telemetry/hot-histogram.js";
 import { ROOT } from "./lib/processes.js";
 import { binaryOptions } from "../src/engine/engine.js";
-import type { EngineBuildChoice } from "../src/config/options.js";
+import type { EngineBinary } from "../src/engine/types.js";
 
 const SHARED = join(ROOT, "..", "shared", "models");
 
@@ -135,7 +135,7 @@ async function topK(rounds: number): Promise<string> {
  * timed after a short prompt (most of the padded KV masked, which FA skips) and after 512
  * tokens (all of it in use).
  */
-async function flashAttention(rounds: number, w2Path: string, binary: EngineBuildChoice): Promise<string> {
+async function flashAttention(rounds: number, w2Path: string, binary: EngineBinary): Promise<string> {
   const rows: string[] = [];
   const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error, ...binaryOptions(binary) });
   const kind = llama.buildType === "localBuild" ? "local build" : "prebuilt";
@@ -184,7 +184,7 @@ async function flashAttention(rounds: number, w2Path: string, binary: EngineBuil
   return `| binary | model | what | flash attention off | on | on ÷ off |\n|---|---|---|---|---|---|\n${rows.join("\n")}`;
 }
 
-export async function micro(command: MicroCommand, rounds: number, opts: { w2Path?: string; engineBuild?: EngineBuildChoice } = {}): Promise<string> {
+export async function micro(command: MicroCommand, rounds: number, opts: { w2Path?: string; engineBuild?: EngineBinary } = {}): Promise<string> {
   const header = "| measurement | median (min–max) |\n|---|---|\n";
   switch (command) {
     case "startup":

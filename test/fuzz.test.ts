@@ -197,7 +197,11 @@ async function check(path: string, body: string | Buffer, contentType = "applica
     expect(ended, last.slice(0, 300)).toBe(true);
   } else {
     const json = JSON.parse(text);
-    if (path.endsWith("/completions")) expect(json.choices).toHaveLength(1);
+    if (path.endsWith("/completions")) {
+      // One choice per `n` (a served request had a valid one, or none: 1); lists of prompts are refused.
+      const n = typeof body === "string" ? (JSON.parse(body) as { n?: unknown }).n : undefined;
+      expect(json.choices, text.slice(0, 300)).toHaveLength(typeof n === "number" && n >= 1 ? n : 1);
+    }
     else if (path === "/v1/responses") expect(json.object).toBe("response");
     else if (path === "/v1/messages") expect(json.type).toBe("message");
     else if (path === "/v1/embeddings") expect(json.object).toBe("list");

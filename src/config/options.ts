@@ -5,7 +5,7 @@
  * fails when the README's table differs from it).
  */
 import { availableParallelism } from "node:os";
-import { KV_CACHE_TYPES, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
+import { ENGINE_BINARIES, KV_CACHE_TYPES, type EngineBinary, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
 import { isValidName, normalizeSlots } from "./models-file.js";
 import { parseSize } from "./sizes.js";
@@ -14,8 +14,6 @@ export type PublicArea = "health" | "metrics" | "page";
 export const PUBLIC_AREAS: readonly PublicArea[] = ["health", "metrics", "page"];
 export const GPU_CHOICES = ["auto", "cuda", "metal", "vulkan", "cpu"] as const;
 export type GpuChoice = (typeof GPU_CHOICES)[number];
-export const ENGINE_BUILDS = ["auto", "prebuilt", "local"] as const;
-export type EngineBuildChoice = (typeof ENGINE_BUILDS)[number];
 const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
 
 export interface CliModel {
@@ -33,7 +31,7 @@ export interface ServerOptions {
   threads: number;
   gpu: GpuChoice;
   /** Which llama.cpp binary: node-llama-cpp's prebuilt one, or one built here (npm run engine:build). */
-  engineBuild: EngineBuildChoice;
+  engineBuild: EngineBinary;
   parallel: number | undefined;
   ctxSize: number | undefined;
   /** A built-in template name or a Jinja file, for every model (overrides the models file and the GGUF's own). */
@@ -210,9 +208,9 @@ export const OPTIONS = [
     read: (r) => choice("gpu", last(r), GPU_CHOICES), fallback: () => "auto" as const,
   }),
   option({
-    flag: "engine-build", env: "SPINDLE_ENGINE_BUILD", arg: ENGINE_BUILDS.join("|"), field: "engineBuild", defaultText: "`auto`",
+    flag: "engine-build", env: "SPINDLE_ENGINE_BUILD", arg: ENGINE_BINARIES.join("|"), field: "engineBuild", defaultText: "`auto`",
     help: "llama.cpp binary: `local` is one compiled for this CPU by `npm run engine:build` (faster here: README, \"Engine builds\"), `prebuilt` node-llama-cpp's own, `auto` local when there is one",
-    read: (r) => choice("engine-build", last(r), ENGINE_BUILDS), fallback: () => "auto" as const,
+    read: (r) => choice("engine-build", last(r), ENGINE_BINARIES), fallback: () => "auto" as const,
   }),
   option({
     flag: "parallel", env: "SPINDLE_PARALLEL", arg: "N", field: "parallel", defaultText: "4 (or the models file)",

@@ -9,7 +9,7 @@ import { StepGate } from "./batch-strategy.js";
 import { EngineModel, type SlotContext } from "./model.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
-import { BackendUnavailableError, firstLine, ModelLoadError, slotClassesOf, type KvCacheType, type KvCacheTypes, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+import { BackendUnavailableError, firstLine, ModelLoadError, slotClassesOf, type KvCacheType, type KvCacheTypes, type EngineBinary, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
 
 /** node-llama-cpp's name for a KV type (its GgmlType enum); undefined keeps its F16 default. */
 function ggmlType(t: KvCacheType | undefined): GgmlType | undefined {
@@ -25,13 +25,20 @@ function headSizeOf(info: GgufFileInfo): number {
 
 export type EngineBuild = { type: "prebuilt" | "local"; cpuVariant: string };
 
-/** The ggml CPU variant the process loaded (libggml-cpu-zen4.so: "zen4"), where the OS says. */
-function loadedCpuVariant(): string | undefined {
+/**
+ * Which llama.cpp binary a Llama runs: node-llama-cpp's prebuilt one (compiled for every
+ * CPU kind, picking a ggml CPU variant at load: libggml-cpu-zen4.so is "zen4", where the OS
+ * says) or a local build (`npm run engine:build`, compiled for this CPU: "native").
+ */
+export function buildOf(llama: Llama): EngineBuild {
+  const local = llama.buildType === "localBuild";
+  let variant: string | undefined;
   try {
-    return /libggml-cpu-([\w-]+)\.so/.exec(readFileSync("/proc/self/maps", "utf8"))?.[1];
+    variant = /libggml-cpu-([\w-]+)\.so/.exec(readFileSync("/proc/self/maps", "utf8"))?.[1];
   } catch {
-    return undefined;
+    variant = undefined;
   }
+  return { type: local ? "local" : "prebuilt", cpuVariant: variant ?? (local ? "native" : "unknown") };
 }
 
 /**
@@ -39,7 +46,7 @@ function loadedCpuVariant(): string | undefined {
  * build options match; a custom CMake option that no local build has makes none match, and
  * the prebuilt binary (chosen without custom options) loads. "local" forbids the prebuilt one.
  */
-export function binaryOptions(binary: "auto" | "prebuilt" | "local"): { cmakeOptions?: Record<string, string>; usePrebuiltBinaries?: boolean } {
+export function binaryOptions(binary: EngineBinary): { cmakeOptions?: Record<string, string>; usePrebuiltBinaries?: boolean } {
   if (binary === "prebuilt") return { cmakeOptions: { SPINDLE_PREBUILT_ONLY: "ON" } };
   if (binary === "local") return { usePrebuiltBinaries: false };
   return {};
@@ -48,7 +55,7 @@ export function binaryOptions(binary: "auto" | "prebuilt" | "local"): { cmakeOpt
 export class Engine {
   private constructor(readonly llama: Llama) {}
 
-  static async create(gpu: GpuBackend, binary: "auto" | "prebuilt" | "local" = "auto"): Promise<Engine> {
+  static async create(gpu: GpuBackend, binary: EngineBinary = "auto"): Promise<Engine> {
     let llama: Llama;
     try {
       llama = await getLlama({
@@ -82,13 +89,9 @@ export class Engine {
     return this.llama.gpu === false ? "cpu" : this.llama.gpu;
   }
 
-  /**
-   * Which llama.cpp binary runs: node-llama-cpp's prebuilt one (compiled for every CPU
-   * kind, picking a ggml CPU variant at load) or a local build (`npm run engine:build`,
-   * compiled for this CPU). The two differ in speed (README, "Engine builds").
-   */
+  /** Which llama.cpp binary runs; the two differ in speed (README, "Engine builds"). */
   get build(): EngineBuild {
-    return { type: this.llama.buildType === "localBuild" ? "local" : "prebuilt", cpuVariant: loadedCpuVariant() ?? (this.llama.buildType === "localBuild" ? "native" : "unknown") };
+    return buildOf(this.llama);
   }
 
   /**

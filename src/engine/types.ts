@@ -4,6 +4,9 @@ import type { Token } from "node-llama-cpp";
 export type { Token };
 
 export type GpuBackend = "auto" | "cuda" | "metal" | "vulkan" | "cpu";
+/** Which llama.cpp binary: node-llama-cpp's prebuilt one, one built here (npm run engine:build), or the local one when there is one. */
+export const ENGINE_BINARIES = ["auto", "prebuilt", "local"] as const;
+export type EngineBinary = (typeof ENGINE_BINARIES)[number];
 
 /** KV cache element types, as llama-server's --cache-type-k/-v name them. */
 export const KV_CACHE_TYPES = ["f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"] as const;
