@@ -12,6 +12,8 @@ ARG NODE_IMAGE=node:24-bookworm-slim
 FROM ${NODE_IMAGE} AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
+# npm's postinstall mends node-llama-cpp's check of speculative predictions.
+COPY scripts/patch-node-llama-cpp.mjs ./scripts/
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
 COPY scripts ./scripts
@@ -22,7 +24,7 @@ RUN npm run build
 FROM ${NODE_IMAGE} AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
-COPY scripts/prune-engine-binaries.mjs ./scripts/
+COPY scripts/prune-engine-binaries.mjs scripts/patch-node-llama-cpp.mjs ./scripts/
 RUN npm ci --omit=dev --no-audit --no-fund \
  && node scripts/prune-engine-binaries.mjs \
  && npm cache clean --force

@@ -331,11 +331,20 @@ async function sideBySide(targetsFor: (c: number) => Promise<{ targets: Target[]
 }
 
 /** A synthetic model in the scratch folder (made once per preset, weights and seed); returns its path. */
-async function synthesize(preset: string, weights: WeightType, seed: number, tokenizerFrom: string | undefined, out: string | undefined): Promise<string> {
-  const shape = PRESETS[preset];
-  if (!shape) throw new Error(`unknown preset "${preset}": ${Object.keys(PRESETS).join(", ")}`);
+/** A variant of a preset: fewer layers, zeroed layers, sharper logits (the draft benchmark's pairs). */
+interface ShapeVariant {
+  layers?: number;
+  zeroFrom?: number;
+  outputScale?: number;
+}
+
+async function synthesize(preset: string, weights: WeightType, seed: number, tokenizerFrom: string | undefined, out: string | undefined, variant: ShapeVariant = {}): Promise<string> {
+  const base = PRESETS[preset];
+  if (!base) throw new Error(`unknown preset "${preset}": ${Object.keys(PRESETS).join(", ")}`);
+  const shape = { ...base, layers: variant.layers ?? base.layers };
+  const tag = `${variant.layers !== undefined ? `-l${variant.layers}` : ""}${variant.zeroFrom !== undefined ? `-z${variant.zeroFrom}` : ""}${variant.outputScale !== undefined ? `-x${variant.outputScale}` : ""}`;
   const scratch = process.env.SPINDLE_BENCH_DIR ?? join(process.env.TMPDIR ?? "/tmp", "spindle-bench");
-  const path = resolve(out ?? join(scratch, `synthetic-${preset}-${weights}-s${seed}.gguf`));
+  const path = resolve(out ?? join(scratch, `synthetic-${preset}${tag}-${weights}-s${seed}.gguf`));
   const { existsSync } = await import("node:fs");
   if (existsSync(path)) return path;
   mkdirSync(join(path, ".."), { recursive: true });
@@ -344,7 +353,9 @@ async function synthesize(preset: string, weights: WeightType, seed: number, tok
     weights,
     seed,
     tokenizerFrom: tokenizerFrom ?? join(ROOT, "..", "shared", "models", "llama-2-tiny-random-chat.gguf"),
-    name: `synthetic-${preset}`,
+    name: `synthetic-${preset}${tag}`,
+    zeroFrom: variant.zeroFrom,
+    outputScale: variant.outputScale,
   });
   process.stderr.write(`synthesized ${path}: ${preset} (${shape.note}), ${r.parameters} parameters, ${weights}, ${r.bytes} bytes\n`);
   return path;
@@ -401,6 +412,15 @@ ${Object.entries(PRESETS)
   spec: {
     summary: "speculative decoding by prompt lookup against none, on a prompt the output repeats",
     help: "--concurrency LIST (default 1,8) --rounds N --threads N --model-path FILE --w2 --prompt TEXT --endpoint chat|completions",
+  },
+  draft: {
+    summary: "speculative decoding with a draft model against none, on Llama 3.2 1B's shape: a 1-layer draft that agrees with the target, and one that never does",
+    help: `--weights q4_0|q8_0 (default q4_0) --draft-tokens LIST (default 2,4,8: a pair of servers each) --concurrency LIST (default 1,4) --rounds N --threads N --max-tokens N (default 64)
+The target has 16 layers of which the last 15 have zero output projections: it costs what a 1B model
+costs and says what its first layer says, so a 1-layer draft with the same seed agrees with it token for
+token (the ceiling of what a draft can give at this cost ratio), and one with another seed never does
+(the floor: every guess evaluated and refused). Logits are sharpened (output x50) so the models are sure
+of their tokens, as trained ones are. The three models are synthesized once into $TMPDIR/spindle-bench.`,
   },
   sizing: {
     summary: "a sizing table (replicas and memory for N streams) from a W1/W2 report",
@@ -556,6 +576,58 @@ async function run(command: string, rest: string[]): Promise<void> {
     const header = `${command === "slots" ? "Slot classes" : "Speculative decoding"} on ${modelPath.split("/").pop()}: ${w.endpoint} "${w.prompt.slice(0, 40)}…", max_tokens ${w.maxTokens}, ${v.threads} thread(s), ${v.rounds} rounds (medians, A B A B)`;
     process.stdout.write(`${header}\n\n${md}\n`);
     await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, modelPath, results }, `# ${header}\n\n${md}\n`, command === "slots" ? "Slot classes" : "Speculative decoding");
+    return;
+  }
+  if (command === "draft") {
+    const { values: v } = parseArgs({
+      args: rest,
+      options: {
+        ...commonOptions,
+        concurrency: { type: "string", default: "1,4" },
+        "max-tokens": { type: "string", default: "64" },
+        endpoint: { type: "string", default: "completions" },
+        threads: { type: "string", default: "1" },
+        weights: { type: "string", default: "q4_0" },
+        "draft-tokens": { type: "string", default: "2,4,8" },
+      },
+    });
+    const weights = v.weights as WeightType;
+    const sharp = 50;
+    const target = await synthesize("llama-1b", weights, 1, undefined, undefined, { zeroFrom: 1, outputScale: sharp });
+    const agrees = await synthesize("llama-1b", weights, 1, undefined, undefined, { layers: 1, outputScale: sharp });
+    const never = await synthesize("llama-1b", weights, 2, undefined, undefined, { layers: 1, outputScale: sharp });
+    const slots = Math.max(...String(v.concurrency).split(",").map(Number));
+    const n = String(v["draft-tokens"]);
+    const variants: Array<{ name: string; args: string[] }> = [{ name: "no draft", args: [] }];
+    for (const k of n.split(",")) variants.push({ name: `draft:${k} agrees`, args: ["--model-draft", agrees, "--speculative", `draft:${k}`] });
+    for (const k of n.split(",")) variants.push({ name: `draft:${k} never agrees`, args: ["--model-draft", never, "--speculative", `draft:${k}`] });
+    const names = variants.map((x) => x.name);
+    const acceptance = new Map<string, { accepted: number; rejected: number }>();
+    const w = workloadFrom(v, "llama-1b");
+    const results = await sideBySide(
+      async () => {
+        // One at a time: three 1B servers side by side would share two cores while loading.
+        const procs: ServerProcess[] = [];
+        for (const x of variants) procs.push(await startSpindleWith(["--model", `${target}=llama-1b`, "--parallel", String(slots), "--ctx-size", "512", ...x.args, "--threads", String(v.threads), "--max-queue", "1024"]));
+        const stop = async () => {
+          // What each draft did, from the server's own counters, before it goes.
+          for (const [i, p] of procs.entries()) {
+            const m = (await (await fetch(`${p.url}/v1/models/llama-1b`)).json()) as { versions: Array<{ speculative: { accepted: number; rejected: number } | null }> };
+            const s = m.versions[0]!.speculative;
+            if (s) acceptance.set(names[i]!, s);
+          }
+          await Promise.all(procs.map((p) => p.stop()));
+        };
+        return { targets: procs.map((p, i) => ({ name: names[i]!, url: p.url })), stop };
+      },
+      w,
+      v,
+    );
+    const acceptanceLine = [...acceptance].map(([k, s]) => `${k}: ${s.accepted} of ${s.accepted + s.rejected} guesses kept`).join("; ");
+    const md = `${report(results, names)}\n\n${acceptanceLine}`;
+    const header = `Draft model on ${target.split("/").pop()} (16 layers, 15 of them adding nothing): ${w.endpoint} "${w.prompt.slice(0, 40)}", max_tokens ${w.maxTokens}, ${v.threads} thread(s), ${v.rounds} rounds (medians, A B A B)`;
+    process.stdout.write(`${header}\n\n${md}\n`);
+    await writeOutputs(String(v.out), `draft-${Date.now()}`, { workload: w, modelPath: target, drafts: { agrees, never }, results }, `# ${header}\n\n${md}\n`, "Draft model");
     return;
   }
   if (command === "sizing") {

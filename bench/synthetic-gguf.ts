@@ -36,8 +36,10 @@ interface TensorPlan {
   name: string;
   dims: number[];
   type: number;
-  /** Rows of dims[0] values; norms are ones, everything else random. */
-  fill: "ones" | "random";
+  /** Rows of dims[0] values; norms are ones, everything else random (zeros: see SynthOptions.zeroFrom). */
+  fill: "ones" | "random" | "zeros";
+  /** Multiplies the random values (SynthOptions.outputScale for output.weight). */
+  scale?: number;
   bytes: number;
   offset: number;
 }
@@ -59,25 +61,28 @@ function tensorBytes(dims: number[], type: number): number {
   return (n / Q8_BLOCK) * (2 + Q8_BLOCK);
 }
 
-function plan(s: ModelShape, vocab: number, weights: WeightType): TensorPlan[] {
+function plan(s: ModelShape, vocab: number, weights: WeightType, zeroFrom = Infinity, outputScale = 1): TensorPlan[] {
   const w = weights === "f16" ? GGML.F16 : weights === "q4_0" ? GGML.Q4_0 : GGML.Q8_0;
   const kv = s.kvHeads * (s.hidden / s.heads);
   const list: Array<Omit<TensorPlan, "bytes" | "offset">> = [
     { name: "token_embd.weight", dims: [s.hidden, vocab], type: w, fill: "random" },
     { name: "output_norm.weight", dims: [s.hidden], type: GGML.F32, fill: "ones" },
-    { name: "output.weight", dims: [s.hidden, vocab], type: w, fill: "random" },
+    { name: "output.weight", dims: [s.hidden, vocab], type: w, fill: "random", scale: outputScale },
   ];
   for (let i = 0; i < s.layers; i++) {
+    // A layer whose two output projections are zero adds exactly nothing to the residual
+    // stream: it costs what a layer costs and changes no logit.
+    const out = i >= zeroFrom ? "zeros" : "random";
     list.push(
       { name: `blk.${i}.attn_norm.weight`, dims: [s.hidden], type: GGML.F32, fill: "ones" },
       { name: `blk.${i}.attn_q.weight`, dims: [s.hidden, s.hidden], type: w, fill: "random" },
       { name: `blk.${i}.attn_k.weight`, dims: [s.hidden, kv], type: w, fill: "random" },
       { name: `blk.${i}.attn_v.weight`, dims: [s.hidden, kv], type: w, fill: "random" },
-      { name: `blk.${i}.attn_output.weight`, dims: [s.hidden, s.hidden], type: w, fill: "random" },
+      { name: `blk.${i}.attn_output.weight`, dims: [s.hidden, s.hidden], type: w, fill: out },
       { name: `blk.${i}.ffn_norm.weight`, dims: [s.hidden], type: GGML.F32, fill: "ones" },
       { name: `blk.${i}.ffn_gate.weight`, dims: [s.hidden, s.ffn], type: w, fill: "random" },
       { name: `blk.${i}.ffn_up.weight`, dims: [s.hidden, s.ffn], type: w, fill: "random" },
-      { name: `blk.${i}.ffn_down.weight`, dims: [s.ffn, s.hidden], type: w, fill: "random" },
+      { name: `blk.${i}.ffn_down.weight`, dims: [s.ffn, s.hidden], type: w, fill: out },
     );
   }
   let offset = 0;
@@ -164,6 +169,14 @@ export interface SynthOptions {
   /** A GGUF whose tokenizer and chat template are copied (llama tokenizer). */
   tokenizerFrom: string;
   name?: string;
+  /**
+   * Layers from this one on get zero output projections (attn_output, ffn_down). The model
+   * then computes what its first `zeroFrom` layers compute, at its full cost: with the same
+   * seed, a model of `zeroFrom` layers is a draft that agrees with it token for token.
+   */
+  zeroFrom?: number;
+  /** Scales output.weight: above 1 the logits spread and the model is sure of its tokens, as trained ones are. */
+  outputScale?: number;
 }
 
 /** Writes the model; returns its parameter count. */
@@ -177,7 +190,7 @@ export async function writeSyntheticGguf(outPath: string, o: SynthOptions): Prom
   };
   const tok = src.tokenizer.ggml;
   const vocab = tok.tokens.length;
-  const tensors = plan(s, vocab, o.weights);
+  const tensors = plan(s, vocab, o.weights, o.zeroFrom, o.outputScale);
 
   const w = new Writer();
   w.u32(0x46554747); // "GGUF"
@@ -240,7 +253,8 @@ export async function writeSyntheticGguf(outPath: string, o: SynthOptions): Prom
         const out = Buffer.alloc(tensorBytes([rowLen, n], t.type));
         let pos = 0;
         for (let r = 0; r < n; r++) {
-          for (let i = 0; i < rowLen; i++) row[i] = t.fill === "ones" ? 1 : normal();
+          const scale = t.scale ?? 1;
+          for (let i = 0; i < rowLen; i++) row[i] = t.fill === "ones" ? 1 : t.fill === "zeros" ? 0 : scale * normal();
           if (t.type === GGML.F32) for (let i = 0; i < rowLen; i++, pos += 4) out.writeFloatLE(row[i]!, pos);
           else if (t.type === GGML.F16) for (let i = 0; i < rowLen; i++, pos += 2) out.writeUInt16LE(toHalf(row[i]!), pos);
           else if (t.type === GGML.Q4_0) {

@@ -1,7 +1,7 @@
 import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { describe, expect, it } from "vitest";
 import { helpText, parseCommandLine } from "../src/config/cli.js";
 import { loadModelsFile } from "../src/config/models-file.js";
@@ -85,6 +85,25 @@ describe("command line parsing", () => {
     ]);
   });
 
+  it("reads speculation: prompt lookup, or a draft model from --model-draft or the models file's speculative.model; refuses a half-given draft", () => {
+    const spec = (argv: string[]) => {
+      const r = parseCommandLine(argv, {});
+      return r.kind === "run" ? r.options.speculative : undefined;
+    };
+    expect(spec(["--speculative", "ngram:5"])).toEqual({ method: "ngram", tokens: 5, minPattern: 1 });
+    expect(spec(["--model-draft", "d.gguf"])).toEqual({ method: "draft", tokens: 8, path: resolve("d.gguf"), minConfidence: 0.6 });
+    expect(spec(["--speculative", "draft:8", "--model-draft", "/m/d.gguf", "--draft-p-min", "0"])).toEqual({ method: "draft", tokens: 8, path: "/m/d.gguf", minConfidence: 0 });
+    expect(spec(["--model-draft", "/d.gguf", "--speculative-disable-by-batch-size", "4"])).toEqual({ method: "draft", tokens: 8, path: "/d.gguf", minConfidence: 0.6, disableByBatchSize: 4 });
+    expect(spec(["--speculative", "ngram", "--speculative-disable-by-batch-size", "2"])).toEqual({ method: "ngram", tokens: 3, minPattern: 1, disableByBatchSize: 2 });
+    expect(() => spec(["--speculative", "draft"])).toThrow(/--speculative draft: name the draft model with --model-draft FILE/);
+    expect(() => spec(["--speculative", "ngram", "--model-draft", "d.gguf"])).toThrow(/--model-draft: goes with --speculative draft/);
+    for (const bad of [["--speculative", "ngram:17"], ["--speculative", "draft:0"], ["--speculative", "eagle"], ["--draft-p-min", "2"]]) expect(() => spec(bad), bad.join(" ")).toThrow(ConfigError);
+    const file = writeTemp(`models:\n  - id: m\n    file: a.gguf\n    speculative: { model: drafts/d.gguf, sha256: ${"AB".repeat(32)}, num_speculative_tokens: 5 }\n`);
+    expect(loadModelsFile(file).models[0]!.versions[0]!.speculative).toEqual({ method: "draft", tokens: 5, path: join(dirname(file), "drafts", "d.gguf"), sha256: "ab".repeat(32), minConfidence: 0.6 });
+    expect(loadModelsFile(writeTemp("models:\n  - id: m\n    file: a.gguf\n    speculative: { method: ngram }\n")).models[0]!.versions[0]!.speculative).toEqual({ method: "ngram", tokens: 3, minPattern: 1 });
+    expect(() => loadModelsFile(writeTemp("models:\n  - id: m\n    file: a.gguf\n    speculative: { method: draft }\n"))).toThrow(/speculative/);
+  });
+
   it("reads memory sizes in bytes, decimal and binary units", () => {
     const budget = (raw: string) => {
       const r = parseCommandLine(["--memory-budget", raw], {});
@@ -155,6 +174,8 @@ describe("the spindle process", () => {
     ["a bad value", ["--parallel", "many"], /--parallel/],
     ["a missing model file", ["--model", "/nonexistent/model.gguf"], /not found/],
     ["an unloadable model file", ["--model", sharedModel("stories260K-ggufv1-unsupported.gguf")], /cannot load/],
+    ["a draft model with another tokenizer", ["--model", sharedModel("stories260K.gguf"), "--model-draft", sharedModel("llama-2-tiny-random.gguf")], /^spindle: .*the draft model cannot draft for it: .*vocabulary/],
+    ["a missing draft model", ["--model", sharedModel("stories260K.gguf"), "--model-draft", "/nonexistent/draft.gguf"], /draft.*not found/],
     ["a missing models file", ["--config", "/nonexistent/models.yaml"], /cannot read models file \/nonexistent\/models\.yaml: it does not exist \(pass --config FILE/],
     // No GPU here (CI machines have none): a backend asked for by name names what is missing.
     ...(existsSync("/dev/nvidia0") ? [] : [["--gpu cuda without a usable CUDA", ["--gpu", "cuda", "--model", sharedModel("stories260K.gguf")], /^spindle: --gpu cuda: the CUDA build (cannot load: .*not found \(|.*is not installed).*--gpu cpu/]]),

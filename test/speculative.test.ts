@@ -1,18 +1,32 @@
 /**
  * Speculative decoding by prompt lookup (--speculative ngram[:N], the models file's
- * `speculative`), through the real engine and server: greedy output is the same as
+ * `speculative`) and by a draft model (--model-draft, the models file's
+ * `speculative.model`), through the real engine and server: greedy output is the same as
  * without it, and what it predicted and what the model kept is counted.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
-import { startTestServer, STORIES, STORIES_GREEDY_PREFIX } from "./helpers/server.js";
+import { Engine } from "../src/engine/engine.js";
+import { predictionCheckMended } from "../src/engine/speculation.js";
+import { sharedModel, startTestServer, STORIES, STORIES_GREEDY_PREFIX } from "./helpers/server.js";
 
 let spec: RunningServer;
 let plain: RunningServer;
+let drafted: RunningServer;
+let gated: RunningServer;
+// The draft: the same weights and tokenizer under another file (stories260K-chat.gguf),
+// asked to guess whatever its confidence, so it agrees with the target but at near-ties.
+const DRAFT = { method: "draft" as const, tokens: 4, path: sharedModel("stories260K-chat.gguf"), minConfidence: 0 };
 beforeAll(async () => {
-  [spec, plain] = await Promise.all([startTestServer([{ ...STORIES, ctxSize: 1024 }], { speculative: { method: "ngram", tokens: 4, minPattern: 1 } }), startTestServer([{ ...STORIES, ctxSize: 1024 }])]);
+  [spec, plain, drafted, gated] = await Promise.all([
+    startTestServer([{ ...STORIES, ctxSize: 1024 }], { speculative: { method: "ngram", tokens: 4, minPattern: 1 } }),
+    startTestServer([{ ...STORIES, ctxSize: 1024 }]),
+    startTestServer([{ ...STORIES, ctxSize: 1024, parallel: 4 }], { speculative: { ...DRAFT, disableByBatchSize: 4 } }),
+    // The default: the draft guesses for a lone generation only.
+    startTestServer([{ ...STORIES, ctxSize: 1024, parallel: 4 }], { speculative: DRAFT }),
+  ]);
 });
-afterAll(async () => Promise.all([spec?.close(), plain?.close()]));
+afterAll(async () => Promise.all([spec?.close(), plain?.close(), drafted?.close(), gated?.close()]));
 
 const complete = async (s: RunningServer, prompt: string, max = 64) =>
   ((await (await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "stories260K", prompt, max_tokens: max, temperature: 0, ignore_eos: true }) })).json()) as {
@@ -58,5 +72,76 @@ describe("speculative decoding (prompt lookup)", () => {
     expect(Number(/^spindle_spec_draft_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)![1])).toBe(s.accepted + s.rejected);
     // Without it: no speculation figures.
     expect(((await (await fetch(`${plain.url}/v1/models/stories260K`)).json()) as { versions: Array<{ speculative: unknown }> }).versions[0]!.speculative).toBeNull();
+  });
+});
+
+type ModelView = { versions: Array<{ speculative: { method: string; tokens: number; accepted: number; rejected: number; acceptance_rate: number }; memory: { estimated_bytes: { ram: number }; allocated_bytes: { ram: number } } }> };
+
+describe("speculative decoding (draft model)", () => {
+  it("gives the same greedy text as without it in every slot at once; the draft's guesses are counted and its memory is the version's", async () => {
+    const prompts = ["Once upon a time", "The dog ran", "Lily and Ben", "One day, a little bird"];
+    const [withDraft, without] = await Promise.all([Promise.all(prompts.map((p) => complete(drafted, p))), Promise.all(prompts.map((p) => complete(plain, p)))]);
+    for (const [i, p] of prompts.entries()) {
+      expect(withDraft[i]!.usage.completion_tokens).toBe(64);
+      await expectSameUpToNearTies(p, withDraft[i]!.choices[0]!.text, without[i]!.choices[0]!.text);
+    }
+    const view = (await (await fetch(`${drafted.url}/v1/models/stories260K`)).json()) as ModelView;
+    const s = view.versions[0]!.speculative;
+    expect(s.method).toBe("draft");
+    expect(s.tokens).toBe(4);
+    // The draft is the target's own weights: it is refuted only where float noise flips a near-tie.
+    expect(s.accepted).toBeGreaterThan(4 * 64 * 0.5);
+    expect(s.acceptance_rate).toBeGreaterThan(0.9);
+    const metrics = await (await fetch(`${drafted.url}/metrics`)).text();
+    expect(Number(/^spindle_spec_accepted_tokens_total\{[^}]*\} (\S+)$/m.exec(metrics)![1])).toBe(s.accepted);
+    // The draft's weights and its contexts are counted in the version's estimate and allocation.
+    const plainView = (await (await fetch(`${plain.url}/v1/models/stories260K`)).json()) as ModelView;
+    const [m, p] = [view.versions[0]!.memory, plainView.versions[0]!.memory];
+    expect(m.estimated_bytes.ram - p.estimated_bytes.ram).toBeGreaterThan(1_000_000);
+    expect(m.allocated_bytes.ram - p.allocated_bytes.ram).toBeGreaterThan(1_000_000);
+  });
+
+  it("keeps every agreed guess of a step (node-llama-cpp's check of predictions, mended at install): 64 tokens take well under 32 steps", async () => {
+    expect(predictionCheckMended()).toBe(true);
+    const steps = async () => Number(/^spindle_decode_step_tokens_count(?:\{[^}]*\})? (\S+)$/m.exec(await (await fetch(`${drafted.url}/metrics`)).text())![1]);
+    const before = await steps();
+    const r = await complete(drafted, "Once upon a time");
+    expect(r.usage.completion_tokens).toBe(64);
+    // Up to 4 guesses and the model's own token per step: about 64 / 5 steps. Keeping only the
+    // first guess of a step (the unmended check) takes at least 32.
+    expect((await steps()) - before).toBeLessThan(24);
+  });
+
+  it("by default guesses for a lone generation only: with four running, the draft stays idle", async () => {
+    const guesses = async () => {
+      const s = ((await (await fetch(`${gated.url}/v1/models/stories260K`)).json()) as ModelView).versions[0]!.speculative;
+      return s.accepted + s.rejected;
+    };
+    const alone = await guesses();
+    await complete(gated, "Once upon a time");
+    const afterOne = await guesses();
+    expect(afterOne - alone).toBeGreaterThan(32);
+    await Promise.all(["Once upon a time", "The dog ran", "Lily and Ben", "One day, a little bird"].map((p) => complete(gated, p)));
+    // Only while the four start and end apart does one run alone: a few steps' guesses, not 4 × 64 × 0.8.
+    expect((await guesses()) - afterOne).toBeLessThan(48);
+  });
+
+  it("refuses at load a draft whose tokenizer is not the target's, naming it", async () => {
+    const engine = await Engine.create("cpu");
+    try {
+      const load = engine.loadModel({
+        id: "stories260K",
+        path: sharedModel("stories260K.gguf"),
+        ctxSize: 256,
+        parallel: 2,
+        threads: 1,
+        chatTemplate: "general",
+        speculative: { ...DRAFT, path: sharedModel("llama-2-tiny-random.gguf") },
+        observer: { expectedItems: () => 0, onStep: () => {} },
+      });
+      await expect(load).rejects.toThrow(/^model "stories260K": the draft model cannot draft for it: .*vocabulary/);
+    } finally {
+      await engine.dispose();
+    }
   });
 });

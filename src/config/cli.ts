@@ -4,7 +4,7 @@
  */
 import { parseArgs } from "node:util";
 import { ConfigError } from "../errors.js";
-import { OPTIONS, type ServerOptions } from "./options.js";
+import { OPTIONS, resolveSpeculation, type ServerOptions } from "./options.js";
 
 export function helpText(): string {
   const lines = [
@@ -54,5 +54,6 @@ export function parseCommandLine(argv: string[], env: NodeJS.ProcessEnv = proces
     out[o.field] = raw === undefined ? o.fallback() : o.read(raw);
     if (o.field === "configFile") configExplicit = raw !== undefined;
   }
-  return { kind: "run", options: { ...(out as unknown as ServerOptions), configExplicit } };
+  const options = out as unknown as ServerOptions;
+  return { kind: "run", options: { ...options, speculative: resolveSpeculation(options), configExplicit } };
 }

@@ -14,7 +14,7 @@ import { readFileSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
-import { KV_CACHE_TYPES, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
+import { DEFAULT_DRAFT_MIN_CONFIDENCE, DEFAULT_DRAFT_TOKENS, KV_CACHE_TYPES, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
 
 const ID_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$/;
@@ -49,13 +49,30 @@ const runtimeFields = {
   /** Layers offloaded to the GPU: a number, or "max" (all). Ignored on the CPU backend. */
   gpu_layers: z.union([z.number().int().min(0), z.literal("max")]).optional(),
   threads: z.number().int().min(1).max(1024).optional(),
-  /** Speculative decoding by prompt lookup (vLLM's speculative_config names). */
+  /**
+   * Speculative decoding (vLLM's speculative_config names): prompt lookup (`method: ngram`),
+   * or a draft model (`model`: a GGUF with the same tokenizer, relative to the models file,
+   * optionally pinned by `sha256`; `method` may be left out or given as draft/draft_model).
+   */
   speculative: z
-    .strictObject({
-      method: z.literal("ngram"),
-      num_speculative_tokens: z.number().int().min(1).max(16).optional(),
-      prompt_lookup_min: z.number().int().min(1).max(16).optional(),
-    })
+    .union([
+      z.strictObject({
+        method: z.literal("ngram"),
+        num_speculative_tokens: z.number().int().min(1).max(16).optional(),
+        prompt_lookup_min: z.number().int().min(1).max(16).optional(),
+        disable_by_batch_size: z.number().int().min(1).max(256).optional(),
+      }),
+      z.strictObject({
+        method: z.enum(["draft", "draft_model"]).optional(),
+        model: z.string().min(1),
+        sha256: z.string().regex(/^[0-9a-fA-F]{64}$/, "64 hex digits").optional(),
+        num_speculative_tokens: z.number().int().min(1).max(64).optional(),
+        /** The draft stops at a token it gives less probability than this (llama-server's --draft-p-min). */
+        draft_p_min: z.number().min(0).max(1).optional(),
+        /** No guesses while more generations than this run on the version (vLLM's name); default 1. */
+        disable_by_batch_size: z.number().int().min(1).max(256).optional(),
+      }),
+    ])
     .optional(),
   /** KV cache element types (llama-server's names); f16 by default. */
   cache_type_k: z.enum(KV_CACHE_TYPES).optional(),
@@ -246,13 +263,19 @@ export function parseModelsFile(text: string, file: string): RepositoryConfig {
     gpuLayers: r.gpu_layers,
     threads: r.threads,
     slots: r.slots ? normalizeSlots(r.slots.map((c) => ({ count: c.count, ctxSize: c.ctx_size }))) : undefined,
-    speculative: r.speculative ? { method: "ngram", tokens: r.speculative.num_speculative_tokens ?? 3, minPattern: r.speculative.prompt_lookup_min ?? 1 } : undefined,
+    speculative: speculationOf(r.speculative),
     cacheTypeK: r.cache_type_k,
     cacheTypeV: r.cache_type_v,
     embeddings: r.embeddings === true ? { dimensions: [] } : r.embeddings ? { dimensions: r.embeddings.dimensions ?? [] } : undefined,
     license: r.license,
     source: r.source,
   });
+  const speculationOf = (sp: z.infer<typeof runtimeFields.speculative>): SpeculativeOptions | undefined => {
+    if (!sp) return undefined;
+    const gate = sp.disable_by_batch_size !== undefined ? { disableByBatchSize: sp.disable_by_batch_size } : {};
+    if (sp.method === "ngram") return { method: "ngram", tokens: sp.num_speculative_tokens ?? 3, minPattern: sp.prompt_lookup_min ?? 1, ...gate };
+    return { method: "draft", tokens: sp.num_speculative_tokens ?? DEFAULT_DRAFT_TOKENS, path: rel(sp.model), sha256: sp.sha256?.toLowerCase(), minConfidence: sp.draft_p_min ?? DEFAULT_DRAFT_MIN_CONFIDENCE, ...gate };
+  };
   const seen = new Set<string>();
   const models: ModelConfig[] = result.data.models.map((m) => {
     const where = `${file}: model "${m.id}"`;

@@ -5,7 +5,8 @@
  * fails when the README's table differs from it).
  */
 import { availableParallelism } from "node:os";
-import { ENGINE_BINARIES, KV_CACHE_TYPES, type EngineBinary, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
+import { resolve } from "node:path";
+import { DEFAULT_DRAFT_MIN_CONFIDENCE, DEFAULT_DRAFT_TOKENS, ENGINE_BINARIES, KV_CACHE_TYPES, type EngineBinary, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
 import { isValidName, normalizeSlots } from "./models-file.js";
 import { parseSize } from "./sizes.js";
@@ -38,8 +39,12 @@ export interface ServerOptions {
   chatTemplate: string | undefined;
   flashAttention: "auto" | "on" | "off";
   /** KV cache element types for every version (override the models file's). */
-  /** Speculative decoding for every version (--speculative ngram[:N]). */
+  /** Speculative decoding for every version (--speculative ngram[:N]|draft[:N], --model-draft). */
   speculative: SpeculativeOptions | undefined;
+  /** The draft model's file (--model-draft); resolveSpeculation puts it into `speculative`. */
+  modelDraft: string | undefined;
+  draftMinConfidence: number;
+  speculativeDisableByBatchSize: number | undefined;
   /** Slot classes for every version (--slots 8x512,1x4096). */
   slots: SlotClass[] | undefined;
   cacheTypeK: KvCacheType | undefined;
@@ -233,15 +238,38 @@ export const OPTIONS = [
     read: (r) => choice("flash-attention", last(r), ["auto", "on", "off"] as const), fallback: () => "auto" as const,
   }),
   option({
-    flag: "speculative", env: "SPINDLE_SPECULATIVE", arg: "ngram[:N]", field: "speculative", defaultText: "off",
-    help: "speculative decoding for every model by prompt lookup: up to N tokens (default 3) that followed the last ones in the prompt are evaluated ahead and kept when the model agrees; pays when outputs repeat their input (edits, summaries, code)",
+    flag: "speculative", env: "SPINDLE_SPECULATIVE", arg: "ngram[:N]|draft[:N]", field: "speculative", defaultText: "off (`draft` with `--model-draft`)",
+    help: "speculative decoding for every model. `ngram`: prompt lookup, up to N tokens (default 3) that followed the last ones in the prompt are evaluated ahead and kept when the model agrees; pays when outputs repeat their input (edits, summaries, code). `draft`: the `--model-draft` model guesses up to N tokens (default 8) ahead of a slot, while no more than `--speculative-disable-by-batch-size` generations run",
     read: (r) => {
-      const m = /^ngram(?::(\d+))?$/.exec(last(r));
-      const tokens = m?.[1] !== undefined ? Number(m[1]) : 3;
-      if (!m || tokens < 1 || tokens > 16) throw new ConfigError(`--speculative: expected ngram or ngram:N (N from 1 to 16), got "${last(r)}"`);
-      return { method: "ngram" as const, tokens, minPattern: 1 };
+      const m = /^(ngram|draft)(?::(\d+))?$/.exec(last(r));
+      const method = m?.[1] as "ngram" | "draft" | undefined;
+      const tokens = m?.[2] !== undefined ? Number(m[2]) : method === "draft" ? DEFAULT_DRAFT_TOKENS : 3;
+      if (!method || tokens < 1 || tokens > 64) throw new ConfigError(`--speculative: expected ngram[:N] or draft[:N] (N from 1 to 64), got "${last(r)}"`);
+      if (method === "ngram" && tokens > 16) throw new ConfigError(`--speculative: ngram:N takes N from 1 to 16, got ${tokens}`);
+      // The draft's file comes from --model-draft (resolveSpeculation).
+      return method === "ngram" ? { method, tokens, minPattern: 1 } : { method, tokens, path: "", minConfidence: DEFAULT_DRAFT_MIN_CONFIDENCE };
     },
     fallback: () => undefined,
+  }),
+  option({
+    flag: "model-draft", env: "SPINDLE_MODEL_DRAFT", arg: "FILE", field: "modelDraft", defaultText: "–",
+    help: "a draft model for speculative decoding on every model (llama-server's name): a smaller GGUF with the same tokenizer, loaded beside each version and counted in its memory; implies `--speculative draft`",
+    read: (r) => resolve(last(r)), fallback: () => undefined,
+  }),
+  option({
+    flag: "draft-p-min", env: "SPINDLE_DRAFT_P_MIN", arg: "P", field: "draftMinConfidence", defaultText: String(DEFAULT_DRAFT_MIN_CONFIDENCE),
+    help: "the draft model stops guessing at a token it gives less than this probability (0 to 1; 0: it always guesses N)",
+    read: (r) => {
+      const n = Number(last(r));
+      if (last(r).trim() === "" || !Number.isFinite(n) || n < 0 || n > 1) throw new ConfigError(`--draft-p-min: expected a probability from 0 to 1, got "${last(r)}"`);
+      return n;
+    },
+    fallback: () => DEFAULT_DRAFT_MIN_CONFIDENCE,
+  }),
+  option({
+    flag: "speculative-disable-by-batch-size", env: "SPINDLE_SPECULATIVE_DISABLE_BY_BATCH_SIZE", arg: "N", field: "speculativeDisableByBatchSize", defaultText: "`draft`: 1; `ngram`: none",
+    help: "no guesses while more than N generations run on a version (vLLM's `disable_by_batch_size`): a slot waiting on its draft drops out of the step that batches the others",
+    read: (r) => integer("speculative-disable-by-batch-size", last(r), 1, 256), fallback: () => undefined,
   }),
   option({
     flag: "slots", env: "SPINDLE_SLOTS", arg: "NxCTX,…", field: "slots", defaultText: "–",
@@ -415,6 +443,22 @@ export const OPTIONS = [
 ] as const;
 
 export type OptionDeclaration = (typeof OPTIONS)[number];
+
+/**
+ * The speculation flags as one setting: --model-draft names the draft (and alone means
+ * `--speculative draft`), --draft-p-min tunes it; a draft method without a draft file, or
+ * a draft file with prompt lookup, is a mistake said in one line.
+ */
+export function resolveSpeculation(o: Pick<ServerOptions, "speculative" | "modelDraft" | "draftMinConfidence" | "speculativeDisableByBatchSize">): SpeculativeOptions | undefined {
+  const s = o.speculative;
+  const gate = o.speculativeDisableByBatchSize !== undefined ? { disableByBatchSize: o.speculativeDisableByBatchSize } : {};
+  if (o.modelDraft === undefined) {
+    if (s?.method === "draft") throw new ConfigError("--speculative draft: name the draft model with --model-draft FILE");
+    return s && { ...s, ...gate };
+  }
+  if (s?.method === "ngram") throw new ConfigError("--model-draft: goes with --speculative draft[:N], not ngram");
+  return { method: "draft", tokens: s?.tokens ?? DEFAULT_DRAFT_TOKENS, path: o.modelDraft, minConfidence: o.draftMinConfidence, ...gate };
+}
 
 /** Every option at its default: what a server started with no flags and no environment runs with. */
 export function defaultServerOptions(): ServerOptions {

@@ -38,7 +38,7 @@ export class StepGate {
     // Sequence order: llama.cpp splits a step whose sequence ids are not consecutive and
     // increasing into several ubatches (one more pass over the weights each) when the KV
     // cache is per sequence, as node-llama-cpp's is.
-    const batch = fairShare(items, size).sort((a, b) => sequenceOf(a.item) - sequenceOf(b.item));
+    const batch = sequenceOrdered({ items, size });
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;
     this.observer.onStep(this.slotClass, batch.length, tokens);
@@ -59,6 +59,14 @@ export class StepGate {
       throw new Error("injected decode failure");
     }
   }
+}
+
+/**
+ * A fair share of the batch in sequence order, with no waiting and no observer: how a
+ * draft model's context forms its steps (its sequences mirror the target's slots).
+ */
+export function sequenceOrdered({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] {
+  return fairShare(items, size).sort((a, b) => sequenceOf(a.item) - sequenceOf(b.item));
 }
 
 /**

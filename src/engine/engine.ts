@@ -6,10 +6,12 @@
 import { readFileSync } from "node:fs";
 import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type GgufFileInfo, type Llama, type LlamaModel } from "node-llama-cpp";
 import { StepGate } from "./batch-strategy.js";
+import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
+import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
-import { BackendUnavailableError, firstLine, ModelLoadError, slotClassesOf, type KvCacheType, type KvCacheTypes, type EngineBinary, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint } from "./types.js";
+import { BackendUnavailableError, firstLine, ModelLoadError, slotClassesOf, type KvCacheType, type KvCacheTypes, type EngineBinary, type EstimateOptions, type GpuBackend, type LoadOptions, type MemoryFootprint, type SlotClass } from "./types.js";
 
 /** node-llama-cpp's name for a KV type (its GgmlType enum); undefined keeps its F16 default. */
 function ggmlType(t: KvCacheType | undefined): GgmlType | undefined {
@@ -128,41 +130,50 @@ export class Engine {
    * compares them with what llama.cpp then allocates).
    */
   async estimate(opts: EstimateOptions): Promise<MemoryFootprint> {
+    const classes = slotClassesOf(opts);
+    const target = await this.estimateOne(opts.id, opts.path, opts, classes, opts.kvCacheTypes, opts.embeddings === true);
+    const draft = opts.speculative?.method === "draft" ? await this.estimateOne(opts.id, opts.speculative.path, opts, target.shapes, undefined, false) : undefined;
+    return { ram: target.ram + (draft?.ram ?? 0), vram: target.vram + (draft?.vram ?? 0) };
+  }
+
+  /** Weights and contexts of one model file (a version's, or its draft's, which mirrors its slot classes). */
+  private async estimateOne(id: string, path: string, opts: EstimateOptions, classes: readonly SlotClass[], kv: KvCacheTypes | undefined, embeddings: boolean) {
     let insights: GgufInsights;
     let info: GgufFileInfo;
     try {
-      info = await readGgufFileInfo(opts.path, { logWarnings: false });
+      info = await readGgufFileInfo(path, { logWarnings: false });
       insights = await GgufInsights.from(info, this.llama);
     } catch (err) {
-      throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
+      throw new ModelLoadError(`model "${id}": cannot load ${path}: ${firstLine(err)}`);
     }
     const gpuLayers = this.gpuLayersFor(opts.gpuLayers, insights.totalLayers);
     const weights = await insights.estimateModelResourceRequirementsV2({ gpuLayers });
     let ram = weights.cpuRam;
     let vram = weights.gpuVram;
     // One context per slot class, each estimated as it will be created.
-    let largest = 0;
-    for (const cls of slotClassesOf(opts)) {
+    const shapes: SlotClass[] = [];
+    for (const cls of classes) {
       const { contextSize, batchSize } = Engine.contextShape(cls.ctxSize, insights.trainContextSize, cls.count);
-      largest = Math.max(largest, contextSize);
+      shapes.push({ count: cls.count, ctxSize: contextSize });
       const context = await insights.estimateContextResourceRequirementsV2({
         contextSize,
         sequences: cls.count,
         batchSize,
         modelGpuLayers: gpuLayers,
-        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id, headSizeOf(info)),
-        kvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
-        kvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
+        flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", kv, id, headSizeOf(info)),
+        kvCacheKeyType: ggmlType(kv?.k),
+        kvCacheValueType: ggmlType(kv?.v),
       });
       ram += context.cpuRam;
       vram += context.gpuVram;
     }
-    if (opts.embeddings) {
+    if (embeddings) {
+      const largest = shapes[shapes.length - 1]!.ctxSize!;
       const e = await insights.estimateContextResourceRequirementsV2({ contextSize: largest, sequences: 1, batchSize: largest, modelGpuLayers: gpuLayers, isEmbeddingContext: true });
       ram += e.cpuRam;
       vram += e.gpuVram;
     }
-    return { ram, vram };
+    return { ram, vram, shapes };
   }
 
   async loadModel(opts: LoadOptions): Promise<EngineModel> {
@@ -176,9 +187,11 @@ export class Engine {
     } catch (err) {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
+    let draft: DraftModel | undefined;
+    const contexts: SlotContext[] = [];
     try {
       // One context per slot class; node-llama-cpp batches each context's sequences into its own decode steps.
-      const contexts: SlotContext[] = [];
+      const shapes: DraftContextShape[] = [];
       const classes = slotClassesOf(opts);
       for (const [slotClass, cls] of classes.entries()) {
         const { contextSize, batchSize } = Engine.contextShape(cls.ctxSize, model.trainContextSize, cls.count);
@@ -194,11 +207,28 @@ export class Engine {
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
         contexts.push({ context, ctxSize: contextSize });
+        shapes.push({ sequences: cls.count, contextSize, batchSize });
       }
       const ctxSize = contexts[contexts.length - 1]!.ctxSize;
       // Embeddings get a context of their own: one input at a time, the largest class long.
       const embedding = opts.embeddings ? await model.createEmbeddingContext({ contextSize: ctxSize, batchSize: ctxSize, threads: opts.threads }) : undefined;
-      const engineModel = new EngineModel(opts.id, this.llama, model, contexts, embedding, opts.kvCacheTypes ?? { k: "f16", v: "f16" }, opts.speculative);
+      const speculative = effectiveSpeculation(opts.speculative, opts.id, opts.warn);
+      if (speculative?.method === "draft") {
+        draft = await DraftModel.load(this.llama, speculative, shapes, {
+          id: opts.id,
+          threads: opts.threads,
+          gpuLayers: opts.gpuLayers ?? "max",
+          flashAttention: (m) => this.flashAttentionFor(opts.flashAttention ?? "auto", undefined, opts.id, headSizeOf(m.fileInfo)),
+        });
+        draft.checkCompatible(opts.id, contexts[0]!.context);
+      }
+      const running = () => {
+        let n = 0;
+        for (let c = 0; c < classes.length; c++) n += opts.observer.expectedItems(c);
+        return n;
+      };
+      const predictorFor = predictorFactory(speculative, draft, running);
+      const engineModel = new EngineModel(opts.id, this.llama, model, contexts, embedding, opts.kvCacheTypes ?? { k: "f16", v: "f16" }, speculative, draft, predictorFor);
       const { renderer, guessed } = resolveRenderer(this.llama, model, opts.chatTemplate, opts.id, (text) => engineModel.tokenizePrompt(text));
       engineModel.useRenderer(renderer);
       if (guessed) {
@@ -206,6 +236,8 @@ export class Engine {
       }
       return engineModel;
     } catch (err) {
+      await draft?.dispose();
+      for (const { context } of contexts) await context.dispose();
       await model.dispose();
       if (err instanceof ModelLoadError) throw err;
       throw new ModelLoadError(`model "${opts.id}": cannot create a context: ${firstLine(err)}`);

@@ -1,6 +1,7 @@
-import { InputLookupTokenPredictor, LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaEmbeddingContext, type LlamaModel, type Token } from "node-llama-cpp";
+import { LlamaGrammar, TokenBias, type Llama, type LlamaContext, type LlamaEmbeddingContext, type LlamaModel, type Token, type TokenPredictor } from "node-llama-cpp";
 import type { TemplateCapabilities } from "./chat-template.js";
 import type { ChatRenderInput, PromptRenderer, RenderedChat } from "./prompt-renderer.js";
+import type { DraftModel } from "./draft.js";
 import { EngineSequence } from "./sequence.js";
 import { firstLine, KV_TYPE_BYTES, type KvCacheTypes, type MemoryFootprint, type SpeculationStats, type SpeculativeOptions } from "./types.js";
 
@@ -46,14 +47,15 @@ export class EngineModel {
     /** The KV cache's element types. */
     readonly kvCacheTypes: KvCacheTypes = { k: "f16", v: "f16" },
     readonly speculative: SpeculativeOptions | undefined = undefined,
+    /** The draft model, when `speculative` is a draft (it mirrors these contexts). */
+    private readonly draft: DraftModel | undefined = undefined,
+    /** Each slot's token predictor, when the version speculates (speculation.ts). */
+    predictorFor: ((slotClass: number) => TokenPredictor) | undefined = undefined,
   ) {
     this.sequences = [];
     contexts.forEach(({ context, ctxSize }, slotClass) => {
       for (let i = 0; i < context.totalSequences; i++) {
-        // A predictor per sequence (node-llama-cpp's rule: never shared).
-        const tokenPredictor = speculative
-          ? new InputLookupTokenPredictor({ patternLength: { min: speculative.minPattern }, predictionLength: { min: 1, max: speculative.tokens } })
-          : undefined;
+        const tokenPredictor = predictorFor?.(slotClass);
         this.sequences.push(new EngineSequence(this.sequences.length, context.getSequence({ tokenPredictor }), this.model, slotClass, ctxSize, i));
       }
     });
@@ -114,8 +116,9 @@ export class EngineModel {
     return this.renderer.capabilities;
   }
 
+  /** Weights in memory: the model's and its draft's. */
   get sizeBytes(): number {
-    return this.model.size;
+    return this.model.size + (this.draft?.sizeBytes ?? 0);
   }
 
   /** What llama.cpp reports it allocated for the weights and the context (its memory breakdown). */
@@ -126,6 +129,11 @@ export class EngineModel {
       const c = context.memoryUsage;
       out.ram += c.ram;
       out.vram += c.vram;
+    }
+    if (this.draft) {
+      const d = this.draft.memoryUsage;
+      out.ram += d.ram;
+      out.vram += d.vram;
     }
     return out;
   }
@@ -256,6 +264,7 @@ export class EngineModel {
   async dispose(): Promise<void> {
     await this.embedding?.dispose();
     for (const { context } of this.contexts) await context.dispose();
+    await this.draft?.dispose();
     await this.model.dispose();
   }
 }

@@ -20,13 +20,53 @@ export const KV_TYPE_BYTES: Record<KvCacheType, number> = { f16: 2, bf16: 2, f32
  * tokens that followed the last generated ones where they occur in the prompt are
  * evaluated ahead, and kept when the model agrees. Greedy output does not change.
  */
-export interface SpeculativeOptions {
+export interface NgramSpeculation {
   method: "ngram";
   /** Tokens predicted ahead at most (vLLM's num_speculative_tokens). */
   tokens: number;
   /** Shortest run of last tokens looked up in the prompt (vLLM's prompt_lookup_min). */
   minPattern: number;
+  /** No predictions while more generations than this run on the version (vLLM's disable_by_batch_size); none: always. */
+  disableByBatchSize?: number;
 }
+
+/**
+ * Speculative decoding with a draft model (vLLM's draft_model, llama-server's
+ * --model-draft): a smaller model with the target's tokenizer runs ahead of each slot
+ * on a sequence of its own, and the target checks its guesses in one step.
+ */
+export interface DraftSpeculation {
+  method: "draft";
+  /** Tokens drafted ahead at most (llama-server's --draft-max). */
+  tokens: number;
+  /** The draft GGUF file. */
+  path: string;
+  /** Pinned hash of the draft file; checked before it loads. */
+  sha256?: string;
+  /** The draft stops guessing below this probability for its token (llama-server's --draft-p-min). */
+  minConfidence: number;
+  /**
+   * No drafting while more generations than this run on the version (vLLM's
+   * disable_by_batch_size); none: DEFAULT_DRAFT_DISABLE_BY_BATCH_SIZE.
+   */
+  disableByBatchSize?: number;
+}
+
+export type SpeculativeOptions = NgramSpeculation | DraftSpeculation;
+
+/**
+ * Tokens a draft guesses ahead by default: 8 gave 1.27× and 4 gave 1.21× on Llama 3.2 1B's
+ * shape with a draft that agrees (`npm run bench -- draft`; llama-server's default is 16).
+ */
+export const DEFAULT_DRAFT_TOKENS = 8;
+/** node-llama-cpp's default for its draft predictor's minimum confidence. */
+export const DEFAULT_DRAFT_MIN_CONFIDENCE = 0.6;
+/**
+ * A draft guesses for a lone generation only, by default: with several, each slot waits
+ * on its own draft and the steps that batched them fall apart (measured on Llama 3.2 1B's
+ * shape, c=4: 0.45–0.59× without the limit; README, Measured).
+ */
+export const DEFAULT_DRAFT_DISABLE_BY_BATCH_SIZE = 1;
 
 /** What speculation did on a version: predicted tokens the model then confirmed or refuted. */
 export interface SpeculationStats {
@@ -169,7 +209,7 @@ export interface MemoryFootprint {
   vram: number;
 }
 
-export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "slots" | "flashAttention" | "gpuLayers" | "embeddings" | "kvCacheTypes">;
+export type EstimateOptions = Pick<LoadOptions, "id" | "path" | "ctxSize" | "parallel" | "slots" | "flashAttention" | "gpuLayers" | "embeddings" | "kvCacheTypes" | "speculative">;
 
 /** The slot classes a load makes, smallest first. */
 export function slotClassesOf(opts: Pick<LoadOptions, "ctxSize" | "parallel" | "slots">): SlotClass[] {

@@ -339,6 +339,9 @@ export class Residency {
       // Fetching the artifact does not hold the queue: other versions load meanwhile.
       try {
         await ensureArtifact(r.spec, { progressStream: this.opts.progressStream, log: (m) => log.info(m) });
+        // A draft model is pinned like a version: present, and the file its hash names.
+        const spec = this.loadShape(r).speculative;
+        if (spec?.method === "draft") await ensureArtifact({ id: `${r.key} (draft)`, path: spec.path, sha256: spec.sha256, sources: [] });
       } catch (err) {
         // A download that failed is kept (.partial) and resumed by the next request's load.
         // Why it failed (paths, sources) is for operators: clients get the code.
