@@ -126,6 +126,23 @@ describe("speculative decoding (draft model)", () => {
     expect((await guesses()) - afterOne).toBeLessThan(48);
   });
 
+  it("a generation stopped mid-stream leaves the draft behind its slot; the next one on that slot (its prefix reused) catches up and drafts the same text", async () => {
+    const ac = new AbortController();
+    const res = await fetch(`${gated.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: "stories260K", prompt: "Once upon a time", max_tokens: 200, temperature: 0, ignore_eos: true, stream: true }),
+      signal: ac.signal,
+    });
+    const reader = res.body!.getReader();
+    let seen = "";
+    while (!seen.includes("\n\ndata:") || seen.split("\n\ndata:").length < 8) seen += new TextDecoder().decode((await reader.read()).value);
+    ac.abort();
+    await reader.cancel().catch(() => {});
+    const [a, b] = await Promise.all([complete(gated, "Once upon a time, there was"), complete(plain, "Once upon a time, there was")]);
+    await expectSameUpToNearTies("Once upon a time, there was", a.choices[0]!.text, b.choices[0]!.text);
+  });
+
   it("refuses at load a draft whose tokenizer is not the target's, naming it", async () => {
     const engine = await Engine.create("cpu");
     try {

@@ -19,6 +19,8 @@ import type { EngineFaults, StepObserver } from "./types.js";
 export class StepGate {
   private spins = 0;
   static readonly MAX_SPINS = 64;
+  /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (output-order-guard.ts). */
+  mixedStep = false;
 
   constructor(
     private readonly observer: StepObserver,
@@ -41,6 +43,7 @@ export class StepGate {
     const batch = sequenceOrdered({ items, size });
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;
+    this.mixedStep = tokens > batch.length;
     this.observer.onStep(this.slotClass, batch.length, tokens);
     return batch;
   };

@@ -6,6 +6,7 @@
  */
 import { TokenPredictor, type Llama, type LlamaContext, type LlamaContextSequence, type LlamaModel, type SequenceEvaluateOptions, type Token } from "node-llama-cpp";
 import { sequenceOrdered } from "./batch-strategy.js";
+import { guardOutputReorder } from "./output-order-guard.js";
 import { firstLine, ModelLoadError, type DraftSpeculation, type MemoryFootprint } from "./types.js";
 
 /** A context the draft mirrors: the target class's sequences, tokens per sequence and batch size. */
@@ -42,18 +43,19 @@ export class DraftModel {
     const contexts: LlamaContext[] = [];
     try {
       for (const s of shapes) {
-        contexts.push(
-          await model.createContext({
-            sequences: s.sequences,
-            contextSize: s.contextSize,
-            batchSize: s.batchSize,
-            threads: o.threads,
-            // Draft sequence i mirrors target slot i and carries its tagged priority:
-            // steps in sequence order keep one ubatch per step here too.
-            batching: { itemPrioritizationStrategy: sequenceOrdered },
-            flashAttention: o.flashAttention(model),
-          }),
-        );
+        const context = await model.createContext({
+          sequences: s.sequences,
+          contextSize: s.contextSize,
+          batchSize: s.batchSize,
+          threads: o.threads,
+          // Draft sequence i mirrors target slot i and carries its tagged priority:
+          // steps in sequence order keep one ubatch per step here too.
+          batching: { itemPrioritizationStrategy: sequenceOrdered },
+          flashAttention: o.flashAttention(model),
+        });
+        // Catch-ups (a prompt) share steps with other slots' guesses: always guarded.
+        guardOutputReorder(context);
+        contexts.push(context);
       }
     } catch (err) {
       for (const c of contexts) await c.dispose();

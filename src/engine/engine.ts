@@ -8,6 +8,7 @@ import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type
 import { StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
+import { guardOutputReorder } from "./output-order-guard.js";
 import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
@@ -206,6 +207,7 @@ export class Engine {
           experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
+        guardOutputReorder(context, () => stepGate.mixedStep);
         contexts.push({ context, ctxSize: contextSize });
         shapes.push({ sequences: cls.count, contextSize, batchSize });
       }
