@@ -126,7 +126,7 @@ describe("speculative decoding (draft model)", () => {
     expect((await guesses()) - afterOne).toBeLessThan(48);
   });
 
-  it("a generation stopped mid-stream leaves the draft behind its slot; the next one on that slot (its prefix reused) catches up and drafts the same text", async () => {
+  it("a generation stopped mid-stream, then a new one (its prefix reused; its first steps shared with the stopped one's last): the same greedy text", async () => {
     const ac = new AbortController();
     const res = await fetch(`${gated.url}/v1/completions`, {
       method: "POST",
