@@ -78,6 +78,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     ctxSize: options.ctxSize,
     slots: options.slots,
     speculative: options.speculative,
+    speculativeDisableByBatchSize: options.speculativeDisableByBatchSize,
     chatTemplate: options.chatTemplate,
     flashAttention: options.flashAttention,
     cacheTypeK: options.cacheTypeK,

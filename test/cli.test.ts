@@ -93,8 +93,8 @@ describe("command line parsing", () => {
     expect(spec(["--speculative", "ngram:5"])).toEqual({ method: "ngram", tokens: 5, minPattern: 1 });
     expect(spec(["--model-draft", "d.gguf"])).toEqual({ method: "draft", tokens: 8, path: resolve("d.gguf"), minConfidence: 0.6 });
     expect(spec(["--speculative", "draft:8", "--model-draft", "/m/d.gguf", "--draft-p-min", "0"])).toEqual({ method: "draft", tokens: 8, path: "/m/d.gguf", minConfidence: 0 });
-    expect(spec(["--model-draft", "/d.gguf", "--speculative-disable-by-batch-size", "4"])).toEqual({ method: "draft", tokens: 8, path: "/d.gguf", minConfidence: 0.6, disableByBatchSize: 4 });
-    expect(spec(["--speculative", "ngram", "--speculative-disable-by-batch-size", "2"])).toEqual({ method: "ngram", tokens: 3, minPattern: 1, disableByBatchSize: 2 });
+    const limit = parseCommandLine(["--speculative-disable-by-batch-size", "4"], {});
+    expect(limit.kind === "run" && [limit.options.speculative, limit.options.speculativeDisableByBatchSize]).toEqual([undefined, 4]);
     expect(() => spec(["--speculative", "draft"])).toThrow(/--speculative draft: name the draft model with --model-draft FILE/);
     expect(() => spec(["--speculative", "ngram", "--model-draft", "d.gguf"])).toThrow(/--model-draft: goes with --speculative draft/);
     for (const bad of [["--speculative", "ngram:17"], ["--speculative", "draft:0"], ["--speculative", "eagle"], ["--draft-p-min", "2"]]) expect(() => spec(bad), bad.join(" ")).toThrow(ConfigError);

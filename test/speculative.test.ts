@@ -4,11 +4,16 @@
  * `speculative.model`), through the real engine and server: greedy output is the same as
  * without it, and what it predicted and what the model kept is counted.
  */
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, relative } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parseModelsFile } from "../src/config/models-file.js";
+import { startServer } from "../src/server.js";
 import type { RunningServer } from "../src/server.js";
 import { Engine } from "../src/engine/engine.js";
 import { predictionCheckMended } from "../src/engine/speculation.js";
-import { sharedModel, startTestServer, STORIES, STORIES_GREEDY_PREFIX } from "./helpers/server.js";
+import { sharedModel, startTestServer, STORIES, STORIES_GREEDY_PREFIX, testServerOptions } from "./helpers/server.js";
 
 let spec: RunningServer;
 let plain: RunningServer;
@@ -141,6 +146,44 @@ describe("speculative decoding (draft model)", () => {
     await reader.cancel().catch(() => {});
     const [a, b] = await Promise.all([complete(gated, "Once upon a time, there was"), complete(plain, "Once upon a time, there was")]);
     await expectSameUpToNearTies("Once upon a time, there was", a.choices[0]!.text, b.choices[0]!.text);
+  });
+
+  it("from the models file: a draft pinned by its hash serves (relative to the file, with its settings); a wrong hash fails that version only, naming the draft, never to clients", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "spindle-draft-"));
+    const file = join(dir, "models.yaml");
+    const yaml = `models:
+  - id: drafted
+    file: ${sharedModel("stories260K.gguf")}
+    ctx_size: 512
+    speculative: { model: ${relative(dir, sharedModel("stories260K-chat.gguf"))}, sha256: 98234cb2bfd666ea2460cb4418428b56f59313b5610130f3d43fd92b487b7da0, num_speculative_tokens: 3, draft_p_min: 0 }
+  - id: mispinned
+    file: ${sharedModel("stories260K.gguf")}
+    ctx_size: 512
+    speculative: { model: ${sharedModel("stories260K-chat.gguf")}, sha256: "${"0".repeat(64)}" }
+`;
+    writeFileSync(file, yaml);
+    // The command line's batch-size limit applies to the file's speculation too.
+    const server = await startServer(testServerOptions({ loadOnDemand: "any", speculativeDisableByBatchSize: 4 }), parseModelsFile(yaml, file));
+    try {
+      const post = (model: string) =>
+        fetch(`${server.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model, prompt: "Once upon a time", max_tokens: 32, temperature: 0 }) });
+      const [a, b] = await Promise.all([post("drafted").then((r) => r.json()), complete(plain, "Once upon a time", 32)]);
+      await expectSameUpToNearTies("Once upon a time", (a as { choices: Array<{ text: string }> }).choices[0]!.text, b.choices[0]!.text);
+      const view = (await (await fetch(`${server.url}/v1/models/drafted`)).json()) as ModelView;
+      expect(view.versions[0]!.speculative).toMatchObject({ method: "draft", tokens: 3 });
+      expect(view.versions[0]!.speculative.accepted).toBeGreaterThan(0);
+      const guesses = (v: ModelView) => v.versions[0]!.speculative.accepted + v.versions[0]!.speculative.rejected;
+      await Promise.all(Array.from({ length: 4 }, () => post("drafted").then((r) => r.json())));
+      // Four at once still guess (the default limit, 1, would leave them a few steps' worth: under 48).
+      expect(guesses((await (await fetch(`${server.url}/v1/models/drafted`)).json()) as ModelView) - guesses(view)).toBeGreaterThan(48);
+      const refused = await post("mispinned");
+      expect(refused.status).toBe(503);
+      expect(await refused.text()).not.toContain("shared/models");
+      const status = (await (await fetch(`${server.url}/admin/status`)).json()) as { versions: Array<{ id: string; error?: string }> };
+      expect(status.versions.find((v) => v.id.startsWith("mispinned@"))!.error).toMatch(/\(draft\)": sha256 mismatch/);
+    } finally {
+      await server.close();
+    }
   });
 
   it("refuses at load a draft whose tokenizer is not the target's, naming it", async () => {

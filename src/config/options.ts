@@ -449,15 +449,14 @@ export type OptionDeclaration = (typeof OPTIONS)[number];
  * `--speculative draft`), --draft-p-min tunes it; a draft method without a draft file, or
  * a draft file with prompt lookup, is a mistake said in one line.
  */
-export function resolveSpeculation(o: Pick<ServerOptions, "speculative" | "modelDraft" | "draftMinConfidence" | "speculativeDisableByBatchSize">): SpeculativeOptions | undefined {
+export function resolveSpeculation(o: Pick<ServerOptions, "speculative" | "modelDraft" | "draftMinConfidence">): SpeculativeOptions | undefined {
   const s = o.speculative;
-  const gate = o.speculativeDisableByBatchSize !== undefined ? { disableByBatchSize: o.speculativeDisableByBatchSize } : {};
   if (o.modelDraft === undefined) {
     if (s?.method === "draft") throw new ConfigError("--speculative draft: name the draft model with --model-draft FILE");
-    return s && { ...s, ...gate };
+    return s;
   }
   if (s?.method === "ngram") throw new ConfigError("--model-draft: goes with --speculative draft[:N], not ngram");
-  return { method: "draft", tokens: s?.tokens ?? DEFAULT_DRAFT_TOKENS, path: o.modelDraft, minConfidence: o.draftMinConfidence, ...gate };
+  return { method: "draft", tokens: s?.tokens ?? DEFAULT_DRAFT_TOKENS, path: o.modelDraft, minConfidence: o.draftMinConfidence };
 }
 
 /** Every option at its default: what a server started with no flags and no environment runs with. */

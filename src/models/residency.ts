@@ -48,6 +48,8 @@ export interface ResidencyOptions {
   slots?: SlotClass[];
   /** Speculative decoding for every version (--speculative), over the models file's. */
   speculative?: SpeculativeOptions;
+  /** Every version's speculation pauses above this many generations (--speculative-disable-by-batch-size), the models file's included. */
+  speculativeDisableByBatchSize?: number;
   /** Overrides every version's chat template (--chat-template). */
   chatTemplate?: string;
   flashAttention: "auto" | "on" | "off";
@@ -392,9 +394,16 @@ export class Residency {
       flashAttention: this.opts.flashAttention,
       gpuLayers: spec.gpuLayers,
       embeddings: spec.embeddings !== undefined,
-      speculative: this.opts.speculative ?? spec.speculative,
+      speculative: this.speculationFor(spec.speculative),
       kvCacheTypes: { k: this.opts.cacheTypeK ?? spec.cacheTypeK ?? "f16", v: this.opts.cacheTypeV ?? spec.cacheTypeV ?? "f16" },
     };
+  }
+
+  /** The command line's speculation over the models file's, with the command line's batch-size limit on either. */
+  private speculationFor(fromFile: SpeculativeOptions | undefined): SpeculativeOptions | undefined {
+    const s = this.opts.speculative ?? fromFile;
+    const limit = this.opts.speculativeDisableByBatchSize;
+    return s && limit !== undefined ? { ...s, disableByBatchSize: limit } : s;
   }
 
   private fits(need: MemoryFootprint): boolean {
