@@ -8,6 +8,9 @@
  *   top-k            engine decode ms/token at temperature 1 with top-k 40 vs off, on the 32k vocabulary
  *   flash-attention  prefill and decode with llama.cpp's flash attention on vs off (CPU), per binary
  *                    (--engine-build prebuilt|local), on stories260K and the W2 synthetic model
+ *   step-thread      decode tok/s with steps and samples in libuv jobs vs on the JavaScript thread
+ *                    (a local build of the mended addon), one and eight sequences, W2; and where a
+ *                    token's time goes in jobs
  *
  * Every comparison alternates its sides (A B A B …) and prints medians with their range.
  */
@@ -18,11 +21,12 @@ import { Histogram, Registry } from "prom-client";
 import { HotHistogram } from "../src/telemetry/hot-histogram.js";
 import { ROOT } from "./lib/processes.js";
 import { binaryOptions } from "../src/engine/engine.js";
+import { canStepOnJsThread } from "../src/engine/step-thread.js";
 import type { EngineBinary } from "../src/engine/types.js";
 
 const SHARED = join(ROOT, "..", "shared", "models");
 
-export const MICRO_COMMANDS = ["startup", "histogram", "threads", "top-k", "flash-attention"] as const;
+export const MICRO_COMMANDS = ["startup", "histogram", "threads", "top-k", "flash-attention", "step-thread"] as const;
 export type MicroCommand = (typeof MICRO_COMMANDS)[number];
 
 function median(xs: number[]): number {
@@ -184,6 +188,95 @@ async function flashAttention(rounds: number, w2Path: string, binary: EngineBina
   return `| binary | model | what | flash attention off | on | on ÷ off |\n|---|---|---|---|---|---|\n${rows.join("\n")}`;
 }
 
+interface AddonContextCalls {
+  decodeBatch(): Promise<void>;
+  sampleToken(...args: unknown[]): Promise<unknown>;
+  decodeBatchNow(): Promise<void>;
+  sampleTokenNow(...args: unknown[]): Promise<unknown>;
+}
+
+/**
+ * Steps in libuv jobs (node-llama-cpp's way) against samples, then steps and samples, on
+ * the JavaScript thread (step-thread.ts), with node-llama-cpp alone on one context: one
+ * sequence and eight, 128 greedy tokens each, W2's 32k vocabulary. In the jobs rounds each
+ * call's time from call to result is recorded: the decode job, the sample job, and the
+ * JavaScript thread's time from a sample's result to the next decode.
+ */
+async function stepThread(rounds: number, w2Path: string): Promise<string> {
+  const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error, ...binaryOptions("local") });
+  if (!canStepOnJsThread(llama)) {
+    await llama.dispose();
+    throw new Error("step-thread: needs a local build of the mended addon source (npm ci, then npm run engine:build)");
+  }
+  const rows: string[] = [];
+  try {
+    const model = await llama.loadModel({ modelPath: w2Path });
+    const ctx = await model.createContext({ contextSize: 8 * 512, sequences: 8, threads: 1, flashAttention: true, batchSize: 512 });
+    const addon = (ctx as unknown as { _ctx: AddonContextCalls })._ctx;
+    const jobs = { decode: addon.decodeBatch.bind(addon), sample: addon.sampleToken.bind(addon) };
+    const here = { decode: addon.decodeBatchNow.bind(addon), sample: addon.sampleTokenNow.bind(addon) };
+    let mode: "jobs" | "samples here" | "steps here" = "jobs";
+    /** Per call in jobs mode: [kind, start, end]. */
+    const calls: Array<[string, number, number]> = [];
+    const timed = <T>(kind: string, p: Promise<T>, t0: number): Promise<T> => p.then((v) => (calls.push([kind, t0, performance.now()]), v));
+    Object.defineProperty(addon, "decodeBatch", {
+      configurable: true,
+      value: () => (mode === "steps here" ? here.decode() : mode === "jobs" ? timed("decode", jobs.decode(), performance.now()) : jobs.decode()),
+    });
+    Object.defineProperty(addon, "sampleToken", {
+      configurable: true,
+      value: (...a: unknown[]) => (mode === "jobs" ? timed("sample", jobs.sample(...a), performance.now()) : here.sample(...a)),
+    });
+    const prompt = model.tokenize("Once upon a time, in a land far away, there lived", true) as Token[];
+    for (const n of [1, 8]) {
+      const seqs = Array.from({ length: n }, () => ctx.getSequence());
+      const run = (m: typeof mode) => async () => {
+        mode = m;
+        await Promise.all(seqs.map((s) => s.clearHistory()));
+        const t0 = performance.now();
+        let tokens = 0;
+        await Promise.all(
+          seqs.map(async (s) => {
+            let k = 0;
+            for await (const _ of s.evaluate(prompt, { temperature: 0, topK: 1, yieldEogToken: true })) {
+              tokens++;
+              if (++k >= 128) break;
+            }
+          }),
+        );
+        return (tokens / (performance.now() - t0)) * 1000;
+      };
+      calls.length = 0;
+      const r = await alternate(rounds, { jobs: run("jobs"), "samples here": run("samples here"), "steps here": run("steps here") });
+      for (const k of ["samples here", "steps here"] as const) {
+        rows.push(`| ${n} | ${k} ÷ jobs | ${fmt(r.jobs, 0)} tok/s | ${fmt(r[k], 0)} tok/s | ${fmt(r[k].map((v, i) => v / r.jobs[i]!), 2)} |`);
+      }
+      if (n === 1) {
+        // Skip each round's prompt step: the decode jobs that follow a sample.
+        const decode: number[] = [];
+        const sample: number[] = [];
+        const back: number[] = [];
+        for (let i = 1; i < calls.length; i++) {
+          const [kind, start, end] = calls[i]!;
+          const prev = calls[i - 1]!;
+          if (kind === "decode" && prev[0] === "sample" && start - prev[2] < 5) {
+            decode.push(end - start);
+            back.push(start - prev[2]);
+          }
+          if (kind === "sample") sample.push(end - start);
+        }
+        rows.push(`| 1 | in jobs, per token: decode job ${fmt(decode, 3)} ms, sample job ${fmt(sample, 3)} ms, sample's result to the next decode ${fmt(back, 3)} ms | | | |`);
+      }
+      for (const s of seqs) s.dispose();
+    }
+    await ctx.dispose();
+    await model.dispose();
+  } finally {
+    await llama.dispose();
+  }
+  return `libuv pool: ${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"} thread(s)\n\n| sequences | what | jobs | here | here ÷ jobs |\n|---|---|---|---|---|\n${rows.join("\n")}`;
+}
+
 export async function micro(command: MicroCommand, rounds: number, opts: { w2Path?: string; engineBuild?: EngineBinary } = {}): Promise<string> {
   const header = "| measurement | median (min–max) |\n|---|---|\n";
   switch (command) {
@@ -197,5 +290,7 @@ export async function micro(command: MicroCommand, rounds: number, opts: { w2Pat
       return header + (await topK(rounds));
     case "flash-attention":
       return flashAttention(rounds, opts.w2Path!, opts.engineBuild ?? "auto");
+    case "step-thread":
+      return stepThread(rounds, opts.w2Path!);
   }
 }

@@ -1,38 +1,162 @@
 #!/usr/bin/env node
 /**
- * Mends one line of node-llama-cpp 3.21.1 after every install (npm's postinstall).
+ * Mends node-llama-cpp 3.21.1 after every install (npm's postinstall). Two mends:
  *
- * Its speculative evaluation (LlamaContextSequence._speculativeEvaluate) checks each
- * predicted token against the model's output for the token before it. For the second
- * prediction on, it reads that output from `validatedTokens`, an array nothing ever
- * fills: so at most one predicted token per step is ever kept, and every later one is
- * evaluated, refuted and erased, whatever the predictor (prompt lookup or a draft model).
- * The output it needs is the one just recorded in `_loadedTokenPredictions`.
+ * 1. Its JavaScript (used by every binary). Its speculative evaluation
+ *    (LlamaContextSequence._speculativeEvaluate) checks each predicted token against the
+ *    model's output for the token before it. For the second prediction on, it reads that
+ *    output from `validatedTokens`, an array nothing ever fills: so at most one predicted
+ *    token per step is ever kept, and every later one is evaluated, refuted and erased,
+ *    whatever the predictor (prompt lookup or a draft model). The output it needs is the
+ *    one just recorded in `_loadedTokenPredictions`. The engine checks at load whether this
+ *    mend is in place (src/engine/speculation.ts) and, where it is not, predicts one token
+ *    per step, which the unmended code checks correctly.
  *
- * Idempotent; anything but the exact 3.21.1 text is left alone and said. The engine
- * checks at load whether the mend is in place (src/engine/speculation-check.ts) and, where
- * it is not, predicts one token per step, which the unmended code checks correctly.
+ * 2. Its addon's C++ source (used only by a local build, `npm run engine:build`, which
+ *    compiles that source; the prebuilt binaries are untouched). The addon samples every
+ *    token in a libuv job of its own: two thread hand-offs per token on top of the decode
+ *    step's two, which on one sequence cost more than the sampling itself. The mend adds
+ *    `sampleTokenNow`, the same sampling run on the calling (JavaScript) thread and
+ *    returned as a settled promise; src/engine/sampling-thread.ts decides when to use it.
+ *
+ * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
-const file = join(root, "node_modules", "node-llama-cpp", "dist", "evaluator", "LlamaContext", "LlamaContext.js");
-const BUGGY = ": validatedTokens.at(-1)?.[1];";
-const MENDED = ": this._loadedTokenPredictions.at(-1)?.[1]?.[0]; /* mended by spindle: scripts/patch-node-llama-cpp.mjs */";
+const pkg = join(root, "node_modules", "node-llama-cpp");
 
-if (!existsSync(file)) {
+if (!existsSync(join(pkg, "package.json"))) {
   process.stdout.write("patch-node-llama-cpp: node-llama-cpp is not installed; nothing to mend\n");
   process.exit(0);
 }
-const version = JSON.parse(readFileSync(join(root, "node_modules", "node-llama-cpp", "package.json"), "utf8")).version;
-const text = readFileSync(file, "utf8");
-if (text.includes(MENDED)) process.exit(0);
-const at = text.indexOf(BUGGY);
-if (version !== "3.21.1" || at < 0 || text.indexOf(BUGGY, at + 1) >= 0) {
-  process.stdout.write(`patch-node-llama-cpp: node-llama-cpp ${version} does not have the line this mends; left as it is (speculation predicts one token per step)\n`);
-  process.exit(0);
+const version = JSON.parse(readFileSync(join(pkg, "package.json"), "utf8")).version;
+const say = (line) => process.stdout.write(`patch-node-llama-cpp: ${line}\n`);
+
+/** Replaces the one occurrence of `from` by `to` in `text`; undefined when it is not there exactly once. */
+function once(text, from, to) {
+  const at = text.indexOf(from);
+  if (at < 0 || text.indexOf(from, at + 1) >= 0) return undefined;
+  return text.slice(0, at) + to + text.slice(at + from.length);
 }
-writeFileSync(file, text.slice(0, at) + MENDED + text.slice(at + BUGGY.length));
-process.stdout.write("patch-node-llama-cpp: mended the check of speculative predictions in node-llama-cpp 3.21.1\n");
+
+// 1. The check of speculative predictions (JavaScript).
+{
+  const file = join(pkg, "dist", "evaluator", "LlamaContext", "LlamaContext.js");
+  const BUGGY = ": validatedTokens.at(-1)?.[1];";
+  const MENDED = ": this._loadedTokenPredictions.at(-1)?.[1]?.[0]; /* mended by spindle: scripts/patch-node-llama-cpp.mjs */";
+  const text = readFileSync(file, "utf8");
+  if (!text.includes(MENDED)) {
+    const mended = version === "3.21.1" ? once(text, BUGGY, MENDED) : undefined;
+    if (mended === undefined) say(`node-llama-cpp ${version} does not have the line this mends; left as it is (speculation predicts one token per step)`);
+    else {
+      writeFileSync(file, mended);
+      say("mended the check of speculative predictions in node-llama-cpp 3.21.1");
+    }
+  }
+}
+
+// 2. Sampling on the calling thread (the addon's C++ source, for local builds).
+{
+  const MARK = "/* spindle: decodeBatchNow, sampleTokenNow (scripts/patch-node-llama-cpp.mjs) */";
+  const cppFile = join(pkg, "llama", "addon", "AddonContext.cpp");
+  const hFile = join(pkg, "llama", "addon", "AddonContext.h");
+  const cpp = existsSync(cppFile) ? readFileSync(cppFile, "utf8") : "";
+  const h = existsSync(hFile) ? readFileSync(hFile, "utf8") : "";
+  if (!cpp.includes(MARK)) {
+    const mended = version === "3.21.1" ? mendAddon(cpp, h, MARK) : undefined;
+    if (mended === undefined) say(`node-llama-cpp ${version}'s addon source is not the one this mends; left as it is (a local build samples in libuv jobs)`);
+    else {
+      writeFileSync(cppFile, mended.cpp);
+      writeFileSync(hFile, mended.h);
+      say("added sampleTokenNow to node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)");
+    }
+  }
+}
+
+/** Gives a worker class RunHere(): its job run on the calling thread, its promise settled (errors kept where that thread reads them). */
+function addRunHere(worker, setErrors, mark) {
+  if ((worker.match(/SetError\(/g) ?? []).length !== setErrors) return undefined;
+  return once(
+    worker.replaceAll("SetError(", "Fail("),
+    "        Napi::Promise GetPromise() {\n            return deferred.Promise();\n        }\n",
+    `        Napi::Promise GetPromise() {
+            return deferred.Promise();
+        }
+
+        ${mark}
+        // Runs the job on the calling thread and settles its promise; never queued, so
+        // the caller deletes the worker.
+        Napi::Promise RunHere() {
+            Execute();
+            if (failed) {
+                OnError(Napi::Error::New(Env(), failure));
+            } else {
+                OnOK();
+            }
+            return GetPromise();
+        }
+        bool failed = false;
+        std::string failure;
+        void Fail(const std::string& message) {
+            failed = true;
+            failure = message;
+            SetError(message);
+        }
+`,
+  );
+}
+
+/** Replaces the text from `startText` up to `endText` (exclusive) by `edit` of it. */
+function editBetween(text, startText, endText, edit) {
+  const start = text.indexOf(startText);
+  const end = text.indexOf(endText, start);
+  if (start < 0 || end < start) return undefined;
+  const edited = edit(text.slice(start, end));
+  return edited === undefined ? undefined : text.slice(0, start) + edited + text.slice(end);
+}
+
+function mendAddon(cpp, h, mark) {
+  let out = editBetween(cpp, "class AddonContextDecodeBatchWorker : public Napi::AsyncWorker {", "class AddonContextLoadContextWorker", (w) => addRunHere(w, 4, mark));
+  if (out === undefined) return undefined;
+  out = editBetween(out, "class AddonContextSampleTokenWorker : public Napi::AsyncWorker {", "AddonContext::AddonContext(const Napi::CallbackInfo& info)", (w) => addRunHere(w, 5, mark));
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "Napi::Value AddonContext::SampleToken(const Napi::CallbackInfo& info) {\n    AddonContextSampleTokenWorker* worker = new AddonContextSampleTokenWorker(info, this);\n    worker->Queue();\n    return worker->GetPromise();\n}\n",
+    `Napi::Value AddonContext::SampleToken(const Napi::CallbackInfo& info) {
+    AddonContextSampleTokenWorker* worker = new AddonContextSampleTokenWorker(info, this);
+    worker->Queue();
+    return worker->GetPromise();
+}
+${mark}
+Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
+    AddonContextDecodeBatchWorker* worker = new AddonContextDecodeBatchWorker(info.Env(), this);
+    Napi::Promise promise = worker->RunHere();
+    delete worker;
+    return promise;
+}
+Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {
+    AddonContextSampleTokenWorker* worker = new AddonContextSampleTokenWorker(info, this);
+    Napi::Promise promise = worker->RunHere();
+    delete worker;
+    return promise;
+}
+`,
+  );
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    '                InstanceMethod("sampleToken", &AddonContext::SampleToken),\n',
+    '                InstanceMethod("sampleToken", &AddonContext::SampleToken),\n                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n                InstanceMethod("sampleTokenNow", &AddonContext::SampleTokenNow),\n',
+  );
+  const header = once(
+    h,
+    "        Napi::Value SampleToken(const Napi::CallbackInfo& info);\n",
+    `        Napi::Value SampleToken(const Napi::CallbackInfo& info);\n        ${mark}\n        Napi::Value DecodeBatchNow(const Napi::CallbackInfo& info);\n        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n`,
+  );
+  if (out === undefined || header === undefined) return undefined;
+  return { cpp: out, h: header };
+}

@@ -64,7 +64,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     maxConcurrent: options.keyMaxConcurrent,
     tokensPerMinute: options.keyTokensPerMinute,
   });
-  const engine = await Engine.create(options.gpu, options.engineBuild);
+  const engine = await Engine.create(options.gpu, options.engineBuild, options.stepThread);
   const config = Array.isArray(models) ? repositoryFromSpecs(models) : models;
   // Default budget: a safe share of the machine, leaving room for the process, the OS and page cache.
   const budget = {
@@ -125,7 +125,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     wsMaxConnectionsPerClient: options.wsMaxConnectionsPerClient,
     ...io.app,
   });
-  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}`);
+  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}, ${engine.jsThreadSteps ? "steps of one sequence on the JavaScript thread" : "every step in libuv jobs"}`);
   log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
     // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.

@@ -28,6 +28,15 @@ function fakeContext() {
       return i;
     },
   });
+  // The mended addon's jobs on the calling thread: settled before they return.
+  Object.defineProperty(proto, "decodeBatchNow", { writable: false, value: () => (log.push("decode now"), Promise.resolve()) });
+  Object.defineProperty(proto, "sampleTokenNow", {
+    writable: false,
+    value: (i: number) => {
+      log.push(`now ${i}`);
+      return Promise.resolve(i);
+    },
+  });
   const addon = Object.create(proto) as { decodeBatch(): Promise<void>; sampleToken(i: number): Promise<number> };
   return { context: { _ctx: addon } as unknown as LlamaContext, addon, log, maxRunning: () => maxRunning, reset: () => ((maxRunning = 0), (log.length = 0)) };
 }
@@ -51,6 +60,32 @@ describe("output-order guard", () => {
 
   it("without the guard, the first samples of a step overlap (what the guard exists to stop)", async () => {
     const f = fakeContext();
+    await f.addon.decodeBatch();
+    await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)));
+    expect(f.log.slice(0, 3)).toEqual(["decode", "start 0", "start 1"]);
+  });
+
+  it("a step marked for the JavaScript thread decodes and samples there, one after another; the next step decides afresh", async () => {
+    const f = fakeContext();
+    let here = true;
+    guardOutputReorder(f.context, () => true, () => here);
+    await f.addon.decodeBatch();
+    expect(await Promise.all([0, 1, 2].map((i) => f.addon.sampleToken(i)))).toEqual([0, 1, 2]);
+    expect(f.log).toEqual(["decode now", "now 0", "now 1", "now 2"]);
+    // Read as the step is decoded, not as it is sampled.
+    f.reset();
+    here = false;
+    await f.addon.decodeBatch();
+    here = true;
+    await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)));
+    expect(f.log.slice(0, 3)).toEqual(["decode", "start 0", "end 0"]);
+  });
+
+  it("an addon without decodeBatchNow and sampleTokenNow (the prebuilt binaries) steps in jobs whatever is asked", async () => {
+    const f = fakeContext();
+    Object.defineProperty(f.addon, "decodeBatchNow", { value: undefined });
+    Object.defineProperty(f.addon, "sampleTokenNow", { value: undefined });
+    guardOutputReorder(f.context, () => false, () => true);
     await f.addon.decodeBatch();
     await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)));
     expect(f.log.slice(0, 3)).toEqual(["decode", "start 0", "start 1"]);

@@ -6,6 +6,7 @@
  */
 import { availableParallelism } from "node:os";
 import { resolve } from "node:path";
+import { STEP_THREADS, type StepThread } from "../engine/step-thread.js";
 import { DEFAULT_DRAFT_MIN_CONFIDENCE, DEFAULT_DRAFT_TOKENS, ENGINE_BINARIES, KV_CACHE_TYPES, type EngineBinary, type KvCacheType, type SlotClass, type SpeculativeOptions } from "../engine/types.js";
 import { ConfigError } from "../errors.js";
 import { isValidName, normalizeSlots } from "./models-file.js";
@@ -33,6 +34,7 @@ export interface ServerOptions {
   gpu: GpuChoice;
   /** Which llama.cpp binary: node-llama-cpp's prebuilt one, or one built here (npm run engine:build). */
   engineBuild: EngineBinary;
+  stepThread: StepThread;
   parallel: number | undefined;
   ctxSize: number | undefined;
   /** A built-in template name or a Jinja file, for every model (overrides the models file and the GGUF's own). */
@@ -216,6 +218,11 @@ export const OPTIONS = [
     flag: "engine-build", env: "SPINDLE_ENGINE_BUILD", arg: ENGINE_BINARIES.join("|"), field: "engineBuild", defaultText: "`auto`",
     help: "llama.cpp binary: `local` is one compiled for this CPU by `npm run engine:build` (faster here: README, \"Engine builds\"), `prebuilt` node-llama-cpp's own, `auto` local when there is one",
     read: (r) => choice("engine-build", last(r), ENGINE_BINARIES), fallback: () => "auto" as const,
+  }),
+  option({
+    flag: "step-thread", env: "SPINDLE_STEP_THREAD", arg: STEP_THREADS.join("|"), field: "stepThread", defaultText: "`auto`",
+    help: "where a decode step and its sampling run: `auto` runs a step of one sequence and a few tokens on the JavaScript thread, saving four thread hand-offs per token, where the llama.cpp binary can (a local build: `npm run engine:build`), and every other step in libuv jobs; `pool` runs every step in libuv jobs, node-llama-cpp's way (README, \"Engine builds\")",
+    read: (r) => choice("step-thread", last(r), STEP_THREADS), fallback: () => "auto" as const,
   }),
   option({
     flag: "parallel", env: "SPINDLE_PARALLEL", arg: "N", field: "parallel", defaultText: "4 (or the models file)",

@@ -21,6 +21,9 @@ export class StepGate {
   static readonly MAX_SPINS = 64;
   /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (output-order-guard.ts). */
   mixedStep = false;
+  /** How many sequences and tokens the last batch formed carries. */
+  stepSequences = 0;
+  stepTokens = 0;
 
   constructor(
     private readonly observer: StepObserver,
@@ -44,6 +47,8 @@ export class StepGate {
     let tokens = 0;
     for (const b of batch) tokens += b.processAmount;
     this.mixedStep = tokens > batch.length;
+    this.stepSequences = batch.length;
+    this.stepTokens = tokens;
     this.observer.onStep(this.slotClass, batch.length, tokens);
     return batch;
   };

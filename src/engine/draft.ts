@@ -7,6 +7,7 @@
 import { TokenPredictor, type Llama, type LlamaContext, type LlamaContextSequence, type LlamaModel, type SequenceEvaluateOptions, type Token } from "node-llama-cpp";
 import { sequenceOrdered } from "./batch-strategy.js";
 import { guardOutputReorder } from "./output-order-guard.js";
+import { stepsOnJsThread } from "./step-thread.js";
 import { firstLine, ModelLoadError, type DraftSpeculation, type MemoryFootprint } from "./types.js";
 
 /** A context the draft mirrors: the target class's sequences, tokens per sequence and batch size. */
@@ -23,6 +24,8 @@ export interface DraftLoadOptions {
   gpuLayers: number | "max";
   /** Flash attention for the draft, decided from its own head size as for any model. */
   flashAttention: (model: LlamaModel) => boolean | "auto";
+  /** Steps of one sequence may run on the JavaScript thread, as the target's do (step-thread.ts). */
+  jsThreadSteps: boolean;
 }
 
 export class DraftModel {
@@ -43,6 +46,9 @@ export class DraftModel {
     const contexts: LlamaContext[] = [];
     try {
       for (const s of shapes) {
+        /** The shape of the step just formed, for where it runs. */
+        let sequences = 0;
+        let tokens = 0;
         const context = await model.createContext({
           sequences: s.sequences,
           contextSize: s.contextSize,
@@ -50,11 +56,19 @@ export class DraftModel {
           threads: o.threads,
           // Draft sequence i mirrors target slot i and carries its tagged priority:
           // steps in sequence order keep one ubatch per step here too.
-          batching: { itemPrioritizationStrategy: sequenceOrdered },
+          batching: {
+            itemPrioritizationStrategy: (x) => {
+              const batch = sequenceOrdered(x);
+              sequences = batch.length;
+              tokens = 0;
+              for (const b of batch) tokens += b.processAmount;
+              return batch;
+            },
+          },
           flashAttention: o.flashAttention(model),
         });
         // Catch-ups (a prompt) share steps with other slots' guesses: always guarded.
-        guardOutputReorder(context);
+        guardOutputReorder(context, undefined, () => o.jsThreadSteps && stepsOnJsThread(sequences, tokens));
         contexts.push(context);
       }
     } catch (err) {

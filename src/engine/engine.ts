@@ -9,6 +9,7 @@ import { StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
 import { guardOutputReorder } from "./output-order-guard.js";
+import { canStepOnJsThread, stepsOnJsThread, type StepThread } from "./step-thread.js";
 import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
@@ -56,9 +57,13 @@ export function binaryOptions(binary: EngineBinary): { cmakeOptions?: Record<str
 }
 
 export class Engine {
-  private constructor(readonly llama: Llama) {}
+  private constructor(
+    readonly llama: Llama,
+    /** Steps of one sequence run on the JavaScript thread rather than in libuv jobs (step-thread.ts). */
+    readonly jsThreadSteps: boolean,
+  ) {}
 
-  static async create(gpu: GpuBackend, binary: EngineBinary = "auto"): Promise<Engine> {
+  static async create(gpu: GpuBackend, binary: EngineBinary = "auto", stepThread: StepThread = "auto"): Promise<Engine> {
     let llama: Llama;
     try {
       llama = await getLlama({
@@ -81,7 +86,7 @@ export class Engine {
       await llama.dispose();
       throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
     }
-    return new Engine(llama);
+    return new Engine(llama, stepThread === "auto" && canStepOnJsThread(llama));
   }
 
   async vramTotal(): Promise<number> {
@@ -207,7 +212,8 @@ export class Engine {
           experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
-        guardOutputReorder(context, () => stepGate.mixedStep);
+        const js = this.jsThreadSteps;
+        guardOutputReorder(context, () => stepGate.mixedStep, () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens));
         contexts.push({ context, ctxSize: contextSize });
         shapes.push({ sequences: cls.count, contextSize, batchSize });
       }
@@ -221,6 +227,7 @@ export class Engine {
           threads: opts.threads,
           gpuLayers: opts.gpuLayers ?? "max",
           flashAttention: (m) => this.flashAttentionFor(opts.flashAttention ?? "auto", undefined, opts.id, headSizeOf(m.fileInfo)),
+          jsThreadSteps: this.jsThreadSteps,
         });
         draft.checkCompatible(opts.id, contexts[0]!.context);
       }

@@ -1,0 +1,139 @@
+/**
+ * Steps on the JavaScript thread (src/engine/step-thread.ts): a local build of the mended
+ * addon source decodes and samples a step of one sequence with `decodeBatchNow` and
+ * `sampleTokenNow` instead of libuv jobs, and every kind of sampling gives what the jobs
+ * give. The prebuilt binaries cannot: there every step stays in jobs.
+ *
+ * The comparisons need a local build (`npm run engine:build`), which CI does not make:
+ * there they are skipped, and the policy and the prebuilt fallback are what run.
+ */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Llama } from "node-llama-cpp";
+import { Engine } from "../src/engine/engine.js";
+import { samplesTaken } from "../src/engine/output-order-guard.js";
+import { canStepOnJsThread, JS_STEP_MAX_TOKENS, stepsOnJsThread } from "../src/engine/step-thread.js";
+import type { RunningServer } from "../src/server.js";
+import { captureLog, openaiClient, startTestServer, waitFor, STORIES, STORIES_GREEDY_PREFIX, TINY_RANDOM } from "./helpers/server.js";
+
+const ROOT = join(import.meta.dirname, "..");
+
+/** Whether this checkout has a local build whose addon can run steps on the calling thread. */
+async function localBuildStepsHere(): Promise<boolean> {
+  if (!existsSync(join(ROOT, "node_modules", "node-llama-cpp", "llama", "localBuilds"))) return false;
+  try {
+    const engine = await Engine.create("cpu", "local");
+    const can = canStepOnJsThread(engine.llama);
+    await engine.dispose();
+    return can;
+  } catch {
+    return false;
+  }
+}
+
+describe("where a step runs", () => {
+  it("one sequence and a few tokens on the JavaScript thread; several sequences or a prompt chunk in jobs", () => {
+    expect(stepsOnJsThread(1, 1)).toBe(true);
+    expect(stepsOnJsThread(1, JS_STEP_MAX_TOKENS)).toBe(true);
+    expect(stepsOnJsThread(1, JS_STEP_MAX_TOKENS + 1)).toBe(false);
+    expect(stepsOnJsThread(2, 2)).toBe(false);
+    const can = { _bindings: { AddonContext: { prototype: { decodeBatchNow() {}, sampleTokenNow() {} } } } } as unknown as Llama;
+    expect(canStepOnJsThread(can)).toBe(true);
+    expect(canStepOnJsThread({ _bindings: { AddonContext: { prototype: { sampleTokenNow() {} } } } } as unknown as Llama)).toBe(false);
+  });
+
+  it("the prebuilt binary runs every step in jobs, and the log says so", async () => {
+    const { log, lines } = captureLog();
+    const server = await startTestServer([STORIES], { engineBuild: "prebuilt" }, { log });
+    try {
+      expect(lines.find((l) => String(l.msg).startsWith("engine: "))?.msg).toMatch(/prebuilt binary.*every step in libuv jobs$/);
+      const before = { ...samplesTaken };
+      const r = await openaiClient(server).completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 8, temperature: 0 });
+      expect(r.choices[0]!.text.length).toBeGreaterThan(0);
+      expect(samplesTaken.jsThread).toBe(before.jsThread);
+      expect(samplesTaken.jobs - before.jobs).toBeGreaterThanOrEqual(8);
+    } finally {
+      await server.close();
+    }
+  });
+});
+
+describe.runIf(await localBuildStepsHere())("steps on the JavaScript thread (local build)", () => {
+  let auto: RunningServer;
+  let pool: RunningServer;
+
+  beforeAll(async () => {
+    const models = [{ ...STORIES, parallel: 4, ctxSize: 2048 }, { ...TINY_RANDOM, parallel: 4 }];
+    [auto, pool] = await Promise.all([
+      startTestServer(models, { engineBuild: "local", stepThread: "auto" }),
+      startTestServer(models, { engineBuild: "local", stepThread: "pool" }),
+    ]);
+  }, 60_000);
+  afterAll(async () => {
+    await Promise.all([auto?.close(), pool?.close()]);
+  });
+
+  /** Greedy alone and four at once, with logprobs, seeded temperature, a JSON schema, on a 512- and a 32k-token vocabulary. */
+  async function workload(server: RunningServer): Promise<unknown[]> {
+    const client = openaiClient(server);
+    const out: unknown[] = [];
+    out.push((await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 48, temperature: 0 })).choices[0]!.text);
+    const prompts = ["Once upon a time", "The little dog", "One day, Lily", "Tom and Sue"];
+    out.push(
+      await Promise.all(prompts.map(async (prompt) => (await client.completions.create({ model: "stories260K", prompt, max_tokens: 24, temperature: 0 })).choices[0]!.text)),
+    );
+    const lp = await client.chat.completions.create({ model: "llama-2-tiny-random", messages: [{ role: "user", content: "hi" }], max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 3 });
+    out.push(lp.choices[0]!.logprobs!.content!.map((t) => [t.token, t.logprob.toFixed(4), t.top_logprobs.map((x) => x.token)]));
+    out.push((await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 24, temperature: 0.9, seed: 7 })).choices[0]!.text);
+    const schema = { type: "object", properties: { name: { type: "string", maxLength: 12 } }, required: ["name"], additionalProperties: false };
+    out.push(
+      (await client.chat.completions.create({ model: "stories260K", messages: [{ role: "user", content: "Name?" }], max_tokens: 40, temperature: 0, response_format: { type: "json_schema", json_schema: { name: "n", schema } } })).choices[0]!.message.content,
+    );
+    return out;
+  }
+
+  it("gives exactly what steps in jobs give, and really runs the steps of one sequence on the JavaScript thread", async () => {
+    const before = { ...samplesTaken };
+    const viaJobs = await workload(pool);
+    expect(samplesTaken.jsThread).toBe(before.jsThread);
+    const mid = { ...samplesTaken };
+    const here = await workload(auto);
+    expect(samplesTaken.jsThread - mid.jsThread).toBeGreaterThan(100);
+    expect(here).toEqual(viaJobs);
+    expect((here[0] as string).startsWith(STORIES_GREEDY_PREFIX)).toBe(true);
+    JSON.parse(here[4] as string);
+  }, 60_000);
+
+  it("a request alone steps on the JavaScript thread; four at once step in jobs", async () => {
+    const client = openaiClient(auto);
+    let before = { ...samplesTaken };
+    await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 16, temperature: 0 });
+    expect(samplesTaken.jsThread - before.jsThread).toBeGreaterThanOrEqual(16);
+    expect(samplesTaken.jobs).toBe(before.jobs);
+    before = { ...samplesTaken };
+    await Promise.all([0, 1, 2, 3].map(() => client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0, ignore_eos: true } as never)));
+    expect(samplesTaken.jobs - before.jobs).toBeGreaterThan(32);
+  }, 60_000);
+
+  it("while one generation steps on the JavaScript thread, timers fire and the server answers others between its steps", async () => {
+    // One slot: its steps are never joined by another sequence's.
+    const one = await startTestServer([{ ...STORIES, parallel: 1, ctxSize: 2048 }], { engineBuild: "local", stepThread: "auto" });
+    try {
+      const before = samplesTaken.jsThread;
+      let done = false;
+      const long = openaiClient(one)
+        .completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 1500, temperature: 0, ignore_eos: true } as never)
+        .then((r) => ((done = true), r));
+      // waitFor polls on timers: it sees the generation midway only if the loop turns between steps.
+      await waitFor(() => samplesTaken.jsThread - before > 50);
+      expect(samplesTaken.jsThread - before).toBeLessThan(1000);
+      expect((await fetch(`${one.url}/health`)).status).toBe(200);
+      expect(samplesTaken.jsThread - before).toBeLessThan(1500);
+      expect(done).toBe(false);
+      expect((await long).usage?.completion_tokens).toBe(1500);
+    } finally {
+      await one.close();
+    }
+  }, 60_000);
+});
