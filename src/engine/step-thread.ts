@@ -6,10 +6,9 @@
  * job of its own: the JavaScript thread hands each job to the pool and sleeps until it is
  * handed the result, four thread hand-offs per token. llama-server runs its loop on one
  * thread. With one sequence nothing runs beside the step anyway, so the hand-offs are pure
- * delay: measured with node-llama-cpp alone on W2 (one sequence, a 32k vocabulary), the
- * decode job took 1.25 ms from call to result, sampling in a job another 0.12 ms, and the
- * hand-back to the next decode 0.15 ms; a step run on the JavaScript thread gave 1.23×
- * the tokens per second (`node bench/...`, README "Engine builds").
+ * delay: through the server, W2 at c=1 gave 1.16× the output tok/s with such steps on the
+ * JavaScript thread (`npm run bench -- w2`; node-llama-cpp alone: `npm run bench -- micro
+ * step-thread`, README "Engine builds").
  *
  * So a step of one sequence and a few tokens (a decode, or a speculative check) runs on
  * the JavaScript thread, blocking it for one step as llama-server's loop is blocked.
