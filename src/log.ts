@@ -10,6 +10,8 @@ import pretty from "pino-pretty";
 export type { Logger };
 
 export function createLogger(level: string, tty = process.stdout.isTTY === true): Logger {
-  if (level === "silent" || !tty) return pino({ level });
+  if (level === "silent") return pino({ level });
+  // pino's default stream buffers and writes later: `listening on` could overtake the lines before it.
+  if (!tty) return pino({ level }, pino.destination({ dest: 1, sync: true }));
   return pino({ level }, pretty({ sync: true, translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" }));
 }
