@@ -85,6 +85,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     cacheTypeV: options.cacheTypeV,
     maxQueue: options.maxQueue,
     maxQueuedTokens: options.maxQueuedTokens,
+    schedulerDelayFactor: options.schedulerDelayFactor,
     budget,
     maxLoaded: options.maxLoadedModels,
     stateFile: options.stateFile ? new StateFile(options.stateFile) : undefined,

@@ -312,3 +312,66 @@ describe("WaitingQueue", () => {
     expect(q.shift(25_000)!.name).toBe("old-low");
   });
 });
+
+describe("arrivals at an idle model (the scheduler delay factor)", () => {
+  /** A fake whose sequences record when each generation's token loop started. */
+  function timedModel(stepMs: number) {
+    const model = fakeModel(4, stepMs);
+    const starts: number[] = [];
+    for (const seq of model.sequences) {
+      const generate = seq.generate.bind(seq);
+      seq.generate = (tokens: Token[]) => {
+        starts.push(performance.now());
+        return generate(tokens);
+      };
+    }
+    return { model, starts };
+  }
+
+  async function staggered(delayFactor: number): Promise<number> {
+    const { model, starts } = timedModel(40);
+    const s = new Scheduler(model, new StepTracker(undefined, delayFactor), { maxQueue: 8 });
+    // One request alone first: the tracker learns a step's time (40 ms) from its tokens.
+    await run(s, request({ maxTokens: 3 }));
+    starts.length = 0;
+    // Three requests at least 1 ms apart (timers) at the now idle model, twice: the first
+    // burst teaches the tracker that arrivals come in bursts; the second is measured.
+    for (let round = 0; round < 2; round++) {
+      starts.length = 0;
+      const done: Array<Promise<void>> = [];
+      for (let i = 0; i < 3; i++) {
+        done.push(run(s, request({ maxTokens: 1 })));
+        await new Promise((r) => setTimeout(r, 1));
+      }
+      await Promise.all(done);
+    }
+    return Math.max(...starts) - Math.min(...starts);
+  }
+
+  it("with a delay factor they start together; without, each as it came", async () => {
+    // 0.5 × 40 ms, capped: a 5 ms wait, which the three arrivals (2 ms or a little more from first to last) fall in.
+    expect(await staggered(0.5)).toBeLessThan(1);
+    expect(await staggered(0)).toBeGreaterThanOrEqual(1.9);
+  });
+
+  it("waits only at an idle class whose arrivals come in bursts, only when steps are long enough to matter, and at most 5 ms", async () => {
+    const t = new StepTracker(undefined, 0.5);
+    expect(t.arrivalGate(0)).toBeUndefined(); // no step time known yet
+    t.noteStepTime(0, 0.3);
+    expect(t.arrivalGate(0)).toBeUndefined(); // 0.15 ms: not worth a timer
+    t.noteStepTime(1, 200);
+    expect(t.arrivalGate(1)).toBeUndefined(); // a request alone so far starts at once
+    t.add(1, 1);
+    expect(t.arrivalGate(1)).toBeUndefined(); // running: the next step gathers it; but it came right after an idle start
+    t.add(1, -1);
+    const gate = t.arrivalGate(1); // so the next idle start waits
+    expect(gate).toBeDefined();
+    expect(t.arrivalGate(1)).toBe(gate); // and later arrivals share the wait
+    await gate;
+    const again = t.arrivalGate(1); // its wait gathered someone: it keeps waiting
+    expect(again).toBeDefined();
+    await again;
+    expect(t.arrivalGate(1)).toBeUndefined(); // that one gathered no one: a request alone starts at once again
+    expect(StepTracker.MAX_ARRIVAL_WAIT_MS).toBe(5);
+  });
+});

@@ -3,6 +3,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server.js";
 import { openaiClient, startTestServer, STORIES, waitFor, type TestServerOptions } from "./helpers/server.js";
 import { postSse } from "./helpers/sse.js";
+import { parseMetrics, sum } from "./helpers/prometheus.js";
 
 let server: RunningServer | undefined;
 afterEach(async () => {
@@ -232,4 +233,46 @@ describe("chunked prefill", () => {
     // Unchunked, one gap would be the whole prefill.
     expect(worst).toBeLessThan(prefillMs * 0.6);
   });
+});
+
+describe("requests arriving together at an idle model (--scheduler-delay-factor)", () => {
+  /** Steps made slow on purpose (the fault hook), so a step is worth waiting a little for. */
+  async function firstSteps(delayFactor: number): Promise<{ alone: number; steps: number }> {
+    const faults = { failNextSteps: 0, slowStepMs: 0, failNextLoads: 0 };
+    const s = await startTestServer([{ ...STORIES, parallel: 4 }], { schedulerDelayFactor: delayFactor }, { faults });
+    try {
+      const client = openaiClient(s);
+      const steps = async () => {
+        const m = parseMetrics(await (await fetch(`${s.url}/metrics`)).text());
+        return { alone: sum(m, "spindle_decode_step_sequences_bucket", { le: "1" }), steps: sum(m, "spindle_decode_step_sequences_count") };
+      };
+      faults.slowStepMs = 25;
+      // One request alone: the scheduler learns how long a step takes.
+      await client.completions.create({ model: "stories260K", prompt: "Once", max_tokens: 3, temperature: 0 });
+      // Two requests, 3 ms apart (at least), at the now idle model, twice: the first pair
+      // shows that arrivals come in bursts; the second pair is counted.
+      let before = await steps();
+      for (let round = 0; round < 2; round++) {
+        before = await steps();
+        const done: Array<Promise<unknown>> = [];
+        for (let i = 0; i < 2; i++) {
+          done.push(client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 2, temperature: 0 }));
+          await new Promise((r) => setTimeout(r, 3));
+        }
+        await Promise.all(done);
+      }
+      faults.slowStepMs = 0;
+      const after = await steps();
+      return { alone: after.alone - before.alone, steps: after.steps - before.steps };
+    } finally {
+      await s.close();
+    }
+  }
+
+  it("they share their first step instead of the first one stepping alone", async () => {
+    // 0.2 × a 25 ms step, capped at 5 ms: both arrive within the wait.
+    expect(await firstSteps(0.2)).toEqual({ alone: 0, steps: 2 });
+    // Without the wait the first steps alone, and the others catch up a step later.
+    expect((await firstSteps(0)).alone).toBeGreaterThanOrEqual(1);
+  }, 30_000);
 });

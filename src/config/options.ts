@@ -53,6 +53,8 @@ export interface ServerOptions {
   cacheTypeV: KvCacheType | undefined;
   maxQueue: number;
   maxQueuedTokens: number;
+  /** Arrivals at an idle slot class wait this fraction of a recent step for others arriving with them. */
+  schedulerDelayFactor: number;
   requestTimeoutSeconds: number;
   maxBodyBytes: number;
   metrics: boolean;
@@ -144,6 +146,9 @@ function choice<T extends string>(flag: string, raw: string, choices: readonly T
 }
 
 const last = (raw: string[]) => raw[raw.length - 1]!;
+
+/** Measured on W3 (README, "Measured"): arrivals a few milliseconds apart share their first step. */
+export const DEFAULT_SCHEDULER_DELAY_FACTOR = 0.1;
 
 /** `8x512,1x4096`: counts of slots and their tokens each. */
 export function parseSlots(raw: string): SlotClass[] {
@@ -302,6 +307,16 @@ export const OPTIONS = [
     flag: "max-queued-tokens", env: "SPINDLE_MAX_QUEUED_TOKENS", arg: "N", field: "maxQueuedTokens", defaultText: "65536",
     help: "prompt tokens that may wait, per model; beyond it 429",
     read: (r) => integer("max-queued-tokens", last(r), 1, 2 ** 30), fallback: () => 65536,
+  }),
+  option({
+    flag: "scheduler-delay-factor", env: "SPINDLE_SCHEDULER_DELAY_FACTOR", arg: "F", field: "schedulerDelayFactor", defaultText: String(DEFAULT_SCHEDULER_DELAY_FACTOR),
+    help: "a request that finds its model idle, where requests have been arriving in bursts, waits F × a recent decode step (at most 5 ms; none under 0.25 ms) for the others arriving with it, so they share their first step (vLLM's name; 0: never wait; README, \"Measured\", W3)",
+    read: (r) => {
+      const n = Number(last(r));
+      if (last(r).trim() === "" || !Number.isFinite(n) || n < 0 || n > 1) throw new ConfigError(`--scheduler-delay-factor: expected a number from 0 to 1, got "${last(r)}"`);
+      return n;
+    },
+    fallback: () => DEFAULT_SCHEDULER_DELAY_FACTOR,
   }),
   option({
     flag: "request-timeout", env: "SPINDLE_REQUEST_TIMEOUT", arg: "S", field: "requestTimeoutSeconds", defaultText: "600",

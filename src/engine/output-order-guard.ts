@@ -26,6 +26,8 @@ interface AddonContext {
   sampleTokenNow?(...args: unknown[]): Promise<unknown>;
 }
 
+const turnOfTheLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
 /** Samples taken so far, by where they ran (tests and benchmarks read it; a sum per token, nothing more). */
 export const samplesTaken = { jsThread: 0, jobs: 0 };
 
@@ -56,9 +58,11 @@ export function guardOutputReorder(context: LlamaContext, mayReorder: () => bool
         here = true;
         firstPending = false;
         first = undefined;
-        // One turn of the event loop first (I/O, timers, other requests): steps that settle
-        // at once would otherwise chain a whole generation into one macrotask.
-        return new Promise<void>((resolve) => setImmediate(resolve)).then(decodeNow);
+        // Then one turn of the event loop (I/O, timers, other requests) before the step
+        // counts as done: steps that settle at once would otherwise chain a whole
+        // generation into one macrotask, and requests that arrived during the step would
+        // miss the next batch, which is formed as soon as this one's samples are in.
+        return decodeNow!().then(turnOfTheLoop);
       }
       here = false;
       const reorder = mayReorder();

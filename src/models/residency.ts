@@ -58,6 +58,8 @@ export interface ResidencyOptions {
   cacheTypeV?: KvCacheType;
   maxQueue: number;
   maxQueuedTokens: number;
+  /** Arrivals at an idle slot class wait this fraction of a recent step (StepTracker.arrivalGate); 0 or absent: never. */
+  schedulerDelayFactor?: number;
   log: Logger;
   events: ModelEvents;
   faults?: EngineFaults;
@@ -457,7 +459,7 @@ export class Residency {
   private async loadInto(r: VersionRecord, t0: number): Promise<void> {
     const shape = this.loadShape(r);
     const { id, version } = r.spec;
-    const steps = new StepTracker(this.opts.events.schedulerObserver(id, version));
+    const steps = new StepTracker(this.opts.events.schedulerObserver(id, version), this.opts.schedulerDelayFactor ?? 0);
     const tLoad = performance.now();
     const engineModel = await this.engine.loadModel({
       ...shape,

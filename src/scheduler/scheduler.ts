@@ -460,6 +460,8 @@ export class Scheduler {
     const slotClass = seq.slotClass;
     // Unasked-for max_tokens means "until the context is full": this slot's context.
     const maxTokens = req.fillsContext ? Math.min(req.maxTokens, seq.ctxSize - req.promptTokens.length) : req.maxTokens;
+    const gathering = steps.arrivalGate(slotClass);
+    if (gathering !== undefined) await gathering;
     steps.add(slotClass, 1);
     let stillRunning = true;
     const stopRunning = () => {
@@ -530,7 +532,10 @@ export class Scheduler {
           if (generated.length < maxTokens && this.resumeGate === null && this.checkLive(req) === undefined) next = iter.next();
           const now = performance.now();
           if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
-          else steps.observer?.interTokenLatency((now - lastTokenAt) / 1000);
+          else {
+            steps.observer?.interTokenLatency((now - lastTokenAt) / 1000);
+            steps.noteStepTime(slotClass, now - lastTokenAt);
+          }
           lastTokenAt = now;
           const text = detok.push(token);
           if (text !== "") {

@@ -19,8 +19,76 @@ export class StepTracker implements StepObserver {
   /** Token loops between their first step and their end, not paused: per slot class (one context each). */
   private readonly runningIn: number[] = [0];
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
+  /** A recent decode step's time per class, ms: an exponential average of the token loops' inter-token times. */
+  private readonly stepMs: number[] = [];
+  /** Per class: the wait that arrivals at an idle class are gathering behind, while it lasts. */
+  private readonly gates: Array<Promise<void> | undefined> = [];
 
-  constructor(readonly observer: SchedulerObserver | undefined) {}
+  /**
+   * `delayFactor`: arrivals at an idle class wait this fraction of a recent step's time
+   * (at most MAX_ARRIVAL_WAIT_MS) for others arriving with them (arrivalGate); 0: never.
+   */
+  constructor(
+    readonly observer: SchedulerObserver | undefined,
+    private readonly delayFactor = 0,
+  ) {}
+
+  static readonly MAX_ARRIVAL_WAIT_MS = 5;
+  /** Shorter waits are not worth a timer: steps that short cost little to wait a whole one. */
+  static readonly MIN_ARRIVAL_WAIT_MS = 0.25;
+
+  /** A token loop saw `ms` between two of its tokens: about one decode step of its class. */
+  noteStepTime(slotClass: number, ms: number): void {
+    const prev = this.stepMs[slotClass];
+    this.stepMs[slotClass] = prev === undefined ? ms : prev + 0.1 * (ms - prev);
+  }
+
+  /** Per class: decode steps so far, and how many there were when a token loop last started it from idle without waiting. */
+  private readonly stepsIn: number[] = [];
+  private readonly idleStartStep: number[] = [];
+  /** Per class: whether its arrivals come in bursts. */
+  private readonly bursty: boolean[] = [];
+  /** Per class: someone joined the open gate. */
+  private readonly joined: boolean[] = [];
+
+  /**
+   * A token loop about to start in a class where none runs waits a moment for requests
+   * arriving with it, so that they share their first step instead of each waiting a
+   * whole step behind the first (vLLM's scheduler delay factor, applied at an idle
+   * start: while loops run, each step boundary gathers new arrivals anyway). Everyone
+   * arriving during the wait shares it and starts in the same turn.
+   *
+   * Only where arrivals come in bursts: a request alone never waits for company that does
+   * not come (a lone request's first token would be late by the whole wait). A class
+   * learns it from an arrival during the first step of a loop that started it from idle
+   * without waiting (one that came too late to share that step), and keeps waiting while
+   * its waits gather someone. Undefined: start now.
+   */
+  arrivalGate(slotClass: number): Promise<void> | undefined {
+    const wait = Math.min(StepTracker.MAX_ARRIVAL_WAIT_MS, this.delayFactor * (this.stepMs[slotClass] ?? 0));
+    if (wait < StepTracker.MIN_ARRIVAL_WAIT_MS) return undefined;
+    const steps = this.stepsIn[slotClass] ?? 0;
+    if ((this.runningIn[slotClass] ?? 0) > 0) {
+      if (steps - (this.idleStartStep[slotClass] ?? -Infinity) <= 1) this.bursty[slotClass] = true;
+      return undefined;
+    }
+    const open = this.gates[slotClass];
+    if (open !== undefined) {
+      this.joined[slotClass] = true;
+      return open;
+    }
+    if (this.bursty[slotClass] !== true) {
+      this.idleStartStep[slotClass] = steps;
+      return undefined;
+    }
+    this.joined[slotClass] = false;
+    const gate = new Promise<void>((resolve) => setTimeout(resolve, wait)).then(() => {
+      this.gates[slotClass] = undefined;
+      this.bursty[slotClass] = this.joined[slotClass] === true;
+    });
+    this.gates[slotClass] = gate;
+    return gate;
+  }
 
   /** All running token loops. */
   get running(): number {
@@ -39,6 +107,7 @@ export class StepTracker implements StepObserver {
   }
 
   onStep(slotClass: number, items: number, tokens: number): void {
+    this.stepsIn[slotClass] = (this.stepsIn[slotClass] ?? 0) + 1;
     const s = this.stats;
     s.steps++;
     s.items += items;
