@@ -13,11 +13,11 @@
  *    per step, which the unmended code checks correctly.
  *
  * 2. Its addon's C++ source (used only by a local build, `npm run engine:build`, which
- *    compiles that source; the prebuilt binaries are untouched). The addon samples every
- *    token in a libuv job of its own: two thread hand-offs per token on top of the decode
- *    step's two, which on one sequence cost more than the sampling itself. The mend adds
- *    `sampleTokenNow`, the same sampling run on the calling (JavaScript) thread and
- *    returned as a settled promise; src/engine/sampling-thread.ts decides when to use it.
+ *    compiles that source; the prebuilt binaries are untouched). The addon runs every
+ *    decode step and every sample in a libuv job of its own: four thread hand-offs per
+ *    token, pure delay when one sequence runs. The mend adds `decodeBatchNow` and
+ *    `sampleTokenNow`, the same jobs run on the calling (JavaScript) thread and returned
+ *    as settled promises; src/engine/step-thread.ts decides when to use them.
  *
  * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
@@ -58,7 +58,7 @@ function once(text, from, to) {
   }
 }
 
-// 2. Sampling on the calling thread (the addon's C++ source, for local builds).
+// 2. Steps and samples on the calling thread (the addon's C++ source, for local builds).
 {
   const MARK = "/* spindle: decodeBatchNow, sampleTokenNow (scripts/patch-node-llama-cpp.mjs) */";
   const cppFile = join(pkg, "llama", "addon", "AddonContext.cpp");
@@ -67,11 +67,11 @@ function once(text, from, to) {
   const h = existsSync(hFile) ? readFileSync(hFile, "utf8") : "";
   if (!cpp.includes(MARK)) {
     const mended = version === "3.21.1" ? mendAddon(cpp, h, MARK) : undefined;
-    if (mended === undefined) say(`node-llama-cpp ${version}'s addon source is not the one this mends; left as it is (a local build samples in libuv jobs)`);
+    if (mended === undefined) say(`node-llama-cpp ${version}'s addon source is not the one this mends; left as it is (a local build runs every step in libuv jobs)`);
     else {
       writeFileSync(cppFile, mended.cpp);
       writeFileSync(hFile, mended.h);
-      say("added sampleTokenNow to node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)");
+      say("added decodeBatchNow and sampleTokenNow to node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)");
     }
   }
 }

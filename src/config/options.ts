@@ -147,6 +147,13 @@ function choice<T extends string>(flag: string, raw: string, choices: readonly T
 
 const last = (raw: string[]) => raw[raw.length - 1]!;
 
+/** A number from 0 to 1; `what` names it in the error. */
+function fraction(flag: string, raw: string, what: string): number {
+  const n = Number(raw);
+  if (raw.trim() === "" || !Number.isFinite(n) || n < 0 || n > 1) throw new ConfigError(`--${flag}: expected ${what} from 0 to 1, got "${raw}"`);
+  return n;
+}
+
 /** Measured on W3 (README, "Measured"): arrivals a few milliseconds apart share their first step. */
 export const DEFAULT_SCHEDULER_DELAY_FACTOR = 0.1;
 
@@ -271,11 +278,7 @@ export const OPTIONS = [
   option({
     flag: "draft-p-min", env: "SPINDLE_DRAFT_P_MIN", arg: "P", field: "draftMinConfidence", defaultText: String(DEFAULT_DRAFT_MIN_CONFIDENCE),
     help: "the draft model stops guessing at a token it gives less than this probability (0 to 1; 0: it always guesses N)",
-    read: (r) => {
-      const n = Number(last(r));
-      if (last(r).trim() === "" || !Number.isFinite(n) || n < 0 || n > 1) throw new ConfigError(`--draft-p-min: expected a probability from 0 to 1, got "${last(r)}"`);
-      return n;
-    },
+    read: (r) => fraction("draft-p-min", last(r), "a probability"),
     fallback: () => DEFAULT_DRAFT_MIN_CONFIDENCE,
   }),
   option({
@@ -311,11 +314,7 @@ export const OPTIONS = [
   option({
     flag: "scheduler-delay-factor", env: "SPINDLE_SCHEDULER_DELAY_FACTOR", arg: "F", field: "schedulerDelayFactor", defaultText: String(DEFAULT_SCHEDULER_DELAY_FACTOR),
     help: "a request that finds its model idle, where requests have been arriving in bursts, waits F × a recent decode step (at most 5 ms; none under 0.25 ms) for the others arriving with it, so they share their first step (vLLM's name; 0: never wait; README, \"Measured\", W3)",
-    read: (r) => {
-      const n = Number(last(r));
-      if (last(r).trim() === "" || !Number.isFinite(n) || n < 0 || n > 1) throw new ConfigError(`--scheduler-delay-factor: expected a number from 0 to 1, got "${last(r)}"`);
-      return n;
-    },
+    read: (r) => fraction("scheduler-delay-factor", last(r), "a number"),
     fallback: () => DEFAULT_SCHEDULER_DELAY_FACTOR,
   }),
   option({

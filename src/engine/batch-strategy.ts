@@ -19,11 +19,14 @@ import type { EngineFaults, StepObserver } from "./types.js";
 export class StepGate {
   private spins = 0;
   static readonly MAX_SPINS = 64;
-  /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (output-order-guard.ts). */
-  mixedStep = false;
   /** How many sequences and tokens the last batch formed carries. */
   stepSequences = 0;
   stepTokens = 0;
+
+  /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (output-order-guard.ts). */
+  get mixedStep(): boolean {
+    return this.stepTokens > this.stepSequences;
+  }
 
   constructor(
     private readonly observer: StepObserver,
@@ -44,9 +47,7 @@ export class StepGate {
     // increasing into several ubatches (one more pass over the weights each) when the KV
     // cache is per sequence, as node-llama-cpp's is.
     const batch = sequenceOrdered({ items, size });
-    let tokens = 0;
-    for (const b of batch) tokens += b.processAmount;
-    this.mixedStep = tokens > batch.length;
+    const tokens = tokensIn(batch);
     this.stepSequences = batch.length;
     this.stepTokens = tokens;
     this.observer.onStep(this.slotClass, batch.length, tokens);
@@ -73,6 +74,13 @@ export class StepGate {
  * A fair share of the batch in sequence order, with no waiting and no observer: how a
  * draft model's context forms its steps (its sequences mirror the target's slots).
  */
+/** The tokens a batch evaluates. */
+export function tokensIn(batch: readonly PrioritizedBatchItem[]): number {
+  let tokens = 0;
+  for (const b of batch) tokens += b.processAmount;
+  return tokens;
+}
+
 export function sequenceOrdered({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] {
   return fairShare(items, size).sort((a, b) => sequenceOf(a.item) - sequenceOf(b.item));
 }

@@ -5,7 +5,7 @@
  * mirrors it. Loaded, counted in the version's memory and disposed with the version.
  */
 import { TokenPredictor, type Llama, type LlamaContext, type LlamaContextSequence, type LlamaModel, type SequenceEvaluateOptions, type Token } from "node-llama-cpp";
-import { sequenceOrdered } from "./batch-strategy.js";
+import { sequenceOrdered, tokensIn } from "./batch-strategy.js";
 import { guardOutputReorder } from "./output-order-guard.js";
 import { stepsOnJsThread } from "./step-thread.js";
 import { firstLine, ModelLoadError, type DraftSpeculation, type MemoryFootprint } from "./types.js";
@@ -60,8 +60,7 @@ export class DraftModel {
             itemPrioritizationStrategy: (x) => {
               const batch = sequenceOrdered(x);
               sequences = batch.length;
-              tokens = 0;
-              for (const b of batch) tokens += b.processAmount;
+              tokens = tokensIn(batch);
               return batch;
             },
           },

@@ -56,8 +56,6 @@ export function guardOutputReorder(context: LlamaContext, mayReorder: () => bool
     value: (): Promise<void> => {
       if (canRunHere && onJsThread()) {
         here = true;
-        firstPending = false;
-        first = undefined;
         // Then one turn of the event loop (I/O, timers, other requests) before the step
         // counts as done: steps that settle at once would otherwise chain a whole
         // generation into one macrotask, and requests that arrived during the step would

@@ -23,6 +23,13 @@ export class StepTracker implements StepObserver {
   private readonly stepMs: number[] = [];
   /** Per class: the wait that arrivals at an idle class are gathering behind, while it lasts. */
   private readonly gates: Array<Promise<void> | undefined> = [];
+  /** Per class: decode steps so far, and how many there were when a token loop last started it from idle without waiting. */
+  private readonly stepsIn: number[] = [];
+  private readonly idleStartStep: number[] = [];
+  /** Per class: whether its arrivals come in bursts. */
+  private readonly bursty: boolean[] = [];
+  /** Per class: someone joined the open gate. */
+  private readonly joined: boolean[] = [];
 
   /**
    * `delayFactor`: arrivals at an idle class wait this fraction of a recent step's time
@@ -42,14 +49,6 @@ export class StepTracker implements StepObserver {
     const prev = this.stepMs[slotClass];
     this.stepMs[slotClass] = prev === undefined ? ms : prev + 0.1 * (ms - prev);
   }
-
-  /** Per class: decode steps so far, and how many there were when a token loop last started it from idle without waiting. */
-  private readonly stepsIn: number[] = [];
-  private readonly idleStartStep: number[] = [];
-  /** Per class: whether its arrivals come in bursts. */
-  private readonly bursty: boolean[] = [];
-  /** Per class: someone joined the open gate. */
-  private readonly joined: boolean[] = [];
 
   /**
    * A token loop about to start in a class where none runs waits a moment for requests
