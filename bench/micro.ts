@@ -9,14 +9,15 @@
  *   flash-attention  prefill and decode with llama.cpp's flash attention on vs off (CPU), per binary
  *                    (--engine-build prebuilt|local), on stories260K and the W2 synthetic model
  *   step-thread      decode tok/s with steps and samples in libuv jobs vs on the JavaScript thread
- *                    (a local build of the mended addon), one and eight sequences, W2; and where a
- *                    token's time goes in jobs
+ *                    (a local build of the mended addon), one and eight sequences, W2; where a
+ *                    token's time goes in jobs; and one greedy sample: the whole sampler chain vs
+ *                    the mended addon's scan of the logits
  *
  * Every comparison alternates its sides (A B A B …) and prints medians with their range.
  */
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
-import { getLlama, LlamaLogLevel, type Llama, type LlamaModel, type Token } from "node-llama-cpp";
+import { getLlama, LlamaLogLevel, TokenBias, type Llama, type LlamaModel, type Token } from "node-llama-cpp";
 import { Histogram, Registry } from "prom-client";
 import { HotHistogram } from "../src/telemetry/hot-histogram.js";
 import { ROOT } from "./lib/processes.js";
@@ -269,12 +270,47 @@ async function stepThread(rounds: number, w2Path: string): Promise<string> {
       }
       for (const s of seqs) s.dispose();
     }
+    rows.push(await greedySampleCost(rounds, model, ctx, here.sample, (f) => (mode = "steps here", Object.defineProperty(addon, "sampleToken", { configurable: true, value: f }))));
     await ctx.dispose();
     await model.dispose();
   } finally {
     await llama.dispose();
   }
   return `libuv pool: ${process.env.UV_THREADPOOL_SIZE ?? "4 (default)"} thread(s)\n\n| sequences | what | jobs | here | here ÷ jobs |\n|---|---|---|---|---|\n${rows.join("\n")}`;
+}
+
+/**
+ * One greedy sample on the JavaScript thread, timed per call: through the whole sampler
+ * chain (a token bias of +0 on one token keeps the chain in the way and changes nothing)
+ * against the mended addon's scan of the logits (a plain greedy sampler).
+ */
+async function greedySampleCost(
+  rounds: number,
+  model: LlamaModel,
+  ctx: Awaited<ReturnType<LlamaModel["createContext"]>>,
+  sampleNow: (...a: unknown[]) => Promise<unknown>,
+  routeSamples: (f: (...a: unknown[]) => Promise<unknown>) => void,
+): Promise<string> {
+  const seq = ctx.getSequence();
+  const prompt = model.tokenize("Once upon a time, in a land far away, there lived", true) as Token[];
+  const bias = new TokenBias(model.tokenizer).set(prompt[prompt.length - 1]!, { logit: 0 });
+  const run = (withBias: boolean) => async () => {
+    const times: number[] = [];
+    routeSamples((...a) => {
+      const t0 = performance.now();
+      const p = sampleNow(...a);
+      times.push(performance.now() - t0);
+      return p;
+    });
+    await seq.clearHistory();
+    let k = 0;
+    for await (const _ of seq.evaluate(prompt, { temperature: 0, yieldEogToken: true, ...(withBias ? { tokenBias: bias } : {}) })) if (++k >= 128) break;
+    times.sort((a, b) => a - b);
+    return times[times.length >> 1]! * 1000;
+  };
+  const r = await alternate(rounds, { chain: run(true), scan: run(false) });
+  seq.dispose();
+  return `| 1 | one greedy sample on the JavaScript thread (µs, median per round): whole sampler chain ${fmt(r.chain, 1)}, the scan of the logits ${fmt(r.scan, 1)} | | | ${fmt(r.scan.map((v, i) => v / r.chain[i]!), 2)} |`;
 }
 
 export async function micro(command: MicroCommand, rounds: number, opts: { w2Path?: string; engineBuild?: EngineBinary } = {}): Promise<string> {

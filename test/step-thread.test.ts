@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Llama } from "node-llama-cpp";
 import { Engine } from "../src/engine/engine.js";
-import { samplesTaken } from "../src/engine/output-order-guard.js";
+import { samplesTaken, stepsTaken } from "../src/engine/step-calls.js";
 import { canStepOnJsThread, JS_STEP_MAX_TOKENS, stepsOnJsThread } from "../src/engine/step-thread.js";
 import type { RunningServer } from "../src/server.js";
 import { captureLog, openaiClient, startTestServer, waitFor, STORIES, STORIES_GREEDY_PREFIX, TINY_RANDOM } from "./helpers/server.js";
@@ -107,13 +107,31 @@ describe.runIf(await localBuildStepsHere())("steps on the JavaScript thread (loc
 
   it("a request alone steps on the JavaScript thread; four at once step in jobs", async () => {
     const client = openaiClient(auto);
-    let before = { ...samplesTaken };
+    const took = () => ({ steps: { ...stepsTaken }, samples: { ...samplesTaken } });
+    let before = took();
     await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 16, temperature: 0 });
-    expect(samplesTaken.jsThread - before.jsThread).toBeGreaterThanOrEqual(16);
-    expect(samplesTaken.jobs).toBe(before.jobs);
-    before = { ...samplesTaken };
+    expect(samplesTaken.jsThread - before.samples.jsThread).toBeGreaterThanOrEqual(16);
+    expect(stepsTaken.jsThread - before.steps.jsThread).toBeGreaterThanOrEqual(15);
+    expect(samplesTaken.jobs).toBe(before.samples.jobs);
+    before = took();
     await Promise.all([0, 1, 2, 3].map(() => client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0, ignore_eos: true } as never)));
-    expect(samplesTaken.jobs - before.jobs).toBeGreaterThan(32);
+    expect(stepsTaken.jobs - before.steps.jobs).toBeGreaterThan(16);
+    expect(samplesTaken.jobs - before.samples.jobs).toBeGreaterThan(100);
+  }, 60_000);
+
+  it("the greedy scan of the logits picks what the whole sampler chain picks (a request with logprobs takes the chain)", async () => {
+    const client = openaiClient(pool);
+    for (const [model, prompts] of [
+      ["stories260K", ["Once upon a time", "The little dog", "One day, Lily"]],
+      ["llama-2-tiny-random", ["hi", "Once upon a time", "1 2 3"]],
+    ] as const) {
+      for (const prompt of prompts) {
+        const scanned = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true } as never);
+        const chained = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0, ignore_eos: true, logprobs: 1 } as never);
+        expect(scanned.choices[0]!.text).toBe(chained.choices[0]!.text);
+        expect(chained.choices[0]!.logprobs?.tokens?.length).toBe(24);
+      }
+    }
   }, 60_000);
 
   it("while one generation steps on the JavaScript thread, timers fire and the server answers others between its steps", async () => {

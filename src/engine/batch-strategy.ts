@@ -23,7 +23,7 @@ export class StepGate {
   stepSequences = 0;
   stepTokens = 0;
 
-  /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (output-order-guard.ts). */
+  /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (step-calls.ts). */
   get mixedStep(): boolean {
     return this.stepTokens > this.stepSequences;
   }

@@ -6,7 +6,7 @@
  */
 import { TokenPredictor, type Llama, type LlamaContext, type LlamaContextSequence, type LlamaModel, type SequenceEvaluateOptions, type Token } from "node-llama-cpp";
 import { sequenceOrdered, tokensIn } from "./batch-strategy.js";
-import { guardOutputReorder } from "./output-order-guard.js";
+import { routeStepCalls } from "./step-calls.js";
 import { stepsOnJsThread } from "./step-thread.js";
 import { firstLine, ModelLoadError, type DraftSpeculation, type MemoryFootprint } from "./types.js";
 
@@ -67,7 +67,7 @@ export class DraftModel {
           flashAttention: o.flashAttention(model),
         });
         // Catch-ups (a prompt) share steps with other slots' guesses: always guarded.
-        guardOutputReorder(context, undefined, () => o.jsThreadSteps && stepsOnJsThread(sequences, tokens));
+        routeStepCalls(context, { stepHere: () => o.jsThreadSteps && stepsOnJsThread(sequences, tokens) });
         contexts.push(context);
       }
     } catch (err) {

@@ -8,7 +8,7 @@ import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type
 import { StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
-import { guardOutputReorder } from "./output-order-guard.js";
+import { routeStepCalls } from "./step-calls.js";
 import { canStepOnJsThread, stepsOnJsThread, type StepThread } from "./step-thread.js";
 import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
@@ -213,7 +213,7 @@ export class Engine {
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
         const js = this.jsThreadSteps;
-        guardOutputReorder(context, () => stepGate.mixedStep, () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens));
+        routeStepCalls(context, { mayReorder: () => stepGate.mixedStep, stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens) });
         contexts.push({ context, ctxSize: contextSize });
         shapes.push({ sequences: cls.count, contextSize, batchSize });
       }

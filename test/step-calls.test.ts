@@ -1,13 +1,14 @@
 /**
- * The output-order guard (src/engine/output-order-guard.ts): after a step whose outputs
- * llama.cpp may return out of order, the first sample (which reorders them, unsafely for
- * concurrent readers) runs alone; otherwise samples run side by side as before. The real
- * race is timing-dependent (test/speculative.test.ts drives the case where it was seen);
- * this pins the mechanism with a stand-in for the addon.
+ * Where steps and samples run (src/engine/step-calls.ts), pinned with a stand-in for the
+ * addon. After a step whose outputs llama.cpp may return out of order, the first sample
+ * (which reorders them, unsafely for concurrent readers) runs alone; otherwise samples run
+ * side by side. The real race is timing-dependent (test/speculative.test.ts drives the case
+ * where it was seen). Steps marked for the calling thread run there. The real engine's side
+ * is in test/step-thread.test.ts.
  */
 import { describe, expect, it } from "vitest";
 import type { LlamaContext } from "node-llama-cpp";
-import { guardOutputReorder } from "../src/engine/output-order-guard.js";
+import { routeStepCalls, samplesTaken, stepsTaken } from "../src/engine/step-calls.js";
 
 /** An addon stand-in whose methods are read-only on the prototype, as node-addon-api's are; it records overlapping samples. */
 function fakeContext() {
@@ -41,11 +42,11 @@ function fakeContext() {
   return { context: { _ctx: addon } as unknown as LlamaContext, addon, log, maxRunning: () => maxRunning, reset: () => ((maxRunning = 0), (log.length = 0)) };
 }
 
-describe("output-order guard", () => {
+describe("step calls", () => {
   it("after a mixed step the first sample runs alone, then the rest side by side", async () => {
     const f = fakeContext();
     let mixed = true;
-    guardOutputReorder(f.context, () => mixed);
+    routeStepCalls(f.context, { mayReorder: () => mixed });
     await f.addon.decodeBatch();
     expect(await Promise.all([0, 1, 2].map((i) => f.addon.sampleToken(i)))).toEqual([0, 1, 2]);
     expect(f.log.slice(0, 4)).toEqual(["decode", "start 0", "end 0", "start 1"]);
@@ -68,10 +69,12 @@ describe("output-order guard", () => {
   it("a step marked for the JavaScript thread decodes and samples there, one after another; the next step decides afresh", async () => {
     const f = fakeContext();
     let here = true;
-    guardOutputReorder(f.context, () => true, () => here);
+    routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => here });
+    const before = { steps: { ...stepsTaken }, samples: { ...samplesTaken } };
     await f.addon.decodeBatch();
     expect(await Promise.all([0, 1, 2].map((i) => f.addon.sampleToken(i)))).toEqual([0, 1, 2]);
     expect(f.log).toEqual(["decode now", "now 0", "now 1", "now 2"]);
+    expect([stepsTaken.jsThread - before.steps.jsThread, samplesTaken.jsThread - before.samples.jsThread]).toEqual([1, 3]);
     // Read as the step is decoded, not as it is sampled.
     f.reset();
     here = false;
@@ -85,7 +88,7 @@ describe("output-order guard", () => {
     const f = fakeContext();
     Object.defineProperty(f.addon, "decodeBatchNow", { value: undefined });
     Object.defineProperty(f.addon, "sampleTokenNow", { value: undefined });
-    guardOutputReorder(f.context, () => false, () => true);
+    routeStepCalls(f.context, { mayReorder: () => false, stepHere: () => true });
     await f.addon.decodeBatch();
     await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)));
     expect(f.log.slice(0, 3)).toEqual(["decode", "start 0", "start 1"]);

@@ -1,20 +1,24 @@
 /**
- * Keeps two sequences' samples from reading each other's logits.
+ * Where a context's decode steps and samples run, and the order its samples read the
+ * step's outputs in. It wraps the context's two addon calls (`decodeBatch`, `sampleToken`).
  *
- * llama.cpp puts a step's outputs back into batch order lazily: the first read of any
- * logits after the step swaps rows and clears its list of swaps
- * (`llama_context::output_reorder`, which is not thread-safe). node-llama-cpp samples each
- * sequence's token in a libuv job of its own, so two of those first reads can run at once
- * and swap rows twice or halfway: a token is sampled from another sequence's logits. The
- * outputs come out of order when llama.cpp splits a step into several ubatches, which it
- * does when the step's items carry different token counts (a prompt chunk beside decoding
- * sequences, a speculative check of several tokens beside others). Seen here as a draft's
- * slot and a stopped generation's last step sharing one step: each got the other's tokens.
+ * Which thread (the policy is step-thread.ts's): node-llama-cpp runs each step and each
+ * sample in a libuv job. A local build's mended addon (scripts/patch-node-llama-cpp.mjs)
+ * can run both on the calling thread instead: a step marked for it decodes and samples
+ * there, and every other step and its samples run in jobs.
  *
- * The guard wraps the context's addon calls: after such a step, the first sample runs
- * alone (it does the reordering), and the others start once it is done, in parallel as
- * before. Steps whose items carry one token each are left alone. A step run on the
- * JavaScript thread (step-thread.ts) samples one after another: nothing to guard.
+ * The order: llama.cpp puts a step's outputs back into batch order lazily: the first read
+ * of any logits after the step swaps rows and clears its list of swaps
+ * (`llama_context::output_reorder`, which is not thread-safe). Samples in jobs run side by
+ * side, so two of those first reads could swap rows twice or halfway: a token sampled from
+ * another sequence's logits. The outputs come out of order when llama.cpp splits a step
+ * into several ubatches, which it does when the step's items carry different token counts
+ * (a prompt chunk beside decoding sequences, a speculative check of several tokens beside
+ * others). Seen here as a draft's slot and a stopped generation's last step sharing one
+ * step: each got the other's tokens. So after such a step the first sample runs alone,
+ * and the others start once it is done. Steps whose items carry one
+ * token each are left alone, and a step run on the calling thread samples one after
+ * another: nothing to guard.
  */
 import type { LlamaContext } from "node-llama-cpp";
 
@@ -28,16 +32,18 @@ interface AddonContext {
 
 const turnOfTheLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
-/** Samples taken so far, by where they ran (tests and benchmarks read it; a sum per token, nothing more). */
+/** Steps decoded and samples taken so far, by where they ran (tests and benchmarks read them; a sum per step or token, nothing more). */
+export const stepsTaken = { jsThread: 0, jobs: 0 };
 export const samplesTaken = { jsThread: 0, jobs: 0 };
 
-/**
- * `mayReorder()` is read as each step is decoded: true when its outputs can come out of
- * order (unknown: true). `onJsThread()`, read at the same time: that step is decoded and
- * sampled on the calling thread (the addon must have `decodeBatchNow`; see step-thread.ts),
- * its samples one after another, so they need no guard.
- */
-export function guardOutputReorder(context: LlamaContext, mayReorder: () => boolean = () => true, onJsThread: () => boolean = () => false): void {
+export interface StepRoutes {
+  /** Read as each step is decoded: its outputs can come out of order. Unknown: true. */
+  mayReorder?: () => boolean;
+  /** Read at the same time: the step is decoded and sampled on the calling thread (where the addon has `decodeBatchNow`). */
+  stepHere?: () => boolean;
+}
+
+export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false }: StepRoutes): void {
   const ctx = (context as unknown as { _ctx: AddonContext })._ctx;
   const decode = ctx.decodeBatch.bind(ctx);
   const sample = ctx.sampleToken.bind(ctx);
@@ -54,8 +60,9 @@ export function guardOutputReorder(context: LlamaContext, mayReorder: () => bool
   Object.defineProperty(ctx, "decodeBatch", {
     configurable: true,
     value: (): Promise<void> => {
-      if (canRunHere && onJsThread()) {
+      if (canRunHere && stepHere()) {
         here = true;
+        stepsTaken.jsThread++;
         // Then one turn of the event loop (I/O, timers, other requests) before the step
         // counts as done: steps that settle at once would otherwise chain a whole
         // generation into one macrotask, and requests that arrived during the step would
@@ -63,6 +70,7 @@ export function guardOutputReorder(context: LlamaContext, mayReorder: () => bool
         return decodeNow!().then(turnOfTheLoop);
       }
       here = false;
+      stepsTaken.jobs++;
       const reorder = mayReorder();
       return decode().then(() => {
         firstPending = reorder;
