@@ -375,3 +375,67 @@ describe("arrivals at an idle model (the scheduler delay factor)", () => {
     expect(StepTracker.MAX_ARRIVAL_WAIT_MS).toBe(5);
   });
 });
+
+describe("a token's text and frame run beside the next step", () => {
+  /** A hand-driven engine: every token loop that asks waits until `step()` forms a step (the tracker hears of it) and then gets its token. */
+  function steppedModel(slots: number) {
+    const model = fakeModel(slots);
+    const asking: Array<(t: Token) => void> = [];
+    for (const seq of model.sequences) {
+      seq.generate = async function* (tokens: Token[]) {
+        seq.held.push(...tokens);
+        for (;;) yield await new Promise<Token>((resolve) => asking.push(resolve));
+      };
+    }
+    return { model, asking };
+  }
+
+  /** Until `cond` holds, turning the event loop (observable state, no sleeps). */
+  async function until(cond: () => boolean): Promise<void> {
+    for (let i = 0; !cond(); i++) {
+      if (i > 10_000) throw new Error("never happened");
+      await new Promise((r) => setImmediate(r));
+    }
+  }
+
+  async function order(loneStepsOnJsThread: boolean, loops: number): Promise<string[]> {
+    const { model, asking } = steppedModel(loops);
+    const tracker = new StepTracker(undefined, 0, loneStepsOnJsThread);
+    const s = new Scheduler(model, tracker, { maxQueue: 8 });
+    const events: string[] = [];
+    const done = Array.from({ length: loops }, (_, i) => {
+      const rec = recorder();
+      rec.sink.onText = (t) => void events.push(`text ${i} ${t}`);
+      return run(s, request({ maxTokens: 3 }), rec);
+    });
+    for (let step = 0; step < 3; step++) {
+      await until(() => asking.length === loops);
+      // The engine forms the step (what the batch strategy reports), hands it to a worker,
+      // and the tokens come back a turn later.
+      tracker.onStep(0, loops, loops);
+      events.push(`step ${step}`);
+      const waiting = asking.splice(0);
+      await new Promise((r) => setImmediate(r));
+      waiting.forEach((give) => give(step as Token));
+    }
+    await Promise.all(done);
+    return events;
+  }
+
+  it("with several loops running, each token's text waits until the next step is formed", async () => {
+    const events = await order(false, 2);
+    // Token 0 ("a") arrives after step 0; its text comes only after step 1 is formed.
+    expect(events.indexOf("text 0 a")).toBeGreaterThan(events.indexOf("step 1"));
+    expect(events.indexOf("text 1 a")).toBeGreaterThan(events.indexOf("step 1"));
+    expect(events.indexOf("text 0 a")).toBeLessThan(events.indexOf("step 2"));
+    // The last token (max_tokens) asks for no step: written at once.
+    expect(events.filter((e) => e.startsWith("text 0")).join()).toBe("text 0 a,text 0 b,text 0 c");
+  });
+
+  it("a lone loop whose steps run on the JavaScript thread writes at once; one whose steps go to jobs waits too", async () => {
+    const here = await order(true, 1);
+    expect(here.indexOf("text 0 a")).toBeLessThan(here.indexOf("step 1"));
+    const jobs = await order(false, 1);
+    expect(jobs.indexOf("text 0 a")).toBeGreaterThan(jobs.indexOf("step 1"));
+  });
+});

@@ -537,6 +537,10 @@ export class Scheduler {
             steps.noteStepTime(slotClass, now - lastTokenAt);
           }
           lastTokenAt = now;
+          // This token's text and frame wait until the next step is formed, so that they run
+          // beside it rather than before it (StepTracker.writesWaitForNextStep). `next`
+          // settling first means the step failed to form (an error, an unload).
+          if (next !== undefined && steps.writesWaitForNextStep(slotClass)) await Promise.race([steps.nextStepFormed(slotClass), next]).catch(() => undefined);
           const text = detok.push(token);
           if (text !== "") {
             const out = stopper.push(text);
