@@ -350,8 +350,10 @@ describe("arrivals at an idle model (the scheduler delay factor)", () => {
 
   it("with a delay factor they start together; without, each as it came", async () => {
     // 0.5 × 40 ms, capped: a 5 ms wait, which the three arrivals (2 ms or a little more from first to last) fall in.
+    // Together they start in one turn (well under 1 ms apart); without, about 2 ms apart, less
+    // when a loaded machine delays the first start more than the last (1.37 ms seen in a CI try).
     expect(await staggered(0.5)).toBeLessThan(1);
-    expect(await staggered(0)).toBeGreaterThanOrEqual(1.9);
+    expect(await staggered(0)).toBeGreaterThanOrEqual(1);
   });
 
   it("waits only at an idle class whose arrivals come in bursts, only when steps are long enough to matter, and at most 5 ms", async () => {

@@ -16,9 +16,8 @@
  * (a prompt chunk beside decoding sequences, a speculative check of several tokens beside
  * others). Seen here as a draft's slot and a stopped generation's last step sharing one
  * step: each got the other's tokens. So after such a step the first sample runs alone,
- * and the others start once it is done. Steps whose items carry one
- * token each are left alone, and a step run on the calling thread samples one after
- * another: nothing to guard.
+ * and the others start once it is done. Steps whose items carry one token each are left
+ * alone, and a step run on the calling thread samples one after another: nothing to guard.
  */
 import type { LlamaContext } from "node-llama-cpp";
 
