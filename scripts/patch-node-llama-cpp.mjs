@@ -65,41 +65,44 @@ function once(text, from, to) {
   }
 }
 
-// 2. Steps and samples on the calling thread (the addon's C++ source, for local builds).
-{
-  const MARK = "/* spindle: decodeBatchNow, sampleTokenNow (scripts/patch-node-llama-cpp.mjs) */";
-  const cppFile = join(pkg, "llama", "addon", "AddonContext.cpp");
-  const hFile = join(pkg, "llama", "addon", "AddonContext.h");
+/**
+ * Mends one class's C++ source and header in the addon (for local builds) with `mend(cpp,
+ * h, mark)`, once: `mark` in the source says it is done. `skipped` ends the line said when
+ * the source is not the exact 3.21.1 text; `done` is said when it is mended.
+ */
+function mendAddonClass(name, mark, mend, skipped, done) {
+  const cppFile = join(pkg, "llama", "addon", `${name}.cpp`);
+  const hFile = join(pkg, "llama", "addon", `${name}.h`);
   const cpp = existsSync(cppFile) ? readFileSync(cppFile, "utf8") : "";
   const h = existsSync(hFile) ? readFileSync(hFile, "utf8") : "";
-  if (!cpp.includes(MARK)) {
-    const mended = version === "3.21.1" ? mendAddon(cpp, h, MARK) : undefined;
-    if (mended === undefined) say(`node-llama-cpp ${version}'s addon source is not the one this mends; left as it is (a local build runs every step in libuv jobs)`);
-    else {
-      writeFileSync(cppFile, mended.cpp);
-      writeFileSync(hFile, mended.h);
-      say("added decodeBatchNow and sampleTokenNow to node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)");
-    }
+  if (cpp.includes(mark)) return;
+  const mended = version === "3.21.1" ? mend(cpp, h, mark) : undefined;
+  if (mended === undefined) {
+    say(`node-llama-cpp ${version}'s ${name} source is not the one this mends; left as it is (${skipped})`);
+    return;
   }
+  writeFileSync(cppFile, mended.cpp);
+  writeFileSync(hFile, mended.h);
+  say(`${done} in node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)`);
 }
 
-// 3. Greedy samples: the logits scanned in place (the addon's C++ source, for local builds).
-{
-  const MARK = "/* spindle: greedy samples (scripts/patch-node-llama-cpp.mjs) */";
-  const cppFile = join(pkg, "llama", "addon", "AddonSampler.cpp");
-  const hFile = join(pkg, "llama", "addon", "AddonSampler.h");
-  const cpp = existsSync(cppFile) ? readFileSync(cppFile, "utf8") : "";
-  const h = existsSync(hFile) ? readFileSync(hFile, "utf8") : "";
-  if (!cpp.includes(MARK)) {
-    const mended = version === "3.21.1" ? mendGreedy(cpp, h, MARK) : undefined;
-    if (mended === undefined) say(`node-llama-cpp ${version}'s sampler source is not the one this mends; left as it is (greedy samples go through the whole sampler chain)`);
-    else {
-      writeFileSync(cppFile, mended.cpp);
-      writeFileSync(hFile, mended.h);
-      say("added the greedy scan of the logits to node-llama-cpp 3.21.1's addon source (used by local builds: npm run engine:build)");
-    }
-  }
-}
+// 2. Steps and samples on the calling thread.
+mendAddonClass(
+  "AddonContext",
+  "/* spindle: decodeBatchNow, sampleTokenNow (scripts/patch-node-llama-cpp.mjs) */",
+  mendAddon,
+  "a local build runs every step in libuv jobs",
+  "added decodeBatchNow and sampleTokenNow",
+);
+
+// 3. Greedy samples: the logits scanned in place.
+mendAddonClass(
+  "AddonSampler",
+  "/* spindle: greedy samples (scripts/patch-node-llama-cpp.mjs) */",
+  mendGreedy,
+  "greedy samples go through the whole sampler chain",
+  "added the greedy scan of the logits",
+);
 
 function mendGreedy(cpp, h, mark) {
   const samplerCpp = once(

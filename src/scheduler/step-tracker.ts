@@ -1,3 +1,4 @@
+import { stepsOnJsThread } from "../engine/step-thread.js";
 import type { StepObserver } from "../engine/types.js";
 import type { SchedulerObserver } from "../observers.js";
 
@@ -40,7 +41,7 @@ export class StepTracker implements StepObserver {
   constructor(
     readonly observer: SchedulerObserver | undefined,
     private readonly delayFactor = 0,
-    /** A step of one sequence runs on the JavaScript thread (the engine's --step-thread auto on a local build), not in a job. */
+    /** The engine runs the steps step-thread.ts allows on the JavaScript thread (--step-thread auto on a local build). */
     private readonly loneStepsOnJsThread = false,
   ) {}
 
@@ -100,7 +101,8 @@ export class StepTracker implements StepObserver {
    * sequence's, see step-thread.ts), where waiting would only make the token late by a step.
    */
   writesWaitForNextStep(slotClass: number): boolean {
-    return !this.loneStepsOnJsThread || (this.runningIn[slotClass] ?? 0) > 1;
+    // A decode step carries a token for every running loop (the batch strategy sees to it).
+    return !this.loneStepsOnJsThread || !stepsOnJsThread(this.runningIn[slotClass] ?? 0, 1);
   }
 
   /**
