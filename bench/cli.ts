@@ -389,10 +389,11 @@ ${LOAD_HELP}` },
   w1: { summary: "this server vs llama-server vs the raw engine on stories260K", help: `--threads N (default 1) --llama-server PATH | --no-llama-server --model-path FILE
   --spindle NAME=ARGS           a Spindle target started with extra server arguments (repeat for more, side by side;
                                 default one target, "spindle", with none), e.g. --spindle "local-fa=--engine-build local --flash-attention on"
+  --mmap on|off                 off: every side reads the weights into memory (--no-mmap) instead of mapping them (default on; W3: off)
 ${LOAD_HELP}` },
   w2: { summary: "W1 on the ~25M-parameter synthetic model (compute-bound)", help: `as w1; the model is synthesized once into $TMPDIR/spindle-bench
 ${LOAD_HELP}` },
-  w3: { summary: "W1 on Llama 3.2 1B's shape (Q8_0 or Q4_0): c=1,4, 32 output tokens", help: "as w1; --weights q8_0|q4_0 (default q8_0); the model (1-1.3 GB) is synthesized once into $TMPDIR/spindle-bench" },
+  w3: { summary: "W1 on Llama 3.2 1B's shape (Q8_0 or Q4_0): c=1,4, 32 output tokens", help: "as w1; --weights q8_0|q4_0 (default q8_0); --mmap defaults to off (weights read into memory on every side); the model (1-1.3 GB) is synthesized once into $TMPDIR/spindle-bench" },
   engine: { summary: "the engine ceiling alone: node-llama-cpp with no HTTP", help: "--concurrency LIST --rounds N --threads N --max-tokens N --model-path FILE" },
   telemetry: { summary: "W1 with metrics and tracing on against both off", help: `--threads N --model-path FILE
 ${LOAD_HELP}` },
@@ -676,9 +677,14 @@ async function run(command: string, rest: string[]): Promise<void> {
         "no-llama-server": { type: "boolean", default: false },
         "model-path": { type: "string" },
         weights: { type: "string", default: "q8_0" },
+        // W3's 0.7-1.3 GB of weights are read into memory on every side: where the OS drops cached
+        // file pages (these VMs do), mapped weights fault back in from disk mid-generation (README, W3).
+        mmap: { type: "string", default: w3 ? "off" : "on" },
         spindle: { type: "string", multiple: true },
       },
     });
+    if (v.mmap !== "on" && v.mmap !== "off") throw new BenchError(`--mmap: on or off, got "${v.mmap}"`);
+    const mmap = v.mmap === "on";
     const variants = (v.spindle ?? ["spindle="]).map((x) => {
       const eq = x.indexOf("=");
       if (eq <= 0) throw new BenchError(`--spindle: NAME=ARGS, got "${x}"`);
@@ -700,7 +706,7 @@ async function run(command: string, rest: string[]): Promise<void> {
     // W1: 8 slots, 16 for c=16.
     const slotsFor = (c: number) => Math.max(8, c);
     const ceiling = async (c: number, round: number): Promise<RunResult> => {
-      const [r] = await engineCeiling({ modelPath, prompt: w.prompt, maxTokens: w.maxTokens, concurrency: c, parallel: slotsFor(c), ctxSize, threads, rounds: 1 });
+      const [r] = await engineCeiling({ modelPath, prompt: w.prompt, maxTokens: w.maxTokens, concurrency: c, parallel: slotsFor(c), ctxSize, threads, rounds: 1, mmap });
       const metrics = summarize([], r!.durationS);
       metrics.completed = c;
       metrics.outputThroughput = r!.outputThroughput;
@@ -724,13 +730,13 @@ async function run(command: string, rest: string[]): Promise<void> {
       async (c) => {
         const procs: ServerProcess[] = [];
         for (const x of variants) {
-          const p = await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: x.args });
+          const p = await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: [...(mmap ? [] : ["--no-mmap"]), ...x.args] });
           p.name = x.name;
           engines[p.name] = `${await engineBuildOf(p.url)}${x.args.length > 0 ? ` (${x.args.join(" ")})` : ""}`;
           procs.push(p);
         }
         if (llamaBin) {
-          procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads }));
+          procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: mmap ? [] : ["--no-mmap"] }));
           engines["llama-server"] = "llama.cpp built here with GGML_NATIVE (bench/build-llama-server.sh), flash attention at its default (auto: on for CPU)";
         }
         return { targets: procs.map((p) => ({ name: p.name, url: p.url })), stop: async () => void (await Promise.all(procs.map((p) => p.stop()))) };
@@ -741,9 +747,9 @@ async function run(command: string, rest: string[]): Promise<void> {
     );
     engines.engine = await ceilingBuild();
     const md = `${report(results, names)}\n\nBinaries: ${Object.entries(engines).map(([k, e]) => `${k}: ${e}`).join("; ")}.`;
-    const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : w3 ? `W3: synthetic llama-1b (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot`;
+    const header = `${command === "w2" ? `W2: synthetic 25m (${modelPath.split("/").pop()})` : w3 ? `W3: synthetic llama-1b (${modelPath.split("/").pop()})` : "W1: stories260K"}, chat "${w.prompt}", max_tokens ${w.maxTokens}, temperature ${w.temperature}, streaming with usage, ${threads} thread(s), ${v.rounds} rounds (medians), slots max(8, c), ctx ${ctxSize}/slot, weights ${mmap ? "mapped" : "read into memory (--no-mmap)"}`;
     process.stdout.write(`${header}\n\n${md}\n`);
-    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, engines, variants, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
+    await writeOutputs(String(v.out), `${command}-${Date.now()}`, { workload: w, threads, modelPath, mmap, engines, variants, results }, `# ${header}\n\n${md}\n`, command.toUpperCase());
     return;
   }
 }

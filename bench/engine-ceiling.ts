@@ -31,9 +31,11 @@ export async function engineCeiling(opts: {
   ctxSize: number;
   threads: number;
   rounds: number;
+  /** false: the weights are read into memory rather than mapped. */
+  mmap?: boolean;
 }): Promise<CeilingResult[]> {
   const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error });
-  const model = await llama.loadModel({ modelPath: opts.modelPath });
+  const model = await llama.loadModel({ modelPath: opts.modelPath, useMmap: opts.mmap !== false });
   let items = 0;
   let steps = 0;
   let running = 0;

@@ -83,6 +83,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     flashAttention: options.flashAttention,
     cacheTypeK: options.cacheTypeK,
     cacheTypeV: options.cacheTypeV,
+    noMmap: options.noMmap,
     maxQueue: options.maxQueue,
     maxQueuedTokens: options.maxQueuedTokens,
     schedulerDelayFactor: options.schedulerDelayFactor,

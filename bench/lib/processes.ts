@@ -62,9 +62,9 @@ export async function startSpindleWith(extraArgs: string[]): Promise<ServerProce
 }
 
 /** llama.cpp's own server with the same model, slots, context per slot and threads. */
-export async function startLlamaServer(opts: { binary: string; modelPath: string; id: string; parallel: number; ctxSize: number; threads: number }): Promise<ServerProcess> {
+export async function startLlamaServer(opts: { binary: string; modelPath: string; id: string; parallel: number; ctxSize: number; threads: number; extraArgs?: string[] }): Promise<ServerProcess> {
   const port = await freePort();
-  const args = ["-m", opts.modelPath, "--alias", opts.id, "--host", "127.0.0.1", "--port", String(port), "-np", String(opts.parallel), "-c", String(opts.ctxSize * opts.parallel), "-t", String(opts.threads), "-tb", String(opts.threads), "--no-webui", "--log-disable"];
+  const args = ["-m", opts.modelPath, "--alias", opts.id, "--host", "127.0.0.1", "--port", String(port), "-np", String(opts.parallel), "-c", String(opts.ctxSize * opts.parallel), "-t", String(opts.threads), "-tb", String(opts.threads), "--no-webui", "--log-disable", ...(opts.extraArgs ?? [])];
   const child = spawn(opts.binary, args, { stdio: ["ignore", "ignore", "ignore"] });
   const url = `http://127.0.0.1:${port}`;
   await waitHealthy(url, child, "llama-server", "/health");

@@ -77,6 +77,8 @@ const runtimeFields = {
   /** KV cache element types (llama-server's names); f16 by default. */
   cache_type_k: z.enum(KV_CACHE_TYPES).optional(),
   cache_type_v: z.enum(KV_CACHE_TYPES).optional(),
+  /** false: read the weights into memory instead of mapping the file (llama-server's --no-mmap). */
+  mmap: z.boolean().optional(),
   sampling: samplingSchema.optional(),
   /** Serve /v1/embeddings too (an embedding context of its own); `dimensions`: the truncations the model supports (Matryoshka). */
   embeddings: z.union([z.boolean(), z.strictObject({ dimensions: z.array(z.number().int().min(1)).max(64).optional() })]).optional(),
@@ -149,6 +151,8 @@ export interface ModelSpec {
   slots?: SlotClass[];
   cacheTypeK?: KvCacheType;
   cacheTypeV?: KvCacheType;
+  /** false: the weights are read into memory, not mapped (--no-mmap). */
+  mmap?: boolean;
   speculative?: SpeculativeOptions;
   /** Serves embeddings; `dimensions`: the shorter vectors clients may ask for. */
   embeddings?: { dimensions: number[] };
@@ -266,6 +270,7 @@ export function parseModelsFile(text: string, file: string): RepositoryConfig {
     speculative: speculationOf(r.speculative),
     cacheTypeK: r.cache_type_k,
     cacheTypeV: r.cache_type_v,
+    mmap: r.mmap,
     embeddings: r.embeddings === true ? { dimensions: [] } : r.embeddings ? { dimensions: r.embeddings.dimensions ?? [] } : undefined,
     license: r.license,
     source: r.source,

@@ -51,6 +51,8 @@ export interface ServerOptions {
   slots: SlotClass[] | undefined;
   cacheTypeK: KvCacheType | undefined;
   cacheTypeV: KvCacheType | undefined;
+  /** Read every version's weights into memory instead of mapping the file (--no-mmap). */
+  noMmap: boolean;
   maxQueue: number;
   maxQueuedTokens: number;
   /** Arrivals at an idle slot class wait this fraction of a recent step for others arriving with them. */
@@ -146,6 +148,14 @@ function choice<T extends string>(flag: string, raw: string, choices: readonly T
 }
 
 const last = (raw: string[]) => raw[raw.length - 1]!;
+
+/** A flag without a value: the command line gives "true"; its environment variable, 1/true/on/yes or 0/false/off/no. */
+function onOff(env: string, raw: string): boolean {
+  const v = raw.toLowerCase();
+  if (["1", "true", "on", "yes"].includes(v)) return true;
+  if (["0", "false", "off", "no"].includes(v)) return false;
+  throw new ConfigError(`${env}: expected on or off, got "${raw}"`);
+}
 
 /** A number from 0 to 1; `what` names it in the error. */
 function fraction(flag: string, raw: string, what: string): number {
@@ -302,6 +312,12 @@ export const OPTIONS = [
     read: (r) => choice("cache-type-v", last(r), KV_CACHE_TYPES), fallback: () => undefined,
   }),
   option({
+    flag: "no-mmap", env: "SPINDLE_NO_MMAP", arg: "", field: "noMmap", defaultText: "off (mapped)", boolean: true,
+    help: "read every model's weights into memory instead of mapping the file (llama-server's name; the models file's `mmap: false` per version): slower to load, but weights never fault back in from disk where the OS drops cached file pages",
+    read: (r) => onOff("SPINDLE_NO_MMAP", last(r)),
+    fallback: () => false,
+  }),
+  option({
     flag: "max-queue", env: "SPINDLE_MAX_QUEUE", arg: "N", field: "maxQueue", defaultText: "64",
     help: "requests that may wait for a slot, per model; beyond it 429",
     read: (r) => integer("max-queue", last(r), 0, 1_000_000), fallback: () => 64,
@@ -413,12 +429,7 @@ export const OPTIONS = [
   option({
     flag: "embeddings", env: "SPINDLE_EMBEDDINGS", arg: "", field: "embeddings", defaultText: "off", boolean: true,
     help: "the `--model` files serve `/v1/embeddings` as well as generation (each gets an embedding context, counted in the memory budget)",
-    read: (r) => {
-      const v = last(r).toLowerCase();
-      if (["1", "true", "on", "yes"].includes(v)) return true;
-      if (["0", "false", "off", "no"].includes(v)) return false;
-      throw new ConfigError(`SPINDLE_EMBEDDINGS: expected on or off, got "${last(r)}"`);
-    },
+    read: (r) => onOff("SPINDLE_EMBEDDINGS", last(r)),
     fallback: () => false,
   }),
   option({

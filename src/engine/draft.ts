@@ -22,6 +22,8 @@ export interface DraftLoadOptions {
   id: string;
   threads: number;
   gpuLayers: number | "max";
+  /** false: the draft's weights are read into memory, as the target's are. */
+  mmap: boolean;
   /** Flash attention for the draft, decided from its own head size as for any model. */
   flashAttention: (model: LlamaModel) => boolean | "auto";
   /** Steps of one sequence may run on the JavaScript thread, as the target's do (step-thread.ts). */
@@ -39,7 +41,7 @@ export class DraftModel {
   static async load(llama: Llama, spec: DraftSpeculation, shapes: readonly DraftContextShape[], o: DraftLoadOptions): Promise<DraftModel> {
     let model: LlamaModel;
     try {
-      model = await llama.loadModel({ modelPath: spec.path, gpuLayers: llama.gpu === false ? 0 : o.gpuLayers });
+      model = await llama.loadModel({ modelPath: spec.path, gpuLayers: llama.gpu === false ? 0 : o.gpuLayers, useMmap: o.mmap });
     } catch (err) {
       throw new ModelLoadError(`model "${o.id}": cannot load the draft model ${spec.path}: ${firstLine(err)}`);
     }

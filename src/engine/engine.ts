@@ -189,7 +189,7 @@ export class Engine {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: injected load failure`);
     }
     try {
-      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max") });
+      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max"), useMmap: opts.mmap !== false });
     } catch (err) {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
@@ -226,6 +226,7 @@ export class Engine {
           id: opts.id,
           threads: opts.threads,
           gpuLayers: opts.gpuLayers ?? "max",
+          mmap: opts.mmap !== false,
           flashAttention: (m) => this.flashAttentionFor(opts.flashAttention ?? "auto", undefined, opts.id, headSizeOf(m.fileInfo)),
           jsThreadSteps: this.jsThreadSteps,
         });

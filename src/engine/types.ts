@@ -196,6 +196,8 @@ export interface LoadOptions {
   embeddings?: boolean;
   /** Element types of the KV cache; f16 both when absent. */
   kvCacheTypes?: KvCacheTypes;
+  /** false: read the weights into memory instead of mapping the file; mapped when absent. */
+  mmap?: boolean;
   speculative?: SpeculativeOptions;
   observer: StepObserver;
   faults?: EngineFaults;

@@ -56,6 +56,8 @@ export interface ResidencyOptions {
   /** KV cache types for every version (--cache-type-k/-v), over the models file's. */
   cacheTypeK?: KvCacheType;
   cacheTypeV?: KvCacheType;
+  /** Every version's weights are read into memory (--no-mmap), over the models file's `mmap`. */
+  noMmap?: boolean;
   maxQueue: number;
   maxQueuedTokens: number;
   /** Arrivals at an idle slot class wait this fraction of a recent step (StepTracker.arrivalGate); 0 or absent: never. */
@@ -398,6 +400,7 @@ export class Residency {
       embeddings: spec.embeddings !== undefined,
       speculative: this.speculationFor(spec.speculative),
       kvCacheTypes: { k: this.opts.cacheTypeK ?? spec.cacheTypeK ?? "f16", v: this.opts.cacheTypeV ?? spec.cacheTypeV ?? "f16" },
+      mmap: this.opts.noMmap === true ? false : (spec.mmap ?? true),
     };
   }
 
