@@ -15,6 +15,8 @@ export type Transport = "http" | "sse" | "ws";
 export interface Timeline {
   queuedAt?: number;
   startedAt?: number;
+  /** The slot's KV was cut back to the prompt's shared prefix (a wait for the engine's lock: the step in flight). */
+  trimmedAt?: number;
   firstTokenAt?: number;
   endedAt?: number;
   slot?: number;

@@ -354,6 +354,7 @@ export class Scheduler {
         await this.whilePaused(() => slot.seq.truncate(cached));
         slot.dirty = false;
       }
+      timeline.trimmedAt = performance.now();
       let input = prompt.slice(cached);
       if (req.promptLogprobs) {
         // Scoring needs the distribution at every prompt position: evaluate the whole prompt

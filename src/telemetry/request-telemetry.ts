@@ -72,6 +72,8 @@ export class RequestTelemetry implements RequestObserver {
         cached_tokens: r.usage?.cachedTokens ?? null,
         completion_tokens: r.usage?.completionTokens ?? null,
         queue_ms: queueMs,
+        // Cutting the slot's KV back to the shared prefix waits for the step in flight (README, W3).
+        kv_trim_ms: tl?.trimmedAt !== undefined && tl.startedAt !== undefined ? round(tl.trimmedAt - tl.startedAt) : null,
         ttft_ms: ttftMs,
         total_ms: round(r.end - r.start),
         // Only when the request had to wait for its model version to load.
