@@ -677,7 +677,7 @@ async function run(command: string, rest: string[]): Promise<void> {
         "no-llama-server": { type: "boolean", default: false },
         "model-path": { type: "string" },
         weights: { type: "string", default: "q8_0" },
-        // W3's 0.7-1.3 GB of weights are read into memory on every side: where the OS drops cached
+        // W3's 0.6-1.2 GB of weights are read into memory on every side: where the OS drops cached
         // file pages (these VMs do), mapped weights fault back in from disk mid-generation (README, W3).
         mmap: { type: "string", default: w3 ? "off" : "on" },
         spindle: { type: "string", multiple: true },
