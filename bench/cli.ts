@@ -393,7 +393,7 @@ ${LOAD_HELP}` },
 ${LOAD_HELP}` },
   w2: { summary: "W1 on the ~25M-parameter synthetic model (compute-bound)", help: `as w1; the model is synthesized once into $TMPDIR/spindle-bench
 ${LOAD_HELP}` },
-  w3: { summary: "W1 on Llama 3.2 1B's shape (Q8_0 or Q4_0): c=1,4, 32 output tokens", help: "as w1; --weights q8_0|q4_0 (default q8_0); --mmap defaults to off (weights read into memory on every side); the model (1-1.3 GB) is synthesized once into $TMPDIR/spindle-bench" },
+  w3: { summary: "W1 on Llama 3.2 1B's shape (Q8_0 or Q4_0): c=1,4, 32 output tokens", help: "as w1; --weights q8_0|q4_0 (default q8_0); --mmap defaults to off (weights read into memory on every side); the model (0.6-1.2 GB) is synthesized once into $TMPDIR/spindle-bench" },
   engine: { summary: "the engine ceiling alone: node-llama-cpp with no HTTP", help: "--concurrency LIST --rounds N --threads N --max-tokens N --model-path FILE" },
   telemetry: { summary: "W1 with metrics and tracing on against both off", help: `--threads N --model-path FILE
 ${LOAD_HELP}` },
@@ -685,6 +685,8 @@ async function run(command: string, rest: string[]): Promise<void> {
     });
     if (v.mmap !== "on" && v.mmap !== "off") throw new BenchError(`--mmap: on or off, got "${v.mmap}"`);
     const mmap = v.mmap === "on";
+    // Both servers name it --no-mmap.
+    const weightArgs = mmap ? [] : ["--no-mmap"];
     const variants = (v.spindle ?? ["spindle="]).map((x) => {
       const eq = x.indexOf("=");
       if (eq <= 0) throw new BenchError(`--spindle: NAME=ARGS, got "${x}"`);
@@ -730,13 +732,13 @@ async function run(command: string, rest: string[]): Promise<void> {
       async (c) => {
         const procs: ServerProcess[] = [];
         for (const x of variants) {
-          const p = await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: [...(mmap ? [] : ["--no-mmap"]), ...x.args] });
+          const p = await startSpindle({ modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: [...weightArgs, ...x.args] });
           p.name = x.name;
           engines[p.name] = `${await engineBuildOf(p.url)}${x.args.length > 0 ? ` (${x.args.join(" ")})` : ""}`;
           procs.push(p);
         }
         if (llamaBin) {
-          procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: mmap ? [] : ["--no-mmap"] }));
+          procs.push(await startLlamaServer({ binary: llamaBin, modelPath, id: "stories260K", parallel: slotsFor(c), ctxSize, threads, extraArgs: weightArgs }));
           engines["llama-server"] = "llama.cpp built here with GGML_NATIVE (bench/build-llama-server.sh), flash attention at its default (auto: on for CPU)";
         }
         return { targets: procs.map((p) => ({ name: p.name, url: p.url })), stop: async () => void (await Promise.all(procs.map((p) => p.stop()))) };

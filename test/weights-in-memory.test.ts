@@ -2,14 +2,16 @@
  * Weights read into memory instead of mapped (`--no-mmap`, the models file's `mmap: false`),
  * through the real engine and server: a mapped version's file shows in the process's memory
  * map, one read into memory does not, and both generate the same greedy text. Each server
- * loads its own copy of the file, so the map tells them apart.
+ * loads its own copy of the file, so the map tells them apart; the per-version one comes
+ * from a models file.
  */
-import { copyFileSync, mkdtempSync, readFileSync } from "node:fs";
+import { copyFileSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { RunningServer } from "../src/server.js";
-import { sharedModel, startTestServer, STORIES, STORIES_GREEDY_PREFIX } from "./helpers/server.js";
+import { parseModelsFile } from "../src/config/models-file.js";
+import { startServer, type RunningServer } from "../src/server.js";
+import { sharedModel, startTestServer, STORIES, STORIES_GREEDY_PREFIX, testServerOptions } from "./helpers/server.js";
 
 const dir = mkdtempSync(join(tmpdir(), "spindle-mmap-"));
 const copy = (name: string) => {
@@ -42,7 +44,9 @@ async function greedy(s: RunningServer): Promise<string> {
 describe.runIf(process.platform === "linux")("weights in memory", () => {
   it("a mapped version's file is in the memory map; one with mmap: false or under --no-mmap is not, and all three generate the same greedy text", async () => {
     const mapped = await startTestServer([{ ...STORIES, file: files.mapped }]);
-    const perVersion = await startTestServer([{ ...STORIES, file: files.perVersion, mmap: false }]);
+    const modelsFile = join(dir, "models.yaml");
+    writeFileSync(modelsFile, `models:\n  - id: ${STORIES.id}\n    file: per-version.gguf\n    chat_template: general\n    ctx_size: 512\n    mmap: false\n`);
+    const perVersion = await startServer(testServerOptions(), parseModelsFile(readFileSync(modelsFile, "utf8"), modelsFile));
     const everyVersion = await startTestServer([{ ...STORIES, file: files.everyVersion }], { noMmap: true });
     servers.push(mapped, perVersion, everyVersion);
     const maps = mappedFiles();

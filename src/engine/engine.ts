@@ -188,8 +188,9 @@ export class Engine {
       opts.faults.failNextLoads--;
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: injected load failure`);
     }
+    const mmap = opts.mmap !== false;
     try {
-      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max"), useMmap: opts.mmap !== false });
+      model = await this.llama.loadModel({ modelPath: opts.path, gpuLayers: this.llama.gpu === false ? 0 : (opts.gpuLayers ?? "max"), useMmap: mmap });
     } catch (err) {
       throw new ModelLoadError(`model "${opts.id}": cannot load ${opts.path}: ${firstLine(err)}`);
     }
@@ -226,7 +227,7 @@ export class Engine {
           id: opts.id,
           threads: opts.threads,
           gpuLayers: opts.gpuLayers ?? "max",
-          mmap: opts.mmap !== false,
+          mmap,
           flashAttention: (m) => this.flashAttentionFor(opts.flashAttention ?? "auto", undefined, opts.id, headSizeOf(m.fileInfo)),
           jsThreadSteps: this.jsThreadSteps,
         });

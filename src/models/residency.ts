@@ -400,7 +400,7 @@ export class Residency {
       embeddings: spec.embeddings !== undefined,
       speculative: this.speculationFor(spec.speculative),
       kvCacheTypes: { k: this.opts.cacheTypeK ?? spec.cacheTypeK ?? "f16", v: this.opts.cacheTypeV ?? spec.cacheTypeV ?? "f16" },
-      mmap: this.opts.noMmap === true ? false : (spec.mmap ?? true),
+      mmap: this.opts.noMmap !== true && spec.mmap !== false,
     };
   }
 

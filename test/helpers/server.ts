@@ -18,8 +18,6 @@ export interface TestModel {
   parallel?: number;
   /** Serve /v1/embeddings too (true), optionally with Matryoshka truncations. */
   embeddings?: boolean | { dimensions: number[] };
-  /** false: the weights are read into memory (the models file's `mmap: false`). */
-  mmap?: boolean;
 }
 
 export function spec(m: TestModel): ModelSpec {
@@ -34,7 +32,6 @@ export function spec(m: TestModel): ModelSpec {
     parallel: m.parallel,
     sampling: {},
     embeddings: m.embeddings === true ? { dimensions: [] } : m.embeddings || undefined,
-    mmap: m.mmap,
   };
 }
 
