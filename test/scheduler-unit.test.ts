@@ -378,6 +378,69 @@ describe("arrivals at an idle model (the scheduler delay factor)", () => {
   });
 });
 
+describe("clients that come back (the hold for returning clients)", () => {
+  it("learns whether ended streams' clients come back and how soon, and holds only where that pays", () => {
+    const t = new StepTracker(undefined, 0.1);
+    t.noteStepTime(0, 40);
+    // Nothing learned yet: a stream ends, and the next step does not wait.
+    t.loopEnded(0, undefined, 0);
+    expect(t.expectedReturns(0, 1)).toBe(1);
+    expect(t.returnHoldMs(0, 1)).toBe(0);
+    // Clients come back 4 ms after each end, four times: the tracker learns it.
+    let now = 0;
+    for (let i = 0; i < 4; i++) {
+      if (i > 0) t.loopEnded(0, undefined, now);
+      t.arrived(now + 4);
+      now += 100;
+    }
+    expect(t.returns.returnShare).toBeGreaterThan(0.5);
+    expect(t.returns.latencyMs).toBeCloseTo(4, 5);
+    expect(t.expectedReturns(0, now)).toBe(0);
+    expect(t.returnHoldMs(0, now)).toBe(0); // no one expected: no hold
+    // A loop asks for the step carrying its last token; when that step is the last formed, its end is expected now.
+    const final = t.askedFinalStep(0);
+    expect(t.endingNow(0)).toBe(0);
+    t.onStep(0, 1, 1);
+    expect(t.endingNow(0)).toBe(1);
+    // The usual 4 ms, 4 × its spread (half the first delay, then a quarter less at each
+    // return as punctual as the average), and 1.
+    expect(t.returnHoldMs(0, now)).toBeCloseTo(4 + 4 * 2 * 0.75 ** 3 + 1, 5);
+    t.loopEnded(0, final, now);
+    expect(t.endingNow(0)).toBe(0);
+    expect(t.expectedReturns(0, now)).toBe(1); // now an end waiting for its client
+    // An end not followed by a return within a step (40 ms) counts against coming back.
+    expect(t.expectedReturns(0, now + 41)).toBe(0);
+    // Steps short beside the clients' delay (4 ms > a quarter of 10 ms): never worth holding.
+    t.noteStepTime(1, 10);
+    t.loopEnded(1, undefined, now + 50);
+    expect(t.returnHoldMs(1, now + 50)).toBe(0);
+    // Off with the delay factor.
+    const off = new StepTracker(undefined, 0);
+    off.noteStepTime(0, 40);
+    for (let i = 0; i < 6; i++) {
+      off.loopEnded(0, undefined, i * 100);
+      off.arrived(i * 100 + 4);
+    }
+    off.loopEnded(0, undefined, 1000);
+    expect(off.returnHoldMs(0, 1000)).toBe(0);
+  });
+
+  it("clients that stop coming back stop the holds", () => {
+    const t = new StepTracker(undefined, 0.1);
+    t.noteStepTime(0, 40);
+    for (let i = 0; i < 6; i++) {
+      t.loopEnded(0, undefined, i * 100);
+      t.arrived(i * 100 + 4);
+    }
+    t.loopEnded(0, undefined, 600);
+    expect(t.returnHoldMs(0, 600)).toBeGreaterThan(0);
+    // Now ends with no arrival after them (each found too late, beyond a step).
+    for (let i = 7; i < 12; i++) t.loopEnded(0, undefined, i * 100);
+    t.loopEnded(0, undefined, 1300);
+    expect(t.returnHoldMs(0, 1300)).toBe(0);
+  });
+});
+
 describe("a token's text and frame run beside the next step", () => {
   /** A hand-driven engine: every token loop that asks waits until `step()` forms a step (the tracker hears of it) and then gets its token. */
   function steppedModel(slots: number) {

@@ -329,7 +329,7 @@ export const OPTIONS = [
   }),
   option({
     flag: "scheduler-delay-factor", env: "SPINDLE_SCHEDULER_DELAY_FACTOR", arg: "F", field: "schedulerDelayFactor", defaultText: String(DEFAULT_SCHEDULER_DELAY_FACTOR),
-    help: "a request that finds its model idle, where requests have been arriving in bursts, waits F × a recent decode step (at most 5 ms; none under 0.25 ms) for the others arriving with it, so they share their first step (vLLM's name; 0: never wait; README, \"Measured\", W3)",
+    help: "a request that finds its model idle, where requests have been arriving in bursts, waits F × a recent decode step (at most 5 ms; none under 0.25 ms) for the others arriving with it, so they share their first step (vLLM's name); and where clients send their next request soon after their stream ends (within a quarter of a step, as benchmarks and agents do), the step after a stream ends waits for them (at most half a step) (0: neither; README, \"Measured\", W3)",
     read: (r) => fraction("scheduler-delay-factor", last(r), "a number"),
     fallback: () => DEFAULT_SCHEDULER_DELAY_FACTOR,
   }),

@@ -60,6 +60,16 @@ interface Job {
   timer: NodeJS.Timeout | undefined;
   onAbort: (() => void) | undefined;
   started: boolean;
+  /** The hold for returning clients it arrived during (holdForReturns), until its slot is trimmed. */
+  returning: Hold | null;
+}
+
+/** A pause held for returning clients (Scheduler.holdForReturns); `arriving`: requests that came during it and have not yet trimmed their slot. */
+interface Hold {
+  slotClass: number;
+  release: () => void;
+  timer: NodeJS.Timeout;
+  arriving: number;
 }
 
 const EVALUATION_PRIORITY = { high: 5, normal: 3, low: 1 } as const;
@@ -92,6 +102,8 @@ export class Scheduler {
   private pauseDepth = 0;
   private resumeGate: Promise<void> | null = null;
   private releaseGate: (() => void) | null = null;
+  /** The pause held for returning clients, while it lasts (holdForReturns). */
+  private hold: Hold | null = null;
   private readonly completions: number[] = [];
   private closed = false;
   /** Set by terminate(): every running generation ends with it at its next step. */
@@ -191,8 +203,11 @@ export class Scheduler {
         timer: undefined,
         onAbort: undefined,
         started: false,
+        returning: this.hold,
       };
       req.timeline.queuedAt = job.enqueuedAt;
+      this.steps.arrived(job.enqueuedAt);
+      if (this.hold !== null) this.hold.arriving++;
       this.queue.push(job);
       this.queuedTokens += req.promptTokens.length;
       this.pump();
@@ -313,17 +328,60 @@ export class Scheduler {
    * the pause they would wait until the other requests finished.
    */
   private async whilePaused<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.pauseDepth++ === 0) this.resumeGate = new Promise((r) => (this.releaseGate = r));
+    const resume = this.pause();
     try {
       return await fn();
     } finally {
+      resume();
+    }
+  }
+
+  /** Holds every token loop before its next step until the returned function is called (once). */
+  private pause(): () => void {
+    if (this.pauseDepth++ === 0) this.resumeGate = new Promise((r) => (this.releaseGate = r));
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
       if (--this.pauseDepth === 0) {
         const release = this.releaseGate!;
         this.resumeGate = null;
         this.releaseGate = null;
         release();
       }
-    }
+    };
+  }
+
+  /**
+   * Streams of `slotClass` have ended (or end with the step just done) and their clients
+   * usually come back within a fraction of a step (StepTracker.returnHoldMs): hold every
+   * token loop before its next step until they have all arrived and trimmed their slots,
+   * or the hold's time is up, so that they share that step instead of each waiting a whole
+   * step behind it. Without it, requests that a benchmark's (or an agent's) clients sent
+   * 2-12 ms after their streams ended took two or three steps to their first token where
+   * one would do (README, W3).
+   */
+  private holdForReturns(slotClass: number): void {
+    if (this.hold !== null) return;
+    const ms = this.steps.returnHoldMs(slotClass, performance.now());
+    if (ms <= 0) return;
+    const release = this.pause();
+    const timer = setTimeout(() => this.endHold(), ms);
+    this.hold = { slotClass, release, timer, arriving: 0 };
+  }
+
+  /** Ends the hold once everyone expected is in: no ended stream's client still out, none arrived but untrimmed. */
+  private endHoldIfAllIn(): void {
+    const h = this.hold;
+    if (h !== null && h.arriving === 0 && this.steps.expectedReturns(h.slotClass, performance.now()) === 0) this.endHold();
+  }
+
+  private endHold(): void {
+    const h = this.hold;
+    if (h === null) return;
+    this.hold = null;
+    clearTimeout(h.timer);
+    h.release();
   }
 
   private async waitIfPaused(slotClass: number): Promise<void> {
@@ -355,6 +413,13 @@ export class Scheduler {
         slot.dirty = false;
       }
       timeline.trimmedAt = performance.now();
+      const returned = job.returning !== null;
+      if (job.returning !== null) {
+        // Its slot is ready: the hold may end (every loop then asks for the same step).
+        job.returning.arriving--;
+        job.returning = null;
+        this.endHoldIfAllIn();
+      }
       let input = prompt.slice(cached);
       if (req.promptLogprobs) {
         // Scoring needs the distribution at every prompt position: evaluate the whole prompt
@@ -367,7 +432,7 @@ export class Scheduler {
         input = prompt.slice(-1);
       }
       const result: { logprobSum?: number; stopString?: string } = {};
-      const outcome = req.maxTokens === 0 ? "length" : await this.generate(req, slot.seq, input, sink, (n) => (generatedCount = n), result);
+      const outcome = req.maxTokens === 0 ? "length" : await this.generate(req, slot.seq, input, sink, (n) => (generatedCount = n), result, returned);
       this.end(job, outcome instanceof ApiError ? { error: outcome, usage: usage() } : { result: { finishReason: outcome, usage: usage(), ...result } });
     } catch (err) {
       // A failed decode step fails every request in that batch (llama.cpp's scope); each
@@ -455,19 +520,25 @@ export class Scheduler {
     sink: TokenSink,
     count: (n: number) => void,
     result: { logprobSum?: number; stopString?: string },
+    /** It came back during a hold for returning clients, which gathered it: no arrival gate. */
+    returned = false,
   ): Promise<FinishReason | ApiError> {
     const priority = EVALUATION_PRIORITY[req.priority];
     const steps = this.steps;
     const slotClass = seq.slotClass;
     // Unasked-for max_tokens means "until the context is full": this slot's context.
     const maxTokens = req.fillsContext ? Math.min(req.maxTokens, seq.ctxSize - req.promptTokens.length) : req.maxTokens;
-    const gathering = steps.arrivalGate(slotClass);
+    const gathering = returned ? undefined : steps.arrivalGate(slotClass);
     if (gathering !== undefined) await gathering;
     steps.add(slotClass, 1);
     let stillRunning = true;
+    /** The step carrying this loop's last token, once it has asked for it (StepTracker.askedFinalStep). */
+    let finalStep: number | undefined;
     const stopRunning = () => {
-      if (stillRunning) steps.add(slotClass, -1);
+      if (!stillRunning) return;
+      steps.add(slotClass, -1);
       stillRunning = false;
+      steps.loopEnded(slotClass, finalStep, performance.now());
     };
     try {
       // Long prompts go in chunks so a cancel or deadline is honoured between them.
@@ -511,6 +582,7 @@ export class Scheduler {
               break;
             }
             next = iter.next();
+            if (generated.length + 1 >= maxTokens) finalStep = steps.askedFinalStep(slotClass);
           }
           const step = await next;
           next = undefined;
@@ -530,7 +602,12 @@ export class Scheduler {
           }
           // Before the next step: penalties and token biases read what was generated.
           generated.push(token);
-          if (generated.length < maxTokens && this.resumeGate === null && this.checkLive(req) === undefined) next = iter.next();
+          // Streams ended with this step: their clients may be about to come back.
+          if (this.hold === null && steps.endingNow(slotClass) > 0) this.holdForReturns(slotClass);
+          if (generated.length < maxTokens && this.resumeGate === null && this.checkLive(req) === undefined) {
+            next = iter.next();
+            if (generated.length + 1 >= maxTokens) finalStep = steps.askedFinalStep(slotClass);
+          }
           const now = performance.now();
           if (lastTokenAt === 0) req.timeline.firstTokenAt = now;
           else {
@@ -560,6 +637,8 @@ export class Scheduler {
         count(generated.length);
         if (probe?.want === "confidence") result.logprobSum = logprobSum;
         stopRunning();
+        // An end no step foresaw (end of generation, a stop): hold for its client from here.
+        if (this.hold === null) this.holdForReturns(slotClass);
         // A step asked for ahead ends before the generator can close; its token is dropped.
         if (next !== undefined) await next.catch(() => undefined);
         await iter.return();

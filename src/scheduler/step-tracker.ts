@@ -1,6 +1,7 @@
 import { stepsOnJsThread } from "../engine/step-thread.js";
 import type { StepObserver } from "../engine/types.js";
 import type { SchedulerObserver } from "../observers.js";
+import { ReturningClients } from "./returning-clients.js";
 
 export interface StepStats {
   steps: number;
@@ -33,6 +34,10 @@ export class StepTracker implements StepObserver {
   private readonly joined: boolean[] = [];
   /** Per class: what token loops wait on before writing a token (nextStepFormed), settled by the class's next step. */
   private readonly nextStep: Array<{ formed: Promise<void>; settle: () => void } | undefined> = [];
+  /** Per class: the step that carries some token loops' last tokens (their max_tokens), and how many of them. */
+  private readonly finalStep: Array<{ step: number; loops: number } | undefined> = [];
+  /** Whether streams that end are followed by their clients' next requests, and how soon. */
+  readonly returns = new ReturningClients();
 
   /**
    * `delayFactor`: arrivals at an idle class wait this fraction of a recent step's time
@@ -92,6 +97,67 @@ export class StepTracker implements StepObserver {
     });
     this.gates[slotClass] = gate;
     return gate;
+  }
+
+  /**
+   * A token loop has just asked for the step that carries its last token (its max_tokens):
+   * the next step formed in its class. Returns that step's number, for loopEnded.
+   */
+  askedFinalStep(slotClass: number): number {
+    const step = (this.stepsIn[slotClass] ?? 0) + 1;
+    const f = this.finalStep[slotClass];
+    if (f !== undefined && f.step === step) f.loops++;
+    else this.finalStep[slotClass] = { step, loops: 1 };
+    return step;
+  }
+
+  /** Token loops whose last token came from the step this class formed last (the one whose tokens are being handed out). */
+  endingNow(slotClass: number): number {
+    const f = this.finalStep[slotClass];
+    return f !== undefined && f.step === (this.stepsIn[slotClass] ?? 0) ? f.loops : 0;
+  }
+
+  /**
+   * A token loop of this class ended at `now` (its stream is over); `finalStep`: the step
+   * askedFinalStep gave it, if it asked for one. Its client may come back (returns).
+   */
+  loopEnded(slotClass: number, finalStep: number | undefined, now: number): void {
+    const f = this.finalStep[slotClass];
+    if (finalStep !== undefined && f !== undefined && f.step === finalStep) f.loops--;
+    this.returns.ended(now, this.returnWindowMs());
+  }
+
+  /** A request arrived at `now`. */
+  arrived(now: number): void {
+    this.returns.arrived(now, this.returnWindowMs());
+  }
+
+  /** Streams of this class that ended, or end with the step just done, whose clients have not come back yet. */
+  expectedReturns(slotClass: number, now: number): number {
+    return this.returns.pending(now, this.returnWindowMs()) + this.endingNow(slotClass);
+  }
+
+  /**
+   * How long the next step of this class should wait for clients coming back (ms), 0 for
+   * not at all: only where ended streams' clients have mostly come back (half of them or
+   * more), soon (their usual delay within a quarter of a step: each one gathered saves
+   * about a step, each running loop loses the wait), and some are expected now. Long
+   * enough for most of them (their usual delay and four times its spread, and a
+   * millisecond), at most half a step. 0 with the delay factor at 0.
+   */
+  returnHoldMs(slotClass: number, now: number): number {
+    const step = this.stepMs[slotClass];
+    const r = this.returns;
+    if (this.delayFactor <= 0 || step === undefined || r.returnShare < 0.5 || !(r.latencyMs <= 0.25 * step)) return 0;
+    if (this.expectedReturns(slotClass, now) === 0) return 0;
+    return Math.min(0.5 * step, r.latencyMs + 4 * r.latencySpreadMs + 1);
+  }
+
+  /** A return counts within a step of the longest class: a later one could not have shared the step it ended. */
+  private returnWindowMs(): number {
+    let w = 0;
+    for (const ms of this.stepMs) if (ms !== undefined && ms > w) w = ms;
+    return w;
   }
 
   /**
