@@ -414,9 +414,9 @@ export class Scheduler {
       }
       timeline.trimmedAt = performance.now();
       const returned = job.returning !== null;
-      if (job.returning !== null) {
+      if (returned) {
         // Its slot is ready: the hold may end (every loop then asks for the same step).
-        job.returning.arriving--;
+        job.returning!.arriving--;
         job.returning = null;
         this.endHoldIfAllIn();
       }
