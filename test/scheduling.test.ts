@@ -281,7 +281,7 @@ describe("clients that come back a few milliseconds after their streams end (the
   /**
    * Two closed-loop clients, as a benchmark's or an agent's: each sends its next request
    * as soon as its last one ended, for `learn` rounds; then one of them 8 ms later (beyond
-   * the 5 ms that the wait at an idle model allows). Steps are made slow on purpose (100 ms,
+   * the 5 ms that the wait at an idle model allows). Steps are made slow on purpose (150 ms,
    * the fault hook), so that a step is worth holding a few milliseconds for. Counts the
    * steps carrying one sequence in the last `counted` rounds.
    *
@@ -289,13 +289,13 @@ describe("clients that come back a few milliseconds after their streams end (the
    * it lasts (a real step runs on a worker thread); the first rounds, where both come back
    * at once, let the scheduler see the returns without that delay.
    */
-  async function loneSteps(delayFactor: number, learn = 4, rounds = 10, counted = 5): Promise<number> {
+  async function loneSteps(delayFactor: number, learn = 4, rounds = 12, counted = 6): Promise<number> {
     const faults = { failNextSteps: 0, slowStepMs: 0, failNextLoads: 0 };
     const s = await startTestServer([{ ...STORIES, parallel: 4 }], { schedulerDelayFactor: delayFactor }, { faults });
     try {
       const client = openaiClient(s);
       const alone = async () => sum(parseMetrics(await (await fetch(`${s.url}/metrics`)).text()), "spindle_decode_step_sequences_bucket", { le: "1" });
-      faults.slowStepMs = 100;
+      faults.slowStepMs = 150;
       let before = 0;
       const clientLoop = async (i: number, pauseMs: number) => {
         for (let round = 0; round < rounds; round++) {
@@ -313,9 +313,14 @@ describe("clients that come back a few milliseconds after their streams end (the
   }
 
   it("once learned, the scheduler holds the next step for them and they share it; without, each round has steps alone", async () => {
-    // Held: both share every step of the counted rounds (two lone steps allowed for a late client on a loaded machine).
-    expect(await loneSteps(0.1)).toBeLessThanOrEqual(2);
-    // Without (delay factor 0): the first back starts alone and ends a step before the other, which then steps alone.
-    expect(await loneSteps(0)).toBeGreaterThanOrEqual(5);
-  }, 60_000);
+    const held = await loneSteps(0.1);
+    // Without (delay factor 0): the first back starts alone and ends a step before the other,
+    // which then steps alone: two lone steps a round.
+    const unheld = await loneSteps(0);
+    expect(unheld).toBeGreaterThanOrEqual(6);
+    // Held: both share the steps of the counted rounds. A client later than the hold on a
+    // loaded machine (CI runs other test files beside this one) costs a round its two lone
+    // steps; most rounds must be shared.
+    expect(held).toBeLessThanOrEqual(unheld / 3);
+  }, 90_000);
 });
