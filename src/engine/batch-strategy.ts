@@ -57,12 +57,6 @@ export class StepGate {
   /** A throw here is how llama.cpp's own decode failures reach callers: every queued item of the batch is rejected. */
   private injectFaults(items: number): void {
     const f = this.faults!;
-    if (f.slowStepMs > 0) {
-      const until = performance.now() + f.slowStepMs;
-      while (performance.now() < until) {
-        /* a slow step, on purpose */
-      }
-    }
     if (f.failNextSteps > 0 && items > 0) {
       f.failNextSteps--;
       throw new Error("injected decode failure");

@@ -214,7 +214,12 @@ export class Engine {
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
         const js = this.jsThreadSteps;
-        routeStepCalls(context, { mayReorder: () => stepGate.mixedStep, stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens) });
+        const faults = opts.faults;
+        routeStepCalls(context, {
+          mayReorder: () => stepGate.mixedStep,
+          stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens),
+          slowStepMs: faults && (() => faults.slowStepMs),
+        });
         contexts.push({ context, ctxSize: contextSize });
         shapes.push({ sequences: cls.count, contextSize, batchSize });
       }

@@ -40,9 +40,15 @@ export interface StepRoutes {
   mayReorder?: () => boolean;
   /** Read at the same time: the step is decoded and sampled on the calling thread (where the addon has `decodeBatchNow`). */
   stepHere?: () => boolean;
+  /**
+   * Tests' fault hook (EngineFaults.slowStepMs): each step's results come this much later,
+   * with this thread free meanwhile, as a long step's in a job do. Requests arriving during
+   * it are received then and join the next step.
+   */
+  slowStepMs?: () => number;
 }
 
-export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false }: StepRoutes): void {
+export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false, slowStepMs }: StepRoutes): void {
   const ctx = (context as unknown as { _ctx: AddonContext })._ctx;
   const decode = ctx.decodeBatch.bind(ctx);
   const sample = ctx.sampleToken.bind(ctx);
@@ -55,27 +61,34 @@ export function routeStepCalls(context: LlamaContext, { mayReorder = () => true,
   let first: Promise<unknown> | undefined;
   /** The step just decoded ran on this thread: so do its samples. */
   let here = false;
+  const decodeStep = (): Promise<void> => {
+    if (canRunHere && stepHere()) {
+      here = true;
+      stepsTaken.jsThread++;
+      // Then one turn of the event loop (I/O, timers, other requests) before the step
+      // counts as done: steps that settle at once would otherwise chain a whole
+      // generation into one macrotask, and requests that arrived during the step would
+      // miss the next batch, which is formed as soon as this one's samples are in.
+      return decodeNow!().then(turnOfTheLoop);
+    }
+    here = false;
+    stepsTaken.jobs++;
+    const reorder = mayReorder();
+    return decode().then(() => {
+      firstPending = reorder;
+      first = undefined;
+    });
+  };
   // The addon's methods are read-only on its prototype: own properties shadow them.
   Object.defineProperty(ctx, "decodeBatch", {
     configurable: true,
-    value: (): Promise<void> => {
-      if (canRunHere && stepHere()) {
-        here = true;
-        stepsTaken.jsThread++;
-        // Then one turn of the event loop (I/O, timers, other requests) before the step
-        // counts as done: steps that settle at once would otherwise chain a whole
-        // generation into one macrotask, and requests that arrived during the step would
-        // miss the next batch, which is formed as soon as this one's samples are in.
-        return decodeNow!().then(turnOfTheLoop);
-      }
-      here = false;
-      stepsTaken.jobs++;
-      const reorder = mayReorder();
-      return decode().then(() => {
-        firstPending = reorder;
-        first = undefined;
-      });
-    },
+    value:
+      slowStepMs === undefined
+        ? decodeStep
+        : (): Promise<void> => {
+            const ms = slowStepMs();
+            return ms > 0 ? decodeStep().then(() => new Promise((resolve) => setTimeout(resolve, ms))) : decodeStep();
+          },
   });
   Object.defineProperty(ctx, "sampleToken", {
     configurable: true,

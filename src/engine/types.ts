@@ -168,6 +168,7 @@ export interface StepObserver {
  */
 export interface EngineFaults {
   failNextSteps: number;
+  /** Each step's results come this much later, the JavaScript thread free meanwhile (step-calls.ts). */
   slowStepMs: number;
   failNextLoads: number;
 }
