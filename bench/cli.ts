@@ -181,16 +181,19 @@ function table(headers: string[], rows: string[][]): string {
   return [line(headers), `|${widths.map((w) => "-".repeat(w + 2)).join("|")}|`, ...rows.map(line)].join("\n");
 }
 
-/** Failed requests over the rounds, with why: "3 (http_429 2, network 1)". */
+/** Failed requests over the rounds, with why, and those sent again: "3 (http_429 2, network 1), 2 resent". */
 function failures(rs: RunResult[]): string {
   const total = rs.reduce((a, r) => a + r.metrics.failed, 0);
-  if (total === 0) return "0";
+  // Reports written before resends were counted have no `retried`.
+  const retried = rs.reduce((a, r) => a + (r.metrics.retried ?? 0), 0);
+  const resent = retried > 0 ? `, ${retried} resent` : "";
+  if (total === 0) return `0${resent}`;
   const by: Record<string, number> = {};
   for (const r of rs) for (const [k, n] of Object.entries(r.metrics.failedByType)) by[k] = (by[k] ?? 0) + n;
   return `${total} (${Object.entries(by)
     .sort((a, b) => b[1] - a[1])
     .map(([k, n]) => `${k} ${n}`)
-    .join(", ")})`;
+    .join(", ")})${resent}`;
 }
 
 /** Per concurrency and target: medians over rounds; ratios against the first target, round by round. */

@@ -1,12 +1,13 @@
 import { spawn } from "node:child_process";
 import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { connect, createServer, type AddressInfo, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { getLlama, LlamaLogLevel, readGgufFileInfo, type Token } from "node-llama-cpp";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { arrivalGaps } from "../bench/lib/load.js";
 import { distribution, percentile, summarize, tpot } from "../bench/lib/stats.js";
-import { emptyRecord, sseEvents, type RequestRecord } from "../bench/lib/stream-client.js";
+import { emptyRecord, sseEvents, streamRequest, type RequestRecord } from "../bench/lib/stream-client.js";
 import { parameterCount, PRESETS, toHalf, writeSyntheticGguf } from "../bench/synthetic-gguf.js";
 import type { RunningServer } from "../src/server.js";
 import { parseMetrics, sum } from "./helpers/prometheus.js";
@@ -134,6 +135,51 @@ describe("an end-to-end bench run against the real server", () => {
     expect(counted).toBeGreaterThan(0);
     // The server's own view agrees with the client's, run by run.
     for (const run of json.results) expect(run.server.metrics).toMatchObject({ source: "spindle", generatedTokens: run.metrics.totalOutputTokens, requests: 4 });
+  });
+
+  it("a request whose connection is closed under it before any answer is sent once more and counted as resent, not failed; a second close fails it", async () => {
+    // A proxy in front of the real server that closes the first `drops` connections as
+    // their request arrives, as llama-server closes a kept-alive one just as it is reused.
+    const target = new URL(server.url);
+    const proxyFor = async (drops: number) => {
+      let seen = 0;
+      const open = new Set<Socket>();
+      const proxy = createServer((client) => {
+        open.add(client);
+        client.on("close", () => open.delete(client));
+        if (seen++ < drops) {
+          client.once("data", () => client.destroy());
+          return;
+        }
+        const upstream = connect(Number(target.port), target.hostname);
+        client.pipe(upstream).pipe(client);
+        const close = () => (client.destroy(), upstream.destroy());
+        client.on("error", close).on("close", close);
+        upstream.on("error", close);
+      });
+      await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
+      const close = () => {
+        for (const c of open) c.destroy();
+        return new Promise((r) => proxy.close(r));
+      };
+      return { url: `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`, close };
+    };
+    const body = { model: "stories260K", prompt: "Once upon a time", max_tokens: 8, temperature: 0 };
+    const once = await proxyFor(1);
+    try {
+      const rec = await streamRequest({ baseUrl: once.url, endpoint: "completions", body });
+      expect(rec).toMatchObject({ ok: true, retried: true, outputTokens: 8, usageReported: true });
+      expect(summarize([rec], 1)).toMatchObject({ completed: 1, failed: 0, retried: 1 });
+    } finally {
+      await once.close();
+    }
+    const always = await proxyFor(Infinity);
+    try {
+      const rec = await streamRequest({ baseUrl: always.url, endpoint: "completions", body });
+      expect(rec).toMatchObject({ ok: false, retried: true, errorType: "network", outputTokens: 0 });
+    } finally {
+      await always.close();
+    }
   });
 
   it("multi-turn conversations resend the conversation; a duration run stops on time", async () => {

@@ -33,6 +33,8 @@ export interface RunMetrics {
   completed: number;
   failed: number;
   failedByType: Record<string, number>;
+  /** Requests sent a second time after their connection closed under them (stream-client.ts), whatever their outcome. */
+  retried: number;
   durationS: number;
   requestThroughput: number;
   outputThroughput: number;
@@ -76,6 +78,7 @@ export function summarize(records: readonly RequestRecord[], durationS: number, 
     completed: ok.length,
     failed: records.length - ok.length,
     failedByType,
+    retried: records.filter((r) => r.retried).length,
     durationS,
     requestThroughput: ok.length / durationS,
     outputThroughput: output / durationS,

@@ -21,6 +21,8 @@ export interface RequestRecord {
   /** True when the token counts came from the server's usage chunk. */
   usageReported: boolean;
   text: string;
+  /** Sent again once: the kept-alive connection it first went out on was closed under it (sendOnce). */
+  retried: boolean;
 }
 
 export interface RequestSpec {
@@ -39,7 +41,30 @@ export function sseEvents(onData: (data: string) => void) {
 
 /** A record of a request not (yet) answered. */
 export function emptyRecord(): RequestRecord {
-  return { ok: false, status: 0, errorType: undefined, ttft: 0, itl: [], latency: 0, promptTokens: 0, outputTokens: 0, usageReported: false, text: "" };
+  return { ok: false, status: 0, errorType: undefined, ttft: 0, itl: [], latency: 0, promptTokens: 0, outputTokens: 0, usageReported: false, text: "", retried: false };
+}
+
+/** How undici says a connection was closed or reset under a request before any answer came. */
+const CLOSED_UNDER_REQUEST = new Set(["UND_ERR_SOCKET", "UND_ERR_CLOSED", "ECONNRESET", "EPIPE"]);
+
+/**
+ * Sends the request, and once more if the connection it went out on was closed before any
+ * answer came. A server may close a kept-alive connection just as the client reuses it
+ * (llama-server does, at c=8: "other side closed" within ~5 ms of sending, about one request
+ * in 40); the official SDKs retry such connection errors (openai-node twice), so counting
+ * them as failures would charge the server for a client-pool race. Any other error, and an
+ * error after the answer began, is the request's failure. The request's times still run
+ * from the first send.
+ */
+async function sendOnce(url: string, init: RequestInit, rec: RequestRecord): Promise<Response> {
+  try {
+    return await fetch(url, init);
+  } catch (err) {
+    const code = (err as { cause?: { code?: string } }).cause?.code;
+    if (code === undefined || !CLOSED_UNDER_REQUEST.has(code)) throw err;
+    rec.retried = true;
+    return fetch(url, init);
+  }
 }
 
 export async function streamRequest(spec: RequestSpec): Promise<RequestRecord> {
@@ -50,12 +75,16 @@ export async function streamRequest(spec: RequestSpec): Promise<RequestRecord> {
   let last = 0;
   let chunks = 0;
   try {
-    const res = await fetch(url, {
-      method: "POST",
-      headers: { "content-type": "application/json", ...spec.headers },
-      body: JSON.stringify(body),
-      signal: AbortSignal.timeout(spec.timeoutMs ?? 600_000),
-    });
+    const res = await sendOnce(
+      url,
+      {
+        method: "POST",
+        headers: { "content-type": "application/json", ...spec.headers },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(spec.timeoutMs ?? 600_000),
+      },
+      rec,
+    );
     rec.status = res.status;
     if (!res.ok || res.body === null) {
       rec.errorType = `http_${res.status}`;
