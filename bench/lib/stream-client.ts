@@ -21,7 +21,7 @@ export interface RequestRecord {
   /** True when the token counts came from the server's usage chunk. */
   usageReported: boolean;
   text: string;
-  /** Sent again once: the kept-alive connection it first went out on was closed under it (sendOnce). */
+  /** Sent again: a kept-alive connection it went out on was closed under it before any answer (send). */
   retried: boolean;
 }
 
@@ -47,23 +47,27 @@ export function emptyRecord(): RequestRecord {
 /** How undici says a connection was closed or reset under a request before any answer came. */
 const CLOSED_UNDER_REQUEST = new Set(["UND_ERR_SOCKET", "UND_ERR_CLOSED", "ECONNRESET", "EPIPE"]);
 
+/** Sends after the first when a connection was closed under the request: as many as openai-node's default retries. */
+const MAX_RESENDS = 2;
+
 /**
- * Sends the request, and once more if the connection it went out on was closed before any
- * answer came. A server may close a kept-alive connection just as the client reuses it
- * (llama-server does, at c=8: "other side closed" within ~5 ms of sending, about one request
- * in 40); the official SDKs retry such connection errors (openai-node twice), so counting
- * them as failures would charge the server for a client-pool race. Any other error, and an
- * error after the answer began, is the request's failure. The request's times still run
- * from the first send.
+ * Sends the request, and again (at most MAX_RESENDS times) while the connection it went out
+ * on is closed before any answer comes. A server may close a kept-alive connection just as
+ * the client reuses it (llama-server does at c≥8: "other side closed" within ~5 ms of
+ * sending, about one request in 45), and the resend may pick another such connection from
+ * the pool; the official SDKs retry connection errors, so counting them as failures would
+ * charge the server for a client-pool race. Any other error, and an error after the answer
+ * began, is the request's failure. The request's times still run from the first send.
  */
-async function sendOnce(url: string, init: RequestInit, rec: RequestRecord): Promise<Response> {
-  try {
-    return await fetch(url, init);
-  } catch (err) {
-    const code = (err as { cause?: { code?: string } }).cause?.code;
-    if (code === undefined || !CLOSED_UNDER_REQUEST.has(code)) throw err;
-    rec.retried = true;
-    return fetch(url, init);
+async function send(url: string, init: RequestInit, rec: RequestRecord): Promise<Response> {
+  for (let resends = 0; ; resends++) {
+    try {
+      return await fetch(url, init);
+    } catch (err) {
+      const code = (err as { cause?: { code?: string } }).cause?.code;
+      if (resends === MAX_RESENDS || code === undefined || !CLOSED_UNDER_REQUEST.has(code)) throw err;
+      rec.retried = true;
+    }
   }
 }
 
@@ -75,7 +79,7 @@ export async function streamRequest(spec: RequestSpec): Promise<RequestRecord> {
   let last = 0;
   let chunks = 0;
   try {
-    const res = await sendOnce(
+    const res = await send(
       url,
       {
         method: "POST",
