@@ -184,9 +184,8 @@ function table(headers: string[], rows: string[][]): string {
 /** Failed requests over the rounds, with why, and those sent again: "3 (http_429 2, network 1), 2 resent". */
 function failures(rs: RunResult[]): string {
   const total = rs.reduce((a, r) => a + r.metrics.failed, 0);
-  // Reports written before resends were counted have no `retried`.
-  const retried = rs.reduce((a, r) => a + (r.metrics.retried ?? 0), 0);
-  const resent = retried > 0 ? `, ${retried} resent` : "";
+  const resends = rs.reduce((a, r) => a + r.metrics.resent, 0);
+  const resent = resends > 0 ? `, ${resends} resent` : "";
   if (total === 0) return `0${resent}`;
   const by: Record<string, number> = {};
   for (const r of rs) for (const [k, n] of Object.entries(r.metrics.failedByType)) by[k] = (by[k] ?? 0) + n;

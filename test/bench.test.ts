@@ -169,15 +169,15 @@ describe("an end-to-end bench run against the real server", () => {
     const once = await proxyFor(2);
     try {
       const rec = await streamRequest({ baseUrl: once.url, endpoint: "completions", body });
-      expect(rec).toMatchObject({ ok: true, retried: true, outputTokens: 8, usageReported: true });
-      expect(summarize([rec], 1)).toMatchObject({ completed: 1, failed: 0, retried: 1 });
+      expect(rec).toMatchObject({ ok: true, resent: true, outputTokens: 8, usageReported: true });
+      expect(summarize([rec], 1)).toMatchObject({ completed: 1, failed: 0, resent: 1 });
     } finally {
       await once.close();
     }
     const always = await proxyFor(Infinity);
     try {
       const rec = await streamRequest({ baseUrl: always.url, endpoint: "completions", body });
-      expect(rec).toMatchObject({ ok: false, retried: true, errorType: "network", outputTokens: 0 });
+      expect(rec).toMatchObject({ ok: false, resent: true, errorType: "network", outputTokens: 0 });
     } finally {
       await always.close();
     }

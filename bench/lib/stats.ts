@@ -34,7 +34,7 @@ export interface RunMetrics {
   failed: number;
   failedByType: Record<string, number>;
   /** Requests sent a second time after their connection closed under them (stream-client.ts), whatever their outcome. */
-  retried: number;
+  resent: number;
   durationS: number;
   requestThroughput: number;
   outputThroughput: number;
@@ -78,7 +78,7 @@ export function summarize(records: readonly RequestRecord[], durationS: number, 
     completed: ok.length,
     failed: records.length - ok.length,
     failedByType,
-    retried: records.filter((r) => r.retried).length,
+    resent: records.filter((r) => r.resent).length,
     durationS,
     requestThroughput: ok.length / durationS,
     outputThroughput: output / durationS,

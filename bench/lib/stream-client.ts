@@ -22,7 +22,7 @@ export interface RequestRecord {
   usageReported: boolean;
   text: string;
   /** Sent again: a kept-alive connection it went out on was closed under it before any answer (send). */
-  retried: boolean;
+  resent: boolean;
 }
 
 export interface RequestSpec {
@@ -41,7 +41,7 @@ export function sseEvents(onData: (data: string) => void) {
 
 /** A record of a request not (yet) answered. */
 export function emptyRecord(): RequestRecord {
-  return { ok: false, status: 0, errorType: undefined, ttft: 0, itl: [], latency: 0, promptTokens: 0, outputTokens: 0, usageReported: false, text: "", retried: false };
+  return { ok: false, status: 0, errorType: undefined, ttft: 0, itl: [], latency: 0, promptTokens: 0, outputTokens: 0, usageReported: false, text: "", resent: false };
 }
 
 /** How undici says a connection was closed or reset under a request before any answer came. */
@@ -66,7 +66,7 @@ async function send(url: string, init: RequestInit, rec: RequestRecord): Promise
     } catch (err) {
       const code = (err as { cause?: { code?: string } }).cause?.code;
       if (resends === MAX_RESENDS || code === undefined || !CLOSED_UNDER_REQUEST.has(code)) throw err;
-      rec.retried = true;
+      rec.resent = true;
     }
   }
 }
