@@ -9,7 +9,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { getLlama, LlamaLogLevel, type Llama, type LlamaContext, type LlamaModel, type Token } from "node-llama-cpp";
-import { queuedSequencesOf, sequenceOf, StepGate } from "../src/engine/batch-strategy.js";
+import { decodingSequencesQueuedIn, sequenceOf, StepGate } from "../src/engine/batch-strategy.js";
 import { EngineSequence } from "../src/engine/sequence.js";
 import { GREEDY_SAMPLING } from "../src/engine/types.js";
 import { sharedModel } from "./helpers/server.js";
@@ -44,7 +44,7 @@ describe("decode steps through node-llama-cpp", () => {
         dispatchSchedule: gate.dispatchSchedule,
       },
     });
-    gate.queuedSequences = queuedSequencesOf(context);
+    gate.decodingSequencesQueued = decodingSequencesQueuedIn(context);
   });
   afterAll(async () => {
     await context?.dispose();

@@ -5,7 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type GgufFileInfo, type Llama, type LlamaModel } from "node-llama-cpp";
-import { queuedSequencesOf, StepGate } from "./batch-strategy.js";
+import { decodingSequencesQueuedIn, StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
 import { routeStepCalls } from "./step-calls.js";
@@ -213,7 +213,7 @@ export class Engine {
           experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
-        stepGate.queuedSequences = queuedSequencesOf(context);
+        stepGate.decodingSequencesQueued = decodingSequencesQueuedIn(context);
         const js = this.loneSteps !== "jobs";
         const faults = opts.faults;
         routeStepCalls(context, {
