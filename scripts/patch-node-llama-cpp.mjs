@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * Mends node-llama-cpp 3.21.1 after every install (npm's postinstall). Two mends:
+ * Mends node-llama-cpp 3.21.1 after every install (npm's postinstall). Four mends:
  *
  * 1. Its JavaScript (used by every binary). Its speculative evaluation
  *    (LlamaContextSequence._speculativeEvaluate) checks each predicted token against the
@@ -25,6 +25,12 @@
  *    for the first maximum. The mend scans the logits themselves, by the same
  *    first-maximum rule, so the same token: a sample call took 26.6 µs instead of 36.2 on
  *    the W2 model (`npm run bench -- micro step-thread`).
+ *
+ * 4. A steady thread for lone steps (the same C++ source, local builds only; needs mend 2).
+ *    `decodeBatchBegin` hands a decode step to one thread the addon keeps for the process
+ *    and returns at once; `decodeBatchEnd` waits for it and returns the settled result, so
+ *    the JavaScript thread writes the last token while the step runs. src/engine/step-thread.ts
+ *    decides when to use them.
  *
  * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
@@ -102,6 +108,15 @@ mendAddonClass(
   mendGreedy,
   "greedy samples go through the whole sampler chain",
   "added the greedy scan of the logits",
+);
+
+// 4. Lone steps on a steady thread (needs mend 2's RunHere).
+mendAddonClass(
+  "AddonContext",
+  "/* spindle: steady step thread (scripts/patch-node-llama-cpp.mjs) */",
+  mendSteady,
+  "lone steps run on the JavaScript thread",
+  "added decodeBatchBegin and decodeBatchEnd",
 );
 
 function mendGreedy(cpp, h, mark) {
@@ -248,6 +263,142 @@ Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {
     h,
     "        Napi::Value SampleToken(const Napi::CallbackInfo& info);\n",
     `        Napi::Value SampleToken(const Napi::CallbackInfo& info);\n        ${mark}\n        Napi::Value DecodeBatchNow(const Napi::CallbackInfo& info);\n        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n`,
+  );
+  if (out === undefined || header === undefined) return undefined;
+  return { cpp: out, h: header };
+}
+
+/**
+ * Mend 4: `decodeBatchBegin()` hands the step to one thread kept for the process and
+ * returns at once (false where that thread is busy with another context's step);
+ * `decodeBatchEnd()` waits for it and returns the settled promise, as `decodeBatchNow`
+ * does. The steady thread spins a short while after each step before it sleeps, so the
+ * next step, which comes after this one's samples, is taken without a wake-up.
+ */
+function mendSteady(cpp, h, mark) {
+  let out = editBetween(cpp, "class AddonContextDecodeBatchWorker : public Napi::AsyncWorker {", "class AddonContextLoadContextWorker", (w) =>
+    once(
+      w,
+      "        bool failed = false;\n",
+      `        ${mark}
+        // The job's two halves, for the steady thread: Execute there, settle here. Its own
+        // promise was made in the call that began the step, and a handle to it is not valid
+        // in a later call: so the caller gets a promise made in this one, and the first is
+        // resolved (never rejected: nobody holds it to handle a rejection) to release it.
+        void ExecuteThere() {
+            Execute();
+        }
+        Napi::Promise Settle() {
+            Napi::Promise::Deferred settled = Napi::Promise::Deferred::New(Env());
+            OnOK();
+            if (failed) {
+                settled.Reject(Napi::Error::New(Env(), failure).Value());
+            } else {
+                settled.Resolve(Env().Undefined());
+            }
+            return settled.Promise();
+        }
+        bool failed = false;
+`,
+    ),
+  );
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {\n",
+    `${mark}
+// One thread for the process runs the decode steps handed to it, one at a time, while the
+// JavaScript thread goes on (its socket writes). After a step it spins a short while for
+// the next, which comes after the step's samples and a few microtasks, then sleeps; the
+// JavaScript thread sleeps at once when it must wait for a step (spinning there slowed
+// the step beside it by ~15% on the W2 model). Allocated once and never freed: the
+// detached thread may still wait on it when the process exits.
+namespace spindleSteady {
+    struct State {
+        std::mutex mutex;
+        std::condition_variable wake;
+        // 0: idle, 3: taken by a JavaScript thread, 1: a step handed over, 2: its result ready.
+        std::atomic<int> phase{0};
+        AddonContextDecodeBatchWorker* step = nullptr;
+        std::once_flag started;
+    };
+    static State& state = *new State();
+    static const int64_t stepThreadSpinNs = 2000000;
+
+    static inline void relax() {
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+        _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+        __asm__ __volatile__("yield");
+#endif
+    }
+
+    static void waitFor(int want, int64_t spinNs) {
+        if (spinNs > 0) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spinNs);
+            for (uint32_t i = 1;; i++) {
+                if (state.phase.load(std::memory_order_acquire) == want) return;
+                relax();
+                if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
+            }
+        }
+        std::unique_lock<std::mutex> lock(state.mutex);
+        state.wake.wait(lock, [want] { return state.phase.load(std::memory_order_acquire) == want; });
+    }
+
+    static void set(int to) {
+        {
+            std::lock_guard<std::mutex> lock(state.mutex);
+            state.phase.store(to, std::memory_order_release);
+        }
+        state.wake.notify_all();
+    }
+
+    static void run() {
+        for (;;) {
+            waitFor(1, stepThreadSpinNs);
+            state.step->ExecuteThere();
+            set(2);
+        }
+    }
+}
+
+Napi::Value AddonContext::DecodeBatchBegin(const Napi::CallbackInfo& info) {
+    int idle = 0;
+    if (!spindleSteady::state.phase.compare_exchange_strong(idle, 3, std::memory_order_acq_rel)) {
+        return Napi::Boolean::New(info.Env(), false);
+    }
+    std::call_once(spindleSteady::state.started, [] { std::thread(spindleSteady::run).detach(); });
+    spindleSteady::state.step = new AddonContextDecodeBatchWorker(info.Env(), this);
+    spindleSteady::set(1);
+    return Napi::Boolean::New(info.Env(), true);
+}
+
+Napi::Value AddonContext::DecodeBatchEnd(const Napi::CallbackInfo& info) {
+    AddonContextDecodeBatchWorker* worker = spindleSteady::state.step;
+    if (worker == nullptr || worker->ctx != this) {
+        Napi::Error::New(info.Env(), "No step of this context was begun").ThrowAsJavaScriptException();
+        return info.Env().Undefined();
+    }
+    spindleSteady::waitFor(2, 0);
+    spindleSteady::state.step = nullptr;
+    spindleSteady::state.phase.store(0, std::memory_order_release);
+    Napi::Promise promise = worker->Settle();
+    delete worker;
+    return promise;
+}
+
+Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
+`,
+  );
+  if (out === undefined) return undefined;
+  out = once(out, '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n', '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n                InstanceMethod("decodeBatchBegin", &AddonContext::DecodeBatchBegin),\n                InstanceMethod("decodeBatchEnd", &AddonContext::DecodeBatchEnd),\n');
+  if (out === undefined) return undefined;
+  out = once(out, "#include <thread>\n", "#include <thread>\n#include <atomic>\n#include <chrono>\n#include <condition_variable>\n#include <mutex>\n#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)\n#include <immintrin.h>\n#endif\n");
+  const header = once(
+    h,
+    "        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n",
+    `        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n        ${mark}\n        Napi::Value DecodeBatchBegin(const Napi::CallbackInfo& info);\n        Napi::Value DecodeBatchEnd(const Napi::CallbackInfo& info);\n`,
   );
   if (out === undefined || header === undefined) return undefined;
   return { cpp: out, h: header };

@@ -12,6 +12,7 @@ import { repositoryFromSpecs, type ModelSpec, type RepositoryConfig } from "./co
 import type { ServerOptions } from "./config/options.js";
 import { formatBytes } from "./config/sizes.js";
 import { Engine } from "./engine/engine.js";
+import { LONE_STEPS_SAID } from "./engine/step-thread.js";
 import { NODE_LLAMA_CPP_VERSION, type EngineFaults } from "./engine/types.js";
 import { buildApp, type AppOptions } from "./http/app.js";
 import { createLogger, type Logger } from "./log.js";
@@ -127,7 +128,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     wsMaxConnectionsPerClient: options.wsMaxConnectionsPerClient,
     ...io.app,
   });
-  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}, ${engine.jsThreadSteps ? "steps of one sequence on the JavaScript thread" : "every step in libuv jobs"}`);
+  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}, ${LONE_STEPS_SAID[engine.loneSteps]}`);
   log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
     // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.

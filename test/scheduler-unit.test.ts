@@ -8,7 +8,7 @@ import { Scheduler, type SchedulerModel, type SlotSequence } from "../src/schedu
 import { StepTracker } from "../src/scheduler/step-tracker.js";
 import type { GenerationRequest, GenerationResult, TokenSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
-import { sequenceOf, StepGate, taggedPriority } from "../src/engine/batch-strategy.js";
+import { decodingSequencesQueuedIn, sequenceOf, StepGate, taggedPriority } from "../src/engine/batch-strategy.js";
 import { GREEDY_SAMPLING, type Token } from "../src/engine/types.js";
 
 /** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
@@ -286,6 +286,45 @@ describe("sequence contiguity", () => {
     await run(s, next);
     expect(next.timeline.slot).toBe(4);
     await Promise.all(runs);
+  });
+
+  it("a step is formed in a microtask only where every running sequence has asked for its next token; a prompt in the queue, one still to ask, or a loop unsettled keeps node-llama-cpp's turn of the event loop", async () => {
+    let running = 1;
+    let decoding = 1;
+    let unsettled = 0;
+    const gate = new StepGate({ expectedItems: () => running, unsettledLoops: () => unsettled, onStep: () => {} }, undefined);
+    gate.decodingSequencesQueued = () => decoding;
+    const when = async (): Promise<string> => {
+      const order: string[] = [];
+      setImmediate(() => order.push("turn"));
+      gate.dispatchSchedule(() => order.push("step"));
+      await new Promise((r) => setImmediate(r));
+      return order.join(" ");
+    };
+    expect(await when()).toBe("step turn");
+    running = 2;
+    expect(await when()).toBe("turn step");
+    decoding = 2;
+    expect(await when()).toBe("step turn");
+    // A loop before its first token, or paused (a hold, a KV trim).
+    unsettled = 1;
+    expect(await when()).toBe("turn step");
+    unsettled = 0;
+    // An observer that cannot say: the turn.
+    const unsure = new StepGate({ expectedItems: () => 1, onStep: () => {} }, undefined);
+    unsure.decodingSequencesQueued = () => 1;
+    const order: string[] = [];
+    setImmediate(() => order.push("turn"));
+    unsure.dispatchSchedule(() => order.push("step"));
+    await new Promise((r) => setImmediate(r));
+    expect(order).toEqual(["turn", "step"]);
+    // A prompt queued (the count reads 0), as two requests arriving together start one microtask apart.
+    decoding = 0;
+    running = 0;
+    expect(await when()).toBe("turn step");
+    // Read from node-llama-cpp's queue: one-token items only.
+    const queue = (...lengths: number[]) => decodingSequencesQueuedIn({ _queuedDecodes: lengths.map((n) => ({ tokens: new Array(n).fill(1) })) } as never)();
+    expect([queue(1, 1), queue(1, 5), queue(), decodingSequencesQueuedIn({} as never)()]).toEqual([2, 0, 0, 0]);
   });
 
   it("the batch strategy puts a step's items in sequence order, read from their tagged priorities", () => {

@@ -84,6 +84,37 @@ describe("step calls", () => {
     expect(f.log.slice(0, 3)).toEqual(["decode", "start 0", "end 0"]);
   });
 
+  it("a step marked for the steady thread is handed over, taken after the caller's microtasks and a turn of the event loop, and sampled here; a busy steady thread leaves it here", async () => {
+    const f = fakeContext();
+    let free = true;
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), free) });
+    Object.defineProperty(f.addon, "decodeBatchEnd", { value: () => (f.log.push("end"), Promise.resolve()) });
+    routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => true, steadyThread: true });
+    const before = { steps: { ...stepsTaken }, samples: { ...samplesTaken } };
+    // I/O waiting for this turn of the event loop, then the token loops' frames once the step is formed: both before its result is taken.
+    setImmediate(() => f.log.push("turn"));
+    const step = f.addon.decodeBatch();
+    queueMicrotask(() => f.log.push("frames"));
+    await step;
+    expect(await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)))).toEqual([0, 1]);
+    expect(f.log).toEqual(["begin", "frames", "turn", "end", "now 0", "now 1"]);
+    expect([stepsTaken.steadyThread - before.steps.steadyThread, stepsTaken.jsThread - before.steps.jsThread, samplesTaken.jsThread - before.samples.jsThread]).toEqual([1, 0, 2]);
+    f.reset();
+    free = false;
+    await f.addon.decodeBatch();
+    await f.addon.sampleToken(0);
+    expect(f.log).toEqual(["begin", "decode now", "now 0"]);
+    expect(stepsTaken.jsThread - before.steps.jsThread).toBe(1);
+  });
+
+  it("without steadyThread the steady thread is never asked", async () => {
+    const f = fakeContext();
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), true) });
+    routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => true });
+    await f.addon.decodeBatch();
+    expect(f.log).toEqual(["decode now"]);
+  });
+
   it("an addon without decodeBatchNow and sampleTokenNow (the prebuilt binaries) steps in jobs whatever is asked", async () => {
     const f = fakeContext();
     Object.defineProperty(f.addon, "decodeBatchNow", { value: undefined });

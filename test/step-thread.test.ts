@@ -1,8 +1,10 @@
 /**
- * Steps on the JavaScript thread (src/engine/step-thread.ts): a local build of the mended
- * addon source decodes and samples a step of one sequence with `decodeBatchNow` and
- * `sampleTokenNow` instead of libuv jobs, and every kind of sampling gives what the jobs
- * give. The prebuilt binaries cannot: there every step stays in jobs.
+ * Steps beside or on the JavaScript thread (src/engine/step-thread.ts): a local build of the
+ * mended addon source decodes a step of one sequence on its steady thread
+ * (`decodeBatchBegin`/`decodeBatchEnd`, `--step-thread auto`) or on the JavaScript thread
+ * (`decodeBatchNow`, `--step-thread js`), samples it with `sampleTokenNow` instead of libuv
+ * jobs, and every kind of sampling gives what the jobs give. The prebuilt binaries cannot:
+ * there every step stays in jobs.
  *
  * The comparisons need a local build (`npm run engine:build`), which CI does not make:
  * there they are skipped, and the policy and the prebuilt fallback are what run.
@@ -13,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Llama } from "node-llama-cpp";
 import { Engine } from "../src/engine/engine.js";
 import { samplesTaken, stepsTaken } from "../src/engine/step-calls.js";
-import { canStepOnJsThread, JS_STEP_MAX_TOKENS, stepsOnJsThread } from "../src/engine/step-thread.js";
+import { canStepOnJsThread, canStepOnSteadyThread, JS_STEP_MAX_TOKENS, loneStepPlace, stepsOnJsThread } from "../src/engine/step-thread.js";
 import type { RunningServer } from "../src/server.js";
 import { captureLog, openaiClient, startTestServer, waitFor, STORIES, STORIES_GREEDY_PREFIX, TINY_RANDOM } from "./helpers/server.js";
 
@@ -41,6 +43,12 @@ describe("where a step runs", () => {
     const can = { _bindings: { AddonContext: { prototype: { decodeBatchNow() {}, sampleTokenNow() {} } } } } as unknown as Llama;
     expect(canStepOnJsThread(can)).toBe(true);
     expect(canStepOnJsThread({ _bindings: { AddonContext: { prototype: { sampleTokenNow() {} } } } } as unknown as Llama)).toBe(false);
+    const steady = { _bindings: { AddonContext: { prototype: { decodeBatchNow() {}, sampleTokenNow() {}, decodeBatchBegin() {}, decodeBatchEnd() {} } } } } as unknown as Llama;
+    expect([canStepOnSteadyThread(can), canStepOnSteadyThread(steady)]).toEqual([false, true]);
+    expect(["auto", "js", "pool"].map((t) => loneStepPlace(steady, t as never))).toEqual(["steady-thread", "js-thread", "jobs"]);
+    expect(["auto", "js", "pool"].map((t) => loneStepPlace(can, t as never))).toEqual(["js-thread", "js-thread", "jobs"]);
+    const none = { _bindings: { AddonContext: { prototype: {} } } } as unknown as Llama;
+    expect(loneStepPlace(none, "auto")).toBe("jobs");
   });
 
   it("the prebuilt binary runs every step in jobs, and the log says so", async () => {
@@ -59,19 +67,21 @@ describe("where a step runs", () => {
   });
 });
 
-describe.runIf(await localBuildStepsHere())("steps on the JavaScript thread (local build)", () => {
+describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript thread (local build)", () => {
   let auto: RunningServer;
+  let js: RunningServer;
   let pool: RunningServer;
 
   beforeAll(async () => {
     const models = [{ ...STORIES, parallel: 4, ctxSize: 2048 }, { ...TINY_RANDOM, parallel: 4 }];
-    [auto, pool] = await Promise.all([
+    [auto, js, pool] = await Promise.all([
       startTestServer(models, { engineBuild: "local", stepThread: "auto" }),
+      startTestServer(models, { engineBuild: "local", stepThread: "js" }),
       startTestServer(models, { engineBuild: "local", stepThread: "pool" }),
     ]);
   }, 60_000);
   afterAll(async () => {
-    await Promise.all([auto?.close(), pool?.close()]);
+    await Promise.all([auto?.close(), js?.close(), pool?.close()]);
   });
 
   /** Greedy alone and four at once, with logprobs, seeded temperature, a JSON schema, on a 512- and a 32k-token vocabulary. */
@@ -93,25 +103,42 @@ describe.runIf(await localBuildStepsHere())("steps on the JavaScript thread (loc
     return out;
   }
 
-  it("gives exactly what steps in jobs give, and really runs the steps of one sequence on the JavaScript thread", async () => {
-    const before = { ...samplesTaken };
+  it("gives exactly what steps in jobs give, and really runs the steps of one sequence on the steady thread or the JavaScript thread", async () => {
+    const took = () => ({ steps: { ...stepsTaken }, samples: { ...samplesTaken } });
+    const before = took();
     const viaJobs = await workload(pool);
-    expect(samplesTaken.jsThread).toBe(before.jsThread);
-    const mid = { ...samplesTaken };
-    const here = await workload(auto);
-    expect(samplesTaken.jsThread - mid.jsThread).toBeGreaterThan(100);
+    expect(samplesTaken.jsThread).toBe(before.samples.jsThread);
+    const mid = took();
+    const beside = await workload(auto);
+    expect(samplesTaken.jsThread - mid.samples.jsThread).toBeGreaterThan(100);
+    expect(stepsTaken.steadyThread - mid.steps.steadyThread).toBeGreaterThan(100);
+    const last = took();
+    const here = await workload(js);
+    expect(stepsTaken.jsThread - last.steps.jsThread).toBeGreaterThan(100);
+    expect(stepsTaken.steadyThread).toBe(last.steps.steadyThread);
+    expect(beside).toEqual(viaJobs);
     expect(here).toEqual(viaJobs);
     expect((here[0] as string).startsWith(STORIES_GREEDY_PREFIX)).toBe(true);
     JSON.parse(here[4] as string);
   }, 60_000);
 
-  it("a request alone steps on the JavaScript thread; four at once step in jobs", async () => {
+  it("two lone requests on two models at once share the one steady thread: whichever finds it busy steps on the JavaScript thread, and both give what they give alone", async () => {
+    const client = openaiClient(auto);
+    const ask = (model: string) => client.completions.create({ model, prompt: "Once upon a time", max_tokens: 64, temperature: 0, ignore_eos: true } as never).then((r) => r.choices[0]!.text);
+    const alone = [await ask("stories260K"), await ask("llama-2-tiny-random")];
+    const before = { ...stepsTaken };
+    expect(await Promise.all([ask("stories260K"), ask("llama-2-tiny-random")])).toEqual(alone);
+    expect(stepsTaken.steadyThread - before.steadyThread).toBeGreaterThan(0);
+    expect(stepsTaken.jsThread - before.jsThread).toBeGreaterThan(0);
+  }, 60_000);
+
+  it("a request alone steps on the steady thread; four at once step in jobs", async () => {
     const client = openaiClient(auto);
     const took = () => ({ steps: { ...stepsTaken }, samples: { ...samplesTaken } });
     let before = took();
     await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 16, temperature: 0 });
     expect(samplesTaken.jsThread - before.samples.jsThread).toBeGreaterThanOrEqual(16);
-    expect(stepsTaken.jsThread - before.steps.jsThread).toBeGreaterThanOrEqual(15);
+    expect(stepsTaken.steadyThread - before.steps.steadyThread).toBeGreaterThanOrEqual(15);
     expect(samplesTaken.jobs).toBe(before.samples.jobs);
     before = took();
     await Promise.all([0, 1, 2, 3].map(() => client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0, ignore_eos: true } as never)));
@@ -134,9 +161,9 @@ describe.runIf(await localBuildStepsHere())("steps on the JavaScript thread (loc
     }
   }, 60_000);
 
-  it("while one generation steps on the JavaScript thread, timers fire and the server answers others between its steps", async () => {
+  it.each(["auto", "js"] as const)("while one generation steps (--step-thread %s), timers fire and the server answers others between its steps", async (stepThread) => {
     // One slot: its steps are never joined by another sequence's.
-    const one = await startTestServer([{ ...STORIES, parallel: 1, ctxSize: 2048 }], { engineBuild: "local", stepThread: "auto" });
+    const one = await startTestServer([{ ...STORIES, parallel: 1, ctxSize: 2048 }], { engineBuild: "local", stepThread });
     try {
       const before = samplesTaken.jsThread;
       let done = false;

@@ -2,7 +2,7 @@
  * How each decode step's batch is formed: the one hook node-llama-cpp offers inside its
  * batching loop (`itemPrioritizationStrategy`).
  */
-import type { BatchItem, PrioritizedBatchItem } from "node-llama-cpp";
+import type { BatchItem, LlamaContext, PrioritizedBatchItem } from "node-llama-cpp";
 import type { EngineFaults, StepObserver } from "./types.js";
 
 /**
@@ -35,6 +35,30 @@ export class StepGate {
     private readonly slotClass = 0,
   ) {}
 
+  /** How many of this context's sequences have asked for the next token of a running generation, and nothing else (set once the context exists). */
+  decodingSequencesQueued: () => number = () => 0;
+
+  /**
+   * When node-llama-cpp forms the next step once a sequence asks for one. Its own
+   * schedule waits for the next turn of the event loop, so that the other sequences can
+   * ask too. Where every running sequence has already asked for its next token, none can
+   * join; a request still arriving is received in the turn that follows each step
+   * (step-calls.ts) or while a step runs in a job. So that step is formed in a microtask
+   * instead: a lone sequence's next step is handed to the steady thread (step-thread.ts)
+   * in the same macrotask as its sample, before the token loop writes the token it gave,
+   * and that write runs beside the step rather than before it (0.39 ms from one step's end
+   * to the next one's start became 0.13 on the W2 model). The turn stays where a prompt is
+   * in the queue, and wherever a loop of the class is still before its first token or is
+   * paused (a hold, a KV trim): requests arriving together start their loops apart, a
+   * fully cached prompt is one token too, and a step formed at once would take the context
+   * lock that the next arrival's trim waits for (a first step that arrivals should share).
+   */
+  readonly dispatchSchedule = (dispatch: () => void): void => {
+    const decoding = this.decodingSequencesQueued();
+    if (decoding > 0 && decoding >= this.observer.expectedItems(this.slotClass) && (this.observer.unsettledLoops?.(this.slotClass) ?? 1) === 0) queueMicrotask(dispatch);
+    else setImmediate(dispatch);
+  };
+
   readonly strategy = ({ items, size }: { items: readonly BatchItem[]; size: number }): PrioritizedBatchItem[] => {
     if (items.length < this.observer.expectedItems(this.slotClass) && this.spins < StepGate.MAX_SPINS) {
       this.spins++;
@@ -62,6 +86,21 @@ export class StepGate {
       throw new Error("injected decode failure");
     }
   }
+}
+
+/**
+ * How many sequences node-llama-cpp has queued a step for, when every queued item is one
+ * token (a generation's next token); 0 when any carries more (a prompt, a speculative
+ * check), or where node-llama-cpp keeps no such queue: every step then waits a turn.
+ */
+export function decodingSequencesQueuedIn(context: LlamaContext): () => number {
+  const c = context as unknown as { _queuedDecodes?: ReadonlyArray<{ tokens: ArrayLike<unknown> }> };
+  return () => {
+    const queued = c._queuedDecodes;
+    if (queued === undefined) return 0;
+    for (let i = 0; i < queued.length; i++) if (queued[i]!.tokens.length !== 1) return 0;
+    return queued.length;
+  };
 }
 
 /**

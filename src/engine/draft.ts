@@ -7,7 +7,7 @@
 import { TokenPredictor, type Llama, type LlamaContext, type LlamaContextSequence, type LlamaModel, type SequenceEvaluateOptions, type Token } from "node-llama-cpp";
 import { sequenceOrdered, tokensIn } from "./batch-strategy.js";
 import { routeStepCalls } from "./step-calls.js";
-import { stepsOnJsThread } from "./step-thread.js";
+import { stepsOnJsThread, type LoneStepPlace } from "./step-thread.js";
 import { firstLine, ModelLoadError, type DraftSpeculation, type MemoryFootprint } from "./types.js";
 
 /** A context the draft mirrors: the target class's sequences, tokens per sequence and batch size. */
@@ -26,8 +26,8 @@ export interface DraftLoadOptions {
   mmap: boolean;
   /** Flash attention for the draft, decided from its own head size as for any model. */
   flashAttention: (model: LlamaModel) => boolean | "auto";
-  /** Steps of one sequence may run on the JavaScript thread, as the target's do (step-thread.ts). */
-  jsThreadSteps: boolean;
+  /** Where steps of one sequence run, as the target's do (step-thread.ts). */
+  loneSteps: LoneStepPlace;
 }
 
 export class DraftModel {
@@ -69,7 +69,7 @@ export class DraftModel {
           flashAttention: o.flashAttention(model),
         });
         // Catch-ups (a prompt) share steps with other slots' guesses: always guarded.
-        routeStepCalls(context, { stepHere: () => o.jsThreadSteps && stepsOnJsThread(sequences, tokens) });
+        routeStepCalls(context, { stepHere: () => o.loneSteps !== "jobs" && stepsOnJsThread(sequences, tokens), steadyThread: o.loneSteps === "steady-thread" });
         contexts.push(context);
       }
     } catch (err) {

@@ -5,11 +5,11 @@
  */
 import { readFileSync } from "node:fs";
 import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type GgufFileInfo, type Llama, type LlamaModel } from "node-llama-cpp";
-import { StepGate } from "./batch-strategy.js";
+import { decodingSequencesQueuedIn, StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
 import { routeStepCalls } from "./step-calls.js";
-import { canStepOnJsThread, stepsOnJsThread, type StepThread } from "./step-thread.js";
+import { loneStepPlace, stepsOnJsThread, type LoneStepPlace, type StepThread } from "./step-thread.js";
 import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
@@ -59,8 +59,8 @@ export function binaryOptions(binary: EngineBinary): { cmakeOptions?: Record<str
 export class Engine {
   private constructor(
     readonly llama: Llama,
-    /** Steps of one sequence run on the JavaScript thread rather than in libuv jobs (step-thread.ts). */
-    readonly jsThreadSteps: boolean,
+    /** Where steps of one sequence run (step-thread.ts). */
+    readonly loneSteps: LoneStepPlace,
   ) {}
 
   static async create(gpu: GpuBackend, binary: EngineBinary = "auto", stepThread: StepThread = "auto"): Promise<Engine> {
@@ -86,7 +86,7 @@ export class Engine {
       await llama.dispose();
       throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
     }
-    return new Engine(llama, stepThread === "auto" && canStepOnJsThread(llama));
+    return new Engine(llama, loneStepPlace(llama, stepThread));
   }
 
   async vramTotal(): Promise<number> {
@@ -208,16 +208,18 @@ export class Engine {
           contextSize,
           threads: opts.threads,
           batchSize,
-          batching: { itemPrioritizationStrategy: stepGate.strategy },
+          batching: { itemPrioritizationStrategy: stepGate.strategy, dispatchSchedule: stepGate.dispatchSchedule },
           flashAttention: this.flashAttentionFor(opts.flashAttention ?? "auto", opts.kvCacheTypes, opts.id, headSizeOf(model.fileInfo)),
           experimentalKvCacheKeyType: ggmlType(opts.kvCacheTypes?.k),
           experimentalKvCacheValueType: ggmlType(opts.kvCacheTypes?.v),
         });
-        const js = this.jsThreadSteps;
+        stepGate.decodingSequencesQueued = decodingSequencesQueuedIn(context);
+        const js = this.loneSteps !== "jobs";
         const faults = opts.faults;
         routeStepCalls(context, {
           mayReorder: () => stepGate.mixedStep,
           stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens),
+          steadyThread: this.loneSteps === "steady-thread",
           slowStepMs: faults && (() => faults.slowStepMs),
         });
         contexts.push({ context, ctxSize: contextSize });
@@ -234,7 +236,7 @@ export class Engine {
           gpuLayers: opts.gpuLayers ?? "max",
           mmap,
           flashAttention: (m) => this.flashAttentionFor(opts.flashAttention ?? "auto", undefined, opts.id, headSizeOf(m.fileInfo)),
-          jsThreadSteps: this.jsThreadSteps,
+          loneSteps: this.loneSteps,
         });
         draft.checkCompatible(opts.id, contexts[0]!.context);
       }

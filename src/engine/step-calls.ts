@@ -5,7 +5,12 @@
  * Which thread (the policy is step-thread.ts's): node-llama-cpp runs each step and each
  * sample in a libuv job. A local build's mended addon (scripts/patch-node-llama-cpp.mjs)
  * can run both on the calling thread instead: a step marked for it decodes and samples
- * there, and every other step and its samples run in jobs.
+ * there, and every other step and its samples run in jobs. Or, where the steady thread is
+ * asked for, a marked step is handed to the addon's steady thread (`decodeBatchBegin`),
+ * the calling thread goes on with its microtasks (the token loops write the last token's
+ * frames meanwhile) and one turn of the event loop, then takes the result
+ * (`decodeBatchEnd`) and samples here. Where the steady thread is busy with another
+ * context's step, the step runs here.
  *
  * The order: llama.cpp puts a step's outputs back into batch order lazily: the first read
  * of any logits after the step swaps rows and clears its list of swaps
@@ -27,12 +32,16 @@ interface AddonContext {
   /** The same jobs run on the calling thread, returned settled (a local build's mended addon only). */
   decodeBatchNow?(): Promise<void>;
   sampleTokenNow?(...args: unknown[]): Promise<unknown>;
+  /** Hands the step to the steady thread; false where it is busy (a local build's mended addon only). */
+  decodeBatchBegin?(): boolean;
+  /** Waits for the step handed over, and returns its settled result. */
+  decodeBatchEnd?(): Promise<void>;
 }
 
 const turnOfTheLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
 /** Steps decoded and samples taken so far, by where they ran (tests and benchmarks read them; a sum per step or token, nothing more). */
-export const stepsTaken = { jsThread: 0, jobs: 0 };
+export const stepsTaken = { jsThread: 0, steadyThread: 0, jobs: 0 };
 export const samplesTaken = { jsThread: 0, jobs: 0 };
 
 export interface StepRoutes {
@@ -40,6 +49,8 @@ export interface StepRoutes {
   mayReorder?: () => boolean;
   /** Read at the same time: the step is decoded and sampled on the calling thread (where the addon has `decodeBatchNow`). */
   stepHere?: () => boolean;
+  /** A step marked so is decoded on the addon's steady thread (where it has one), and sampled here. */
+  steadyThread?: boolean;
   /**
    * Tests' fault hook (EngineFaults.slowStepMs): each step's results come this much later,
    * with this thread free meanwhile, as a long step's in a job do. Requests arriving during
@@ -48,13 +59,17 @@ export interface StepRoutes {
   slowStepMs?: () => number;
 }
 
-export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false, slowStepMs }: StepRoutes): void {
+export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false, steadyThread = false, slowStepMs }: StepRoutes): void {
   const ctx = (context as unknown as { _ctx: AddonContext })._ctx;
   const decode = ctx.decodeBatch.bind(ctx);
   const sample = ctx.sampleToken.bind(ctx);
   const decodeNow = ctx.decodeBatchNow?.bind(ctx);
   const sampleNow = ctx.sampleTokenNow?.bind(ctx);
   const canRunHere = decodeNow !== undefined && sampleNow !== undefined;
+  const begin = steadyThread ? ctx.decodeBatchBegin?.bind(ctx) : undefined;
+  const end = ctx.decodeBatchEnd?.bind(ctx);
+  /** The step's result, taken after one turn of the event loop (the same turn as below). */
+  const endAfterATurn = (): Promise<void> => turnOfTheLoop().then(end);
   /** A step was decoded whose first read reorders: the next sample goes alone. */
   let firstPending = false;
   /** That first sample, while it runs: the step's other samples wait for it. */
@@ -64,6 +79,10 @@ export function routeStepCalls(context: LlamaContext, { mayReorder = () => true,
   const decodeStep = (): Promise<void> => {
     if (canRunHere && stepHere()) {
       here = true;
+      if (begin !== undefined && begin()) {
+        stepsTaken.steadyThread++;
+        return endAfterATurn();
+      }
       stepsTaken.jsThread++;
       // Then one turn of the event loop (I/O, timers, other requests) before the step
       // counts as done: steps that settle at once would otherwise chain a whole

@@ -159,6 +159,8 @@ export interface GenerateOptions {
 export interface StepObserver {
   /** Sequences of this slot class's context that are running a generation and will ask for a token soon. */
   expectedItems(slotClass: number): number;
+  /** Loops of this class not yet steady: before their first token, or paused before a step (where unknown, counted as some). */
+  unsettledLoops?(slotClass: number): number;
   onStep(slotClass: number, items: number, tokens: number): void;
 }
 

@@ -462,7 +462,7 @@ export class Residency {
   private async loadInto(r: VersionRecord, t0: number): Promise<void> {
     const shape = this.loadShape(r);
     const { id, version } = r.spec;
-    const steps = new StepTracker(this.opts.events.schedulerObserver(id, version), this.opts.schedulerDelayFactor ?? 0, this.engine.jsThreadSteps);
+    const steps = new StepTracker(this.opts.events.schedulerObserver(id, version), this.opts.schedulerDelayFactor ?? 0, this.engine.loneSteps === "js-thread");
     const tLoad = performance.now();
     const engineModel = await this.engine.loadModel({
       ...shape,

@@ -387,7 +387,9 @@ export class Scheduler {
   private async waitIfPaused(slotClass: number): Promise<void> {
     while (this.resumeGate !== null) {
       this.steps.add(slotClass, -1);
+      this.steps.unsettle(slotClass, 1);
       await this.resumeGate;
+      this.steps.unsettle(slotClass, -1);
       this.steps.add(slotClass, 1);
     }
   }
@@ -531,10 +533,19 @@ export class Scheduler {
     const gathering = returned ? undefined : steps.arrivalGate(slotClass);
     if (gathering !== undefined) await gathering;
     steps.add(slotClass, 1);
+    // Unsettled until its first token (StepGate.dispatchSchedule).
+    steps.unsettle(slotClass, 1);
+    let firstTokenPending = true;
+    const settle = () => {
+      if (!firstTokenPending) return;
+      firstTokenPending = false;
+      steps.unsettle(slotClass, -1);
+    };
     let stillRunning = true;
     /** The step carrying this loop's last token, once it has asked for it (StepTracker.askedFinalStep). */
     let finalStep: number | undefined;
     const stopRunning = () => {
+      settle();
       if (!stillRunning) return;
       steps.add(slotClass, -1);
       stillRunning = false;
@@ -591,6 +602,7 @@ export class Scheduler {
             break;
           }
           const token = step.value;
+          settle();
           if (stopIds !== undefined && stopIds.has(token) && generated.length >= minTokens) {
             finish = "stop";
             break;

@@ -20,6 +20,8 @@ export interface StepStats {
 export class StepTracker implements StepObserver {
   /** Token loops between their first step and their end, not paused: per slot class (one context each). */
   private readonly runningIn: number[] = [0];
+  /** Loops before their first token or paused before a step, by class (unsettledLoops). */
+  private readonly unsettledIn: number[] = [0];
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
   /** A recent decode step's time per class, ms: an exponential average of the token loops' inter-token times. */
   private readonly stepMs: number[] = [];
@@ -203,6 +205,15 @@ export class StepTracker implements StepObserver {
 
   expectedItems(slotClass: number): number {
     return this.runningIn[slotClass] ?? 0;
+  }
+
+  /** A loop of this class becomes unsettled (+1: it starts, or pauses) or settles (-1: its first token came, or it resumed). */
+  unsettle(slotClass: number, delta: 1 | -1): void {
+    this.unsettledIn[slotClass] = (this.unsettledIn[slotClass] ?? 0) + delta;
+  }
+
+  unsettledLoops(slotClass: number): number {
+    return this.unsettledIn[slotClass] ?? 0;
   }
 
   onStep(slotClass: number, items: number, tokens: number): void {
