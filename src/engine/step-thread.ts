@@ -19,9 +19,10 @@
  * token's socket write (50-100 µs of kernel time on loopback) and the rest of its frame
  * then overlap the next step, as llama-server's HTTP threads overlap its loop. Doing that
  * with steps in libuv jobs saved nothing net when tried (a pool thread wakes for each step,
- * and the result waits for the event loop to wake). So the mended addon keeps one "steady" thread for such steps: it
- * spins briefly between steps, so the next is taken at once, and the JavaScript thread takes
- * each result after one turn of its event loop and samples it itself. Through the server
+ * and the result waits for the event loop to wake). So the mended addon keeps one "steady"
+ * thread for such steps: it spins briefly between steps, so the next is taken at once, and
+ * the JavaScript thread takes each result after one turn of its event loop and samples it
+ * itself. Through the server
  * at c=1, alternating with `--step-thread js`, its median E2E was lower in every run (1-5%
  * on W2, 8% on W1) and its TTFT ~10% lower on W2 (README, "Engine builds").
  *
