@@ -30,7 +30,9 @@
  *    `decodeBatchBegin` hands a decode step to one thread the addon keeps for the process
  *    and returns at once; `decodeBatchEnd` waits for it and returns the settled result, so
  *    the JavaScript thread writes the last token while the step runs. src/engine/step-thread.ts
- *    decides when to use them.
+ *    decides when to use them. A plain greedy step begun with `runAhead` is also sampled
+ *    there and the step after it decoded at once, before the JavaScript thread asks for it
+ *    (src/engine/run-ahead.ts).
  *
  * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
@@ -113,10 +115,10 @@ mendAddonClass(
 // 4. Lone steps on a steady thread (needs mend 2's RunHere).
 mendAddonClass(
   "AddonContext",
-  "/* spindle: steady step thread (scripts/patch-node-llama-cpp.mjs) */",
+  "/* spindle: steady step thread, run ahead (scripts/patch-node-llama-cpp.mjs) */",
   mendSteady,
   "lone steps run on the JavaScript thread",
-  "added decodeBatchBegin and decodeBatchEnd",
+  "added decodeBatchBegin and decodeBatchEnd, with steps run ahead",
 );
 
 function mendGreedy(cpp, h, mark) {
@@ -269,11 +271,23 @@ Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {
 }
 
 /**
- * Mend 4: `decodeBatchBegin()` hands the step to one thread kept for the process and
- * returns at once (false where that thread is busy with another context's step);
+ * Mend 4: `decodeBatchBegin(runAhead)` hands the step to one thread kept for the process
+ * and returns at once: 1, or 0 where that thread is busy with another context's steps,
+ * or 2 where the step was run ahead already (below);
  * `decodeBatchEnd()` waits for it and returns the settled promise, as `decodeBatchNow`
  * does. The steady thread spins a short while after each step before it sleeps, so the
  * next step, which comes after this one's samples, is taken without a wake-up.
+ *
+ * Running ahead: a step begun with `runAhead` true, one token of one sequence whose
+ * sampler is plain greedy (the caller vouches for that), is sampled on the steady thread
+ * as soon as it is decoded, by the same first-maximum rule as mend 3, and the token it
+ * gives is decoded at once, on the same thread, as the step after it. When the caller
+ * then begins exactly that step (same sequence, position and token) it takes the one
+ * already running or done ("adopts" it), and where it asks to run ahead again the chain
+ * goes on without waiting for the JavaScript thread. The sample the caller reads of a
+ * step so sampled is the token kept (its logits are gone: the step ahead overwrote
+ * them). Every other call on the context that reads or edits its state first waits for a
+ * step running ahead and drops one nobody adopted (its KV cell is erased).
  */
 function mendSteady(cpp, h, mark) {
   let out = editBetween(cpp, "class AddonContextDecodeBatchWorker : public Napi::AsyncWorker {", "class AddonContextLoadContextWorker", (w) =>
@@ -307,19 +321,23 @@ function mendSteady(cpp, h, mark) {
     out,
     "Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {\n",
     `${mark}
-// One thread for the process runs the decode steps handed to it, one at a time, while the
-// JavaScript thread goes on (its socket writes). After a step it spins a short while for
-// the next, which comes after the step's samples and a few microtasks, then sleeps; the
-// JavaScript thread sleeps at once when it must wait for a step (spinning there slowed
-// the step beside it by ~15% on the W2 model). Allocated once and never freed: the
-// detached thread may still wait on it when the process exits.
+// One thread for the process runs the decode steps handed to it, one context's at a
+// time, while the JavaScript thread goes on (its socket writes). After a step it spins a
+// short while for the next, which comes after the step's samples and a few microtasks,
+// then sleeps; the JavaScript thread sleeps at once when it must wait for a step
+// (spinning there slowed the step beside it by ~15% on the W2 model). Allocated once and
+// never freed: the detached thread may still wait on it when the process exits. Every
+// context's step fields (AddonContext.h) are read and written under its mutex.
 namespace spindleSteady {
     struct State {
         std::mutex mutex;
+        // The steady thread waits on it for a step; JavaScript threads, for their step's end.
         std::condition_variable wake;
-        // 0: idle, 3: taken by a JavaScript thread, 1: a step handed over, 2: its result ready.
-        std::atomic<int> phase{0};
-        AddonContextDecodeBatchWorker* step = nullptr;
+        std::condition_variable settled;
+        // The context whose steps the thread runs (null: free); a compare-and-swap claims it,
+        // and the thread frees it when it stops.
+        std::atomic<AddonContext*> owner{nullptr};
+        std::atomic<bool> handed{false};
         std::once_flag started;
     };
     static State& state = *new State();
@@ -333,73 +351,307 @@ namespace spindleSteady {
 #endif
     }
 
-    static void waitFor(int want, int64_t spinNs) {
-        if (spinNs > 0) {
-            const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spinNs);
-            for (uint32_t i = 1;; i++) {
-                if (state.phase.load(std::memory_order_acquire) == want) return;
-                relax();
-                if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
-            }
+    static void waitForStep() {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(stepThreadSpinNs);
+        for (uint32_t i = 1;; i++) {
+            if (state.handed.load(std::memory_order_acquire)) return;
+            relax();
+            if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
         }
         std::unique_lock<std::mutex> lock(state.mutex);
-        state.wake.wait(lock, [want] { return state.phase.load(std::memory_order_acquire) == want; });
+        state.wake.wait(lock, [] { return state.handed.load(std::memory_order_acquire); });
     }
 
-    static void set(int to) {
-        {
-            std::lock_guard<std::mutex> lock(state.mutex);
-            state.phase.store(to, std::memory_order_release);
+    // What a plain greedy sampler picks from the step's only output (the first of the
+    // highest logits: AddonSampler::sampleGreedy); false where there are no plain logits.
+    static bool greedyToken(AddonContext* c, llama_token& token) {
+        if (llama_get_sampled_probs_ith(c->ctx, 0) != nullptr || llama_get_sampled_logits_ith(c->ctx, 0) != nullptr) {
+            return false;
         }
-        state.wake.notify_all();
+        const float* logits = llama_get_logits_ith(c->ctx, 0);
+        const int32_t vocabLength = llama_vocab_n_tokens(c->model->vocab);
+        if (logits == nullptr || vocabLength <= 0) {
+            return false;
+        }
+        llama_token best = 0;
+        float bestLogit = logits[0];
+        for (llama_token tokenId = 1; tokenId < vocabLength; tokenId++) {
+            if (logits[tokenId] > bestLogit) {
+                bestLogit = logits[tokenId];
+                best = tokenId;
+            }
+        }
+        token = best;
+        return true;
+    }
+
+    // The step run ahead: one token of one sequence, in a batch of its own (the context's
+    // batch is the JavaScript thread's to fill meanwhile).
+    static int decodeAhead(AddonContext* c) {
+        llama_batch one = llama_batch_init(1, 0, 1);
+        common_batch_add(one, c->aheadToken, c->aheadPos, { c->aheadSeq }, true);
+        int result = -1;
+        try {
+            result = llama_decode(c->ctx, one);
+            if (result == 0) {
+                llama_synchronize(c->ctx);
+            }
+        } catch (...) {
+            result = -1;
+        }
+        llama_batch_free(one);
+        return result;
+    }
+
+    static std::string decodeFailure(int result) {
+        return result == 1 ? "could not find a KV slot for the batch (try reducing the size of the batch or increase the context)" : "Eval has failed";
     }
 
     static void run() {
         for (;;) {
-            waitFor(1, stepThreadSpinNs);
-            state.step->ExecuteThere();
-            set(2);
+            waitForStep();
+            AddonContext* c = state.owner.load(std::memory_order_acquire);
+            state.handed.store(false, std::memory_order_release);
+            c->steadyStep->ExecuteThere();
+            const llama_batch& batch = c->batch;
+            bool goOn = c->steadyArm && !c->steadyStep->failed && batch.n_tokens == 1 && batch.logits[0] && batch.n_seq_id[0] == 1;
+            llama_seq_id seq = goOn ? batch.seq_id[0][0] : 0;
+            llama_pos pos = goOn ? batch.pos[0] : 0;
+            llama_token token = 0;
+            goOn = goOn && greedyToken(c, token);
+            // Each round: the step just decoded is settled for the JavaScript thread; then,
+            // where it was sampled here, the step after it is decoded ahead.
+            for (;;) {
+                {
+                    std::lock_guard<std::mutex> lock(state.mutex);
+                    c->aheadState = 0;
+                    if (goOn) {
+                        c->sampleCached = true;
+                        c->cachedSample = token;
+                    }
+                    c->stepState = 2;
+                    goOn = goOn && !llama_vocab_is_eog(c->model->vocab, token);
+                    if (goOn) {
+                        c->aheadState = 1;
+                        c->aheadSeq = seq;
+                        c->aheadPos = pos + 1;
+                        c->aheadToken = token;
+                        c->aheadAdopted = false;
+                        c->aheadArmed = false;
+                    } else {
+                        state.owner.store(nullptr, std::memory_order_release);
+                    }
+                }
+                state.settled.notify_all();
+                if (!goOn) {
+                    break;
+                }
+                const int result = decodeAhead(c);
+                {
+                    std::lock_guard<std::mutex> lock(state.mutex);
+                    goOn = result == 0 && c->aheadAdopted && c->aheadArmed;
+                    if (!goOn) {
+                        if (c->aheadAdopted) {
+                            c->aheadState = 0;
+                            c->stepFailure = result == 0 ? "" : decodeFailure(result);
+                            c->stepState = 2;
+                        } else if (result == 0) {
+                            c->aheadState = 2;
+                        } else {
+                            c->aheadState = 0;
+                            llama_memory_seq_rm(llama_get_memory(c->ctx), c->aheadSeq, c->aheadPos, -1);
+                        }
+                        state.owner.store(nullptr, std::memory_order_release);
+                    }
+                }
+                if (!goOn) {
+                    state.settled.notify_all();
+                    break;
+                }
+                // Adopted and asked to run ahead again: sampled here like the first.
+                seq = c->aheadSeq;
+                pos = c->aheadPos;
+                goOn = greedyToken(c, token);
+            }
+        }
+    }
+}
+
+void AddonContext::spindleDropAhead() {
+    std::unique_lock<std::mutex> lock(spindleSteady::state.mutex);
+    spindleSteady::state.settled.wait(lock, [this] { return aheadState != 1; });
+    sampleCached = false;
+    if (aheadState == 2) {
+        aheadState = 0;
+        if (ctx != nullptr) {
+            llama_memory_seq_rm(llama_get_memory(ctx), aheadSeq, aheadPos, -1);
         }
     }
 }
 
 Napi::Value AddonContext::DecodeBatchBegin(const Napi::CallbackInfo& info) {
-    int idle = 0;
-    if (!spindleSteady::state.phase.compare_exchange_strong(idle, 3, std::memory_order_acq_rel)) {
-        return Napi::Boolean::New(info.Env(), false);
+    const bool runAhead = info.Length() > 0 && info[0].IsBoolean() && info[0].As<Napi::Boolean>().Value();
+    {
+        std::lock_guard<std::mutex> lock(spindleSteady::state.mutex);
+        if (stepState != 0) {
+            Napi::Error::New(info.Env(), "A step of this context is still running").ThrowAsJavaScriptException();
+            return info.Env().Undefined();
+        }
+        if (aheadState != 0 && has_batch && batch.n_tokens == 1 && batch.logits[0] && batch.n_seq_id[0] == 1 &&
+            batch.seq_id[0][0] == aheadSeq && batch.pos[0] == aheadPos && batch.token[0] == aheadToken) {
+            sampleCached = false;
+            if (aheadState == 1) {
+                aheadAdopted = true;
+                aheadArmed = runAhead;
+                stepState = 1;
+            } else {
+                // Decoded already, and nothing since: its logits are the context's last.
+                aheadState = 0;
+                stepFailure.clear();
+                stepState = 2;
+            }
+            return Napi::Number::New(info.Env(), 2);
+        }
+    }
+    spindleDropAhead();
+    AddonContext* none = nullptr;
+    if (!spindleSteady::state.owner.compare_exchange_strong(none, this, std::memory_order_acq_rel)) {
+        return Napi::Number::New(info.Env(), 0);
     }
     std::call_once(spindleSteady::state.started, [] { std::thread(spindleSteady::run).detach(); });
-    spindleSteady::state.step = new AddonContextDecodeBatchWorker(info.Env(), this);
-    spindleSteady::set(1);
-    return Napi::Boolean::New(info.Env(), true);
+    steadyStep = new AddonContextDecodeBatchWorker(info.Env(), this);
+    steadyArm = runAhead;
+    {
+        std::lock_guard<std::mutex> lock(spindleSteady::state.mutex);
+        stepState = 1;
+        spindleSteady::state.handed.store(true, std::memory_order_release);
+    }
+    spindleSteady::state.wake.notify_one();
+    return Napi::Number::New(info.Env(), 1);
 }
 
 Napi::Value AddonContext::DecodeBatchEnd(const Napi::CallbackInfo& info) {
-    AddonContextDecodeBatchWorker* worker = spindleSteady::state.step;
-    if (worker == nullptr || worker->ctx != this) {
+    std::unique_lock<std::mutex> lock(spindleSteady::state.mutex);
+    if (stepState == 0) {
+        lock.unlock();
         Napi::Error::New(info.Env(), "No step of this context was begun").ThrowAsJavaScriptException();
         return info.Env().Undefined();
     }
-    spindleSteady::waitFor(2, 0);
-    spindleSteady::state.step = nullptr;
-    spindleSteady::state.phase.store(0, std::memory_order_release);
-    Napi::Promise promise = worker->Settle();
-    delete worker;
-    return promise;
+    spindleSteady::state.settled.wait(lock, [this] { return stepState == 2; });
+    stepState = 0;
+    AddonContextDecodeBatchWorker* worker = steadyStep;
+    steadyStep = nullptr;
+    const std::string failure = stepFailure;
+    stepFailure.clear();
+    lock.unlock();
+    if (worker != nullptr) {
+        Napi::Promise promise = worker->Settle();
+        delete worker;
+        return promise;
+    }
+    Napi::Promise::Deferred settled = Napi::Promise::Deferred::New(info.Env());
+    if (failure.empty()) {
+        settled.Resolve(info.Env().Undefined());
+    } else {
+        settled.Reject(Napi::Error::New(info.Env(), failure).Value());
+    }
+    return settled.Promise();
+}
+
+// The sample of a step sampled on the steady thread: the token kept, for a plain greedy
+// sampler only (the step after it already ran on that token).
+static Napi::Value spindleCachedSample(const Napi::CallbackInfo& info, llama_token token) {
+    Napi::Promise::Deferred settled = Napi::Promise::Deferred::New(info.Env());
+    AddonSampler* sampler = Napi::ObjectWrap<AddonSampler>::Unwrap(info[1].As<Napi::Object>());
+    const bool plain = info[0].As<Napi::Number>().Int32Value() == 0 && info.Length() <= 2;
+    try {
+        sampler->rebuildChainIfNeeded();
+        if (!plain || !sampler->isPlainGreedy()) {
+            settled.Reject(Napi::Error::New(info.Env(), "A step was run ahead of a sample that is not plain greedy").Value());
+            return settled.Promise();
+        }
+        sampler->acceptToken(token);
+    } catch (const std::exception& e) {
+        settled.Reject(Napi::Error::New(info.Env(), e.what()).Value());
+        return settled.Promise();
+    }
+    settled.Resolve(Napi::Number::New(info.Env(), static_cast<uint32_t>(token)));
+    return settled.Promise();
 }
 
 Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
+    spindleDropAhead();
 `,
+  );
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {\n",
+    `Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {
+    {
+        std::lock_guard<std::mutex> lock(spindleSteady::state.mutex);
+        if (sampleCached) {
+            sampleCached = false;
+            return spindleCachedSample(info, cachedSample);
+        }
+        if (aheadState != 0) {
+            Napi::Error::New(info.Env(), "A step was run ahead of this sample").ThrowAsJavaScriptException();
+            return info.Env().Undefined();
+        }
+    }
+`,
+  );
+  if (out === undefined) return undefined;
+  // Every other call that reads or edits the context's state drops a step run ahead first.
+  for (const name of ["DisposeSequence", "RemoveTokenCellsFromSequence", "ShiftSequenceTokenCells", "GetSequenceKvCacheMinPosition", "GetSequenceKvCacheMaxPosition", "DecodeBatch", "SampleToken", "GetEmbedding", "GetStateSize", "SaveSequenceStateToFile", "LoadSequenceStateFromFile", "SetLoras", "RestoreCheckpoint"]) {
+    const head = `Napi::Value AddonContext::${name}(const Napi::CallbackInfo& info) {\n`;
+    out = out === undefined ? undefined : once(out, head, `${head}    spindleDropAhead();\n`);
+  }
+  if (out === undefined) return undefined;
+  out = once(out, "void AddonContext::disposeMemory() {\n", "void AddonContext::disposeMemory() {\n    spindleDropAhead();\n");
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "    AddonContext * context = Napi::ObjectWrap<AddonContext>::Unwrap(info[0].As<Napi::Object>());\n    if (disposed || context->disposed || !context->contextLoaded) {\n",
+    "    AddonContext * context = Napi::ObjectWrap<AddonContext>::Unwrap(info[0].As<Napi::Object>());\n    context->spindleDropAhead();\n    if (disposed || context->disposed || !context->contextLoaded) {\n",
   );
   if (out === undefined) return undefined;
   out = once(out, '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n', '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n                InstanceMethod("decodeBatchBegin", &AddonContext::DecodeBatchBegin),\n                InstanceMethod("decodeBatchEnd", &AddonContext::DecodeBatchEnd),\n');
   if (out === undefined) return undefined;
-  out = once(out, "#include <thread>\n", "#include <thread>\n#include <atomic>\n#include <chrono>\n#include <condition_variable>\n#include <mutex>\n#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)\n#include <immintrin.h>\n#endif\n");
-  const header = once(
+  out = once(out, "#include <thread>\n", "#include <thread>\n#include <atomic>\n#include <chrono>\n#include <condition_variable>\n#include <mutex>\n#include <string>\n#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)\n#include <immintrin.h>\n#endif\n");
+  let header = once(
     h,
     "        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n",
     `        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n        ${mark}\n        Napi::Value DecodeBatchBegin(const Napi::CallbackInfo& info);\n        Napi::Value DecodeBatchEnd(const Napi::CallbackInfo& info);\n`,
   );
+  header =
+    header &&
+    once(
+      header,
+      "        bool disposed = false;\n        bool memoryDisposed = false;\n",
+      `        bool disposed = false;
+        bool memoryDisposed = false;
+
+        // spindle: the steady thread (scripts/patch-node-llama-cpp.mjs), under its mutex.
+        // The step begun there: 0 none, 1 running, 2 done and not yet ended.
+        int stepState = 0;
+        AddonContextDecodeBatchWorker* steadyStep = nullptr;
+        bool steadyArm = false;
+        std::string stepFailure;
+        // The step run ahead: 0 none, 1 running, 2 done and nobody's.
+        int aheadState = 0;
+        llama_seq_id aheadSeq = 0;
+        llama_pos aheadPos = 0;
+        llama_token aheadToken = 0;
+        bool aheadAdopted = false;
+        bool aheadArmed = false;
+        // A step sampled there: the token its sample gives.
+        bool sampleCached = false;
+        llama_token cachedSample = 0;
+        void spindleDropAhead();
+`,
+    );
+  header = header && once(header, "class AddonContext : public Napi::ObjectWrap<AddonContext> {\n", "class AddonContextDecodeBatchWorker;\n\nclass AddonContext : public Napi::ObjectWrap<AddonContext> {\n");
   if (out === undefined || header === undefined) return undefined;
   return { cpp: out, h: header };
 }

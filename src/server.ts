@@ -128,7 +128,7 @@ export async function startServer(options: StartOptions, models: RepositoryConfi
     wsMaxConnectionsPerClient: options.wsMaxConnectionsPerClient,
     ...io.app,
   });
-  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}, ${LONE_STEPS_SAID[engine.loneSteps]}`);
+  log.info(`engine: node-llama-cpp ${NODE_LLAMA_CPP_VERSION}, ${engine.backend}, ${engine.build.type === "local" ? "local build (npm run engine:build)" : "prebuilt binary"}, ggml CPU variant ${engine.build.cpuVariant}, ${LONE_STEPS_SAID[engine.loneSteps]}${engine.runsAhead ? ", greedy ones run ahead there" : ""}`);
   log.info(`memory budget: ${formatBytes(budget.ram)} RAM${Number.isFinite(budget.vram) ? `, ${formatBytes(budget.vram)} VRAM` : ""}`);
   try {
     // Listen first: probes see "loading" (503 on /readyz) while models load and warm up.

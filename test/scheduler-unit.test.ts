@@ -330,9 +330,14 @@ describe("sequence contiguity", () => {
   it("the batch strategy puts a step's items in sequence order, read from their tagged priorities", () => {
     const items = [7, 2, 5, 0].map((seq) => ({ tokens: [1], logits: [true], evaluationPriority: taggedPriority(seq === 2 ? 1 : 5, seq) }));
     const observer = { expectedItems: () => 0, onStep: () => {} };
-    const out = new StepGate(observer, undefined).strategy({ items: items as never, size: 512 });
+    const gate = new StepGate(observer, undefined);
+    const out = gate.strategy({ items: items as never, size: 512 });
     expect(out.map((p) => sequenceOf(p.item))).toEqual([0, 2, 5, 7]);
     expect(Math.floor(items[1]!.evaluationPriority)).toBe(1);
+    // Which sequence a lone step is for (what a step run ahead is checked against): none here, 5 alone.
+    expect(gate.stepSequence).toBe(-1);
+    gate.strategy({ items: [items[2]!] as never, size: 512 });
+    expect([gate.stepSequence, gate.stepTokens]).toEqual([5, 1]);
   });
 });
 

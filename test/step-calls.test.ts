@@ -87,7 +87,7 @@ describe("step calls", () => {
   it("a step marked for the steady thread is handed over, taken after the caller's microtasks and a turn of the event loop, and sampled here; a busy steady thread leaves it here", async () => {
     const f = fakeContext();
     let free = true;
-    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), free) });
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), free ? 1 : 0) });
     Object.defineProperty(f.addon, "decodeBatchEnd", { value: () => (f.log.push("end"), Promise.resolve()) });
     routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => true, steadyThread: true });
     const before = { steps: { ...stepsTaken }, samples: { ...samplesTaken } };
@@ -107,9 +107,27 @@ describe("step calls", () => {
     expect(stepsTaken.jsThread - before.steps.jsThread).toBe(1);
   });
 
+  it("a step handed to the steady thread carries whether it may run ahead, and one it ran ahead already is counted", async () => {
+    const f = fakeContext();
+    const asked: unknown[] = [];
+    let answer = 1;
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: (runAhead: unknown) => (asked.push(runAhead), answer) });
+    Object.defineProperty(f.addon, "decodeBatchEnd", { value: () => Promise.resolve() });
+    let ahead = true;
+    routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => true, steadyThread: true, runAhead: () => ahead });
+    const before = { ...stepsTaken };
+    await f.addon.decodeBatch();
+    answer = 2;
+    await f.addon.decodeBatch();
+    ahead = false;
+    await f.addon.decodeBatch();
+    expect(asked).toEqual([true, true, false]);
+    expect([stepsTaken.steadyThread - before.steadyThread, stepsTaken.ranAhead - before.ranAhead]).toEqual([3, 2]);
+  });
+
   it("without steadyThread the steady thread is never asked", async () => {
     const f = fakeContext();
-    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), true) });
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), 1) });
     routeStepCalls(f.context, { mayReorder: () => true, stepHere: () => true });
     await f.addon.decodeBatch();
     expect(f.log).toEqual(["decode now"]);

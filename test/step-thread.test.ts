@@ -14,8 +14,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Llama } from "node-llama-cpp";
 import { Engine } from "../src/engine/engine.js";
+import { plainGreedy, RunAheadMarks } from "../src/engine/run-ahead.js";
 import { samplesTaken, stepsTaken } from "../src/engine/step-calls.js";
-import { canStepOnJsThread, canStepOnSteadyThread, JS_STEP_MAX_TOKENS, loneStepPlace, stepsOnJsThread } from "../src/engine/step-thread.js";
+import { canStepOnJsThread, canStepOnSteadyThread, JS_STEP_MAX_TOKENS, loneStepPlace, stepsOnJsThread, stepsRunAhead } from "../src/engine/step-thread.js";
 import type { RunningServer } from "../src/server.js";
 import { captureLog, openaiClient, startTestServer, waitFor, STORIES, STORIES_GREEDY_PREFIX, TINY_RANDOM } from "./helpers/server.js";
 
@@ -45,10 +46,28 @@ describe("where a step runs", () => {
     expect(canStepOnJsThread({ _bindings: { AddonContext: { prototype: { sampleTokenNow() {} } } } } as unknown as Llama)).toBe(false);
     const steady = { _bindings: { AddonContext: { prototype: { decodeBatchNow() {}, sampleTokenNow() {}, decodeBatchBegin() {}, decodeBatchEnd() {} } } } } as unknown as Llama;
     expect([canStepOnSteadyThread(can), canStepOnSteadyThread(steady)]).toEqual([false, true]);
-    expect(["auto", "js", "pool"].map((t) => loneStepPlace(steady, t as never))).toEqual(["steady-thread", "js-thread", "jobs"]);
-    expect(["auto", "js", "pool"].map((t) => loneStepPlace(can, t as never))).toEqual(["js-thread", "js-thread", "jobs"]);
+    expect(["auto", "steady", "js", "pool"].map((t) => loneStepPlace(steady, t as never))).toEqual(["steady-thread", "steady-thread", "js-thread", "jobs"]);
+    expect(["auto", "steady", "js", "pool"].map((t) => loneStepPlace(can, t as never))).toEqual(["js-thread", "js-thread", "js-thread", "jobs"]);
+    expect((["auto", "steady", "js", "pool"] as const).map((t) => stepsRunAhead(t, loneStepPlace(steady, t)))).toEqual([true, false, false, false]);
+    expect(stepsRunAhead("auto", loneStepPlace(can, "auto"))).toBe(false);
     const none = { _bindings: { AddonContext: { prototype: {} } } } as unknown as Llama;
     expect(loneStepPlace(none, "auto")).toBe("jobs");
+  });
+
+  it("a sequence's lone steps may run ahead only while its sampling is plain greedy and its loop wants the step after", () => {
+    const greedy = { temperature: 0, presencePenalty: 0, frequencyPenalty: 0, repeatPenalty: 1 };
+    expect(plainGreedy(greedy, {})).toBe(true);
+    expect([{ temperature: 0.7 }, { presencePenalty: 0.5 }, { frequencyPenalty: 0.5 }, { repeatPenalty: 1.1 }].map((d) => plainGreedy({ ...greedy, ...d }, {}))).toEqual([false, false, false, false]);
+    expect([{ grammar: {} }, { tokenBias: () => undefined }, { probe: {} }].map((e) => plainGreedy(greedy, e))).toEqual([false, false, false]);
+    const marks = new RunAheadMarks();
+    let more = true;
+    marks.set(2, () => more);
+    expect([marks.wanted(0), marks.wanted(2)]).toEqual([false, true]);
+    more = false;
+    expect(marks.wanted(2)).toBe(false);
+    marks.set(2, undefined);
+    more = true;
+    expect(marks.wanted(2)).toBe(false);
   });
 
   it("the prebuilt binary runs every step in jobs, and the log says so", async () => {
@@ -100,6 +119,23 @@ describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript 
     out.push(
       (await client.chat.completions.create({ model: "stories260K", messages: [{ role: "user", content: "Name?" }], max_tokens: 40, temperature: 0, response_format: { type: "json_schema", json_schema: { name: "n", schema } } })).choices[0]!.message.content,
     );
+    // Greedy loops that end before their step run ahead is taken (a stop string, a client
+    // gone), each followed by one that reuses the KV they leave: the step nobody took must
+    // be gone from it.
+    const greedy = out[0] as string;
+    const stop = greedy.slice(30, 36);
+    const stopped = (await client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 48, temperature: 0, stop: [stop] })).choices[0]!.text;
+    out.push(stopped);
+    out.push((await client.completions.create({ model: "stories260K", prompt: "Once upon a time" + stopped, max_tokens: 24, temperature: 0 })).choices[0]!.text);
+    const abort = new AbortController();
+    const stream = await client.completions.create({ model: "stories260K", prompt: "The little dog", max_tokens: 200, temperature: 0, stream: true }, { signal: abort.signal });
+    let chunks = 0;
+    try {
+      for await (const _ of stream) if (++chunks === 5) abort.abort();
+    } catch {
+      // the abort
+    }
+    out.push((await client.completions.create({ model: "stories260K", prompt: "The little dog", max_tokens: 32, temperature: 0 })).choices[0]!.text);
     return out;
   }
 
@@ -112,10 +148,13 @@ describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript 
     const beside = await workload(auto);
     expect(samplesTaken.jsThread - mid.samples.jsThread).toBeGreaterThan(100);
     expect(stepsTaken.steadyThread - mid.steps.steadyThread).toBeGreaterThan(100);
+    // Greedy steps alone were run ahead on the steady thread (run-ahead.ts).
+    expect(stepsTaken.ranAhead - mid.steps.ranAhead).toBeGreaterThan(40);
     const last = took();
     const here = await workload(js);
     expect(stepsTaken.jsThread - last.steps.jsThread).toBeGreaterThan(100);
     expect(stepsTaken.steadyThread).toBe(last.steps.steadyThread);
+    expect(stepsTaken.ranAhead).toBe(last.steps.ranAhead);
     expect(beside).toEqual(viaJobs);
     expect(here).toEqual(viaJobs);
     expect((here[0] as string).startsWith(STORIES_GREEDY_PREFIX)).toBe(true);

@@ -8,8 +8,9 @@ import { getLlama, GgmlType, GgufInsights, readGgufFileInfo, LlamaLogLevel, type
 import { decodingSequencesQueuedIn, StepGate } from "./batch-strategy.js";
 import { DraftModel, type DraftContextShape } from "./draft.js";
 import { EngineModel, type SlotContext } from "./model.js";
+import { runAheadMarksOf } from "./run-ahead.js";
 import { routeStepCalls } from "./step-calls.js";
-import { loneStepPlace, stepsOnJsThread, type LoneStepPlace, type StepThread } from "./step-thread.js";
+import { loneStepPlace, stepsOnJsThread, stepsRunAhead, type LoneStepPlace, type StepThread } from "./step-thread.js";
 import { effectiveSpeculation, predictorFactory } from "./speculation.js";
 import { resolveRenderer } from "./templates.js";
 import { diagnoseBackend } from "./backend-diagnosis.js";
@@ -61,6 +62,8 @@ export class Engine {
     readonly llama: Llama,
     /** Where steps of one sequence run (step-thread.ts). */
     readonly loneSteps: LoneStepPlace,
+    /** Whether greedy lone steps run ahead there (run-ahead.ts). */
+    readonly runsAhead: boolean,
   ) {}
 
   static async create(gpu: GpuBackend, binary: EngineBinary = "auto", stepThread: StepThread = "auto"): Promise<Engine> {
@@ -86,7 +89,8 @@ export class Engine {
       await llama.dispose();
       throw new BackendUnavailableError(`--gpu ${gpu}: ${diagnoseBackend(gpu)}`);
     }
-    return new Engine(llama, loneStepPlace(llama, stepThread));
+    const place = loneStepPlace(llama, stepThread);
+    return new Engine(llama, place, stepsRunAhead(stepThread, place));
   }
 
   async vramTotal(): Promise<number> {
@@ -216,10 +220,13 @@ export class Engine {
         stepGate.decodingSequencesQueued = decodingSequencesQueuedIn(context);
         const js = this.loneSteps !== "jobs";
         const faults = opts.faults;
+        const aheadMarks = runAheadMarksOf(context);
+        const runsAhead = this.runsAhead;
         routeStepCalls(context, {
           mayReorder: () => stepGate.mixedStep,
           stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens),
           steadyThread: this.loneSteps === "steady-thread",
+          runAhead: () => runsAhead && stepGate.stepTokens === 1 && stepGate.stepSequence >= 0 && aheadMarks.wanted(stepGate.stepSequence),
           slowStepMs: faults && (() => faults.slowStepMs),
         });
         contexts.push({ context, ctxSize: contextSize });

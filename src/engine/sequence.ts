@@ -1,5 +1,6 @@
 import { LlamaGrammarEvaluationState, type LlamaContextSequence, type LlamaGrammar, type LlamaModel, type Token, type TokenBias } from "node-llama-cpp";
 import { taggedPriority } from "./batch-strategy.js";
+import { plainGreedy, runAheadMarksOf } from "./run-ahead.js";
 import type { GenerateOptions, SamplingParams } from "./types.js";
 
 /** One slot: a sequence of the model's context, created once and reused for every request. */
@@ -41,6 +42,7 @@ export class EngineSequence {
 
   /** Evaluates tokens without sampling (a prefill chunk). */
   async prefill(tokens: Token[], priority: number): Promise<void> {
+    this.markRunAhead(undefined);
     await this.seq.evaluateWithoutGeneratingNewTokens(tokens, { evaluationPriority: this.priority(priority) });
   }
 
@@ -75,6 +77,8 @@ export class EngineSequence {
           }
         : undefined,
     };
+    // A token predictor checks several tokens a step: never a lone step of one.
+    this.markRunAhead(extras.moreWanted !== undefined && this.seq.tokenPredictor === undefined && plainGreedy(sampling, extras) ? extras.moreWanted : undefined);
     // Prompt lookup searches the whole prompt: the prefix held from before and the new input.
     this.seq.tokenPredictor?.updateInputTokens?.([...this.seq.contextTokens, ...tokens]);
     const probe = extras.probe;
@@ -103,11 +107,17 @@ export class EngineSequence {
    * scoring: echo with logprobs). Evaluates them all; `from` of them may already be held.
    */
   async score(tokens: Token[]): Promise<Array<ReadonlyMap<Token, number> | undefined>> {
+    this.markRunAhead(undefined);
     const out = await this.seq.controlledEvaluate(
       tokens.map((t) => [t, { generateNext: { probabilities: true, options: { temperature: 0 } } }] as const),
       { evaluationPriority: this.priority(5) },
     );
     return out.map((o) => o?.next?.probabilities);
+  }
+
+  /** Whether this sequence's lone steps may run ahead from now on (run-ahead.ts). */
+  private markRunAhead(moreWanted: (() => boolean) | undefined): void {
+    runAheadMarksOf(this.seq.context).set(this.localIndex, moreWanted);
   }
 
   isEog(token: Token): boolean {

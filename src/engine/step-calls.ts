@@ -32,8 +32,12 @@ interface AddonContext {
   /** The same jobs run on the calling thread, returned settled (a local build's mended addon only). */
   decodeBatchNow?(): Promise<void>;
   sampleTokenNow?(...args: unknown[]): Promise<unknown>;
-  /** Hands the step to the steady thread; false where it is busy (a local build's mended addon only). */
-  decodeBatchBegin?(): boolean;
+  /**
+   * Hands the step to the steady thread: 1, or 0 where it is busy (a local build's mended
+   * addon only). With `runAhead`, it also samples the step greedily and decodes the next
+   * one meanwhile; 2: the step is that one, run ahead already (or running).
+   */
+  decodeBatchBegin?(runAhead?: boolean): number;
   /** Waits for the step handed over, and returns its settled result. */
   decodeBatchEnd?(): Promise<void>;
 }
@@ -41,7 +45,7 @@ interface AddonContext {
 const turnOfTheLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
 /** Steps decoded and samples taken so far, by where they ran (tests and benchmarks read them; a sum per step or token, nothing more). */
-export const stepsTaken = { jsThread: 0, steadyThread: 0, jobs: 0 };
+export const stepsTaken = { jsThread: 0, steadyThread: 0, ranAhead: 0, jobs: 0 };
 export const samplesTaken = { jsThread: 0, jobs: 0 };
 
 export interface StepRoutes {
@@ -51,6 +55,8 @@ export interface StepRoutes {
   stepHere?: () => boolean;
   /** A step marked so is decoded on the addon's steady thread (where it has one), and sampled here. */
   steadyThread?: boolean;
+  /** Read as a step is handed to the steady thread: it may run the next step ahead (run-ahead.ts). */
+  runAhead?: () => boolean;
   /**
    * Tests' fault hook (EngineFaults.slowStepMs): each step's results come this much later,
    * with this thread free meanwhile, as a long step's in a job do. Requests arriving during
@@ -59,7 +65,7 @@ export interface StepRoutes {
   slowStepMs?: () => number;
 }
 
-export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false, steadyThread = false, slowStepMs }: StepRoutes): void {
+export function routeStepCalls(context: LlamaContext, { mayReorder = () => true, stepHere = () => false, steadyThread = false, runAhead = () => false, slowStepMs }: StepRoutes): void {
   const ctx = (context as unknown as { _ctx: AddonContext })._ctx;
   const decode = ctx.decodeBatch.bind(ctx);
   const sample = ctx.sampleToken.bind(ctx);
@@ -79,8 +85,11 @@ export function routeStepCalls(context: LlamaContext, { mayReorder = () => true,
   const decodeStep = (): Promise<void> => {
     if (canRunHere && stepHere()) {
       here = true;
-      if (begin !== undefined && begin()) {
+      // A build from before steps ran ahead answers true or false.
+      const begun = begin === undefined ? 0 : Number(begin(runAhead()));
+      if (begun !== 0) {
         stepsTaken.steadyThread++;
+        if (begun === 2) stepsTaken.ranAhead++;
         return endAfterATurn();
       }
       stepsTaken.jsThread++;

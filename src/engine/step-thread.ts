@@ -26,6 +26,11 @@
  * at c=1, alternating with `--step-thread js`, its median E2E was lower in every run (1-5%
  * on W2, 8% on W1) and its TTFT ~10% lower on W2 (README, "Engine builds").
  *
+ * For a greedy request the steady thread also samples the step and decodes the next one
+ * at once, before the JavaScript thread asks for it (run-ahead.ts): the JavaScript
+ * thread's work per token then leaves the loop of steps altogether, as llama-server's
+ * HTTP work leaves its loop.
+ *
  * Only a local build can: `scripts/patch-node-llama-cpp.mjs` adds `decodeBatchNow` and
  * `sampleTokenNow` (the same jobs, run on the calling thread) and `decodeBatchBegin` /
  * `decodeBatchEnd` (the steady thread) to the addon's source, which `npm run engine:build`
@@ -33,7 +38,7 @@
  */
 import type { Llama } from "node-llama-cpp";
 
-export const STEP_THREADS = ["auto", "js", "pool"] as const;
+export const STEP_THREADS = ["auto", "steady", "js", "pool"] as const;
 export type StepThread = (typeof STEP_THREADS)[number];
 
 /** Where the steps of one sequence run: the steady thread, the JavaScript thread, or libuv jobs (as every other step). */
@@ -68,13 +73,18 @@ export function canStepOnSteadyThread(llama: Llama): boolean {
 }
 
 /**
- * Where a lone sequence's steps run with `--step-thread`: `auto` the steady thread where
- * the addon has one (else the JavaScript thread where it can), `js` the JavaScript thread,
- * `pool` libuv jobs; jobs wherever the addon cannot.
+ * Where a lone sequence's steps run with `--step-thread`: `auto` and `steady` the steady
+ * thread where the addon has one (else the JavaScript thread where it can), `js` the
+ * JavaScript thread, `pool` libuv jobs; jobs wherever the addon cannot.
  */
 export function loneStepPlace(llama: Llama, stepThread: StepThread): LoneStepPlace {
   if (stepThread === "pool" || !canStepOnJsThread(llama)) return "jobs";
-  return stepThread === "auto" && canStepOnSteadyThread(llama) ? "steady-thread" : "js-thread";
+  return (stepThread === "auto" || stepThread === "steady") && canStepOnSteadyThread(llama) ? "steady-thread" : "js-thread";
+}
+
+/** Whether greedy lone steps run ahead on the steady thread (run-ahead.ts): `auto` only, where they run there. */
+export function stepsRunAhead(stepThread: StepThread, place: LoneStepPlace): boolean {
+  return stepThread === "auto" && place === "steady-thread";
 }
 
 /** Whether a step of `sequences` sequences and `tokens` tokens runs on the JavaScript thread. */

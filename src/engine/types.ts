@@ -153,6 +153,12 @@ export interface GenerateOptions {
   tokenBias?: unknown;
   /** Filled per step: probabilities (logprobs) or the chosen token's probability (best_of). */
   probe?: StepProbe & { want: "probabilities" | "confidence" };
+  /**
+   * Read as each step is formed: whether the loop will ask for the step after it. Where
+   * it says so and the sampling is plain greedy, a local build may run that step ahead
+   * (run-ahead.ts).
+   */
+  moreWanted?: () => boolean;
 }
 
 /** What the batch strategy learns and asks about each decode step; the engine notes say this is the only window. */
