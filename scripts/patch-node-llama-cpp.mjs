@@ -26,13 +26,14 @@
  *    first-maximum rule, so the same token: a sample call took 26.6 µs instead of 36.2 on
  *    the W2 model (`npm run bench -- micro step-thread`).
  *
- * 4. A steady thread for lone steps (the same C++ source, local builds only; needs mend 2).
+ * 4. A steady thread for lone steps and steps run ahead (the same C++ source, local builds only; needs mend 2).
  *    `decodeBatchBegin` hands a decode step to one thread the addon keeps for the process
  *    and returns at once; `decodeBatchEnd` waits for it and returns the settled result, so
  *    the JavaScript thread writes the last token while the step runs. src/engine/step-thread.ts
- *    decides when to use them. A plain greedy step begun with `runAhead` is also sampled
- *    there and the step after it decoded at once, before the JavaScript thread asks for it
- *    (src/engine/run-ahead.ts).
+ *    decides when to use them. A plain greedy step (one token of each of its sequences)
+ *    begun with `runAhead` is also sampled there and the step after it decoded at once,
+ *    before the JavaScript thread asks for it (src/engine/run-ahead.ts); a step of several
+ *    sequences goes there only to run ahead. Needs mends 2 and 3.
  *
  * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
@@ -278,16 +279,19 @@ Napi::Value AddonContext::SampleTokenNow(const Napi::CallbackInfo& info) {
  * does. The steady thread spins a short while after each step before it sleeps, so the
  * next step, which comes after this one's samples, is taken without a wake-up.
  *
- * Running ahead: a step begun with `runAhead` true, one token of one sequence whose
- * sampler is plain greedy (the caller vouches for that), is sampled on the steady thread
- * as soon as it is decoded, by the same first-maximum rule as mend 3, and the token it
- * gives is decoded at once, on the same thread, as the step after it. When the caller
- * then begins exactly that step (same sequence, position and token) it takes the one
- * already running or done ("adopts" it), and where it asks to run ahead again the chain
- * goes on without waiting for the JavaScript thread. The sample the caller reads of a
- * step so sampled is the token kept (its logits are gone: the step ahead overwrote
- * them). Every other call on the context that reads or edits its state first waits for a
- * step running ahead and drops one nobody adopted (its KV cell is erased).
+ * Running ahead: a step begun with `runAhead` true, one token of each of its sequences,
+ * whose samplers are all plain greedy (the caller vouches for that), is sampled on the
+ * steady thread as soon as it is decoded, by the same first-maximum rule as mend 3, and
+ * the tokens it gives are decoded at once, on the same thread, as the step after it
+ * (unless one is an end of generation). When the caller then begins exactly that step
+ * (same sequences, positions and tokens) it takes the one already running or done
+ * ("adopts" it), and where it asks to run ahead again the chain goes on without waiting
+ * for the JavaScript thread. The samples the caller reads of a step so sampled are the
+ * tokens kept (its logits are gone: the step ahead overwrote them). Every other call on
+ * the context that reads or edits its state first stops a step running ahead that nobody
+ * adopted (the context's abort callback, read by ggml between the graph's nodes: a new
+ * request's prefill then waits a fraction of a step for it, not a whole one), waits for
+ * it, and drops it (its KV cells are erased).
  */
 function mendSteady(cpp, h, mark) {
   let out = editBetween(cpp, "class AddonContextDecodeBatchWorker : public Napi::AsyncWorker {", "class AddonContextLoadContextWorker", (w) =>
@@ -362,13 +366,13 @@ namespace spindleSteady {
         state.wake.wait(lock, [] { return state.handed.load(std::memory_order_acquire); });
     }
 
-    // What a plain greedy sampler picks from the step's only output (the first of the
-    // highest logits: AddonSampler::sampleGreedy); false where there are no plain logits.
-    static bool greedyToken(AddonContext* c, llama_token& token) {
-        if (llama_get_sampled_probs_ith(c->ctx, 0) != nullptr || llama_get_sampled_logits_ith(c->ctx, 0) != nullptr) {
+    // What a plain greedy sampler picks from output \`i\` of the step just decoded (the first of
+    // the highest logits: AddonSampler::sampleGreedy); false where there are no plain logits.
+    static bool greedyToken(AddonContext* c, int32_t i, llama_token& token) {
+        if (llama_get_sampled_probs_ith(c->ctx, i) != nullptr || llama_get_sampled_logits_ith(c->ctx, i) != nullptr) {
             return false;
         }
-        const float* logits = llama_get_logits_ith(c->ctx, 0);
+        const float* logits = llama_get_logits_ith(c->ctx, i);
         const int32_t vocabLength = llama_vocab_n_tokens(c->model->vocab);
         if (logits == nullptr || vocabLength <= 0) {
             return false;
@@ -385,22 +389,96 @@ namespace spindleSteady {
         return true;
     }
 
-    // The step run ahead: one token of one sequence, in a batch of its own (the context's
-    // batch is the JavaScript thread's to fill meanwhile).
+    static bool greedyTokens(AddonContext* c, size_t n, std::vector<llama_token>& tokens) {
+        tokens.resize(n);
+        for (size_t i = 0; i < n; i++) {
+            if (!greedyToken(c, static_cast<int32_t>(i), tokens[i])) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    // A step that can be run ahead from: one token of each of its sequences, in increasing
+    // sequence order, each with an output.
+    static bool oneTokenEach(const llama_batch& batch) {
+        if (batch.n_tokens < 1) {
+            return false;
+        }
+        for (int32_t i = 0; i < batch.n_tokens; i++) {
+            if (!batch.logits[i] || batch.n_seq_id[i] != 1 || (i > 0 && batch.seq_id[i][0] <= batch.seq_id[i - 1][0])) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    // The step run ahead, in a batch of its own (the context's batch is the JavaScript
+    // thread's to fill meanwhile).
+    static bool aheadCancelled(void* data) {
+        return static_cast<std::atomic<bool>*>(data)->load(std::memory_order_relaxed);
+    }
+
+    // llama.cpp logs a stopped decode as two errors: not for a step run ahead that was
+    // stopped on purpose (on this thread, while its context's cancel is set).
+    static std::atomic<ggml_log_callback> logPassOn{nullptr};
+    static std::atomic<void*> logPassOnData{nullptr};
+    static thread_local const std::atomic<bool>* cancelHere = nullptr;
+    static void logUnlessCancelled(ggml_log_level level, const char* text, void* data) {
+        if (cancelHere != nullptr && cancelHere->load(std::memory_order_relaxed)) {
+            return;
+        }
+        ggml_log_callback passOn = logPassOn.load(std::memory_order_acquire);
+        if (passOn != nullptr) {
+            passOn(level, text, logPassOnData.load(std::memory_order_acquire));
+        }
+    }
+
     static int decodeAhead(AddonContext* c) {
-        llama_batch one = llama_batch_init(1, 0, 1);
-        common_batch_add(one, c->aheadToken, c->aheadPos, { c->aheadSeq }, true);
+        if (!c->aheadAbortHooked) {
+            // ggml checks it between the graph's nodes: a step run ahead that nobody will
+            // take stops within a fraction of a step (llama_decode answers 2 and takes the
+            // step's KV cells back); every other decode runs with it false.
+            llama_set_abort_callback(c->ctx, aheadCancelled, &c->aheadCancel);
+            c->aheadAbortHooked = true;
+        }
+        ggml_log_callback logger = nullptr;
+        void* loggerData = nullptr;
+        llama_log_get(&logger, &loggerData);
+        if (logger != logUnlessCancelled) {
+            // Set anew whenever node-llama-cpp has set its own since.
+            logPassOnData.store(loggerData, std::memory_order_release);
+            logPassOn.store(logger, std::memory_order_release);
+            llama_log_set(logUnlessCancelled, nullptr);
+        }
+        cancelHere = &c->aheadCancel;
+        const size_t n = c->aheadSeqs.size();
+        llama_batch ahead = llama_batch_init(static_cast<int32_t>(n), 0, 1);
+        for (size_t i = 0; i < n; i++) {
+            common_batch_add(ahead, c->aheadTokens[i], c->aheadPositions[i], { c->aheadSeqs[i] }, true);
+        }
         int result = -1;
         try {
-            result = llama_decode(c->ctx, one);
+            result = llama_decode(c->ctx, ahead);
             if (result == 0) {
                 llama_synchronize(c->ctx);
             }
         } catch (...) {
             result = -1;
         }
-        llama_batch_free(one);
+        cancelHere = nullptr;
+        llama_batch_free(ahead);
         return result;
+    }
+
+    // Erases the KV cells of the step run ahead (under the mutex, with nothing running on the context).
+    static void eraseAhead(AddonContext* c) {
+        if (c->ctx == nullptr) {
+            return;
+        }
+        for (size_t i = 0; i < c->aheadSeqs.size(); i++) {
+            llama_memory_seq_rm(llama_get_memory(c->ctx), c->aheadSeqs[i], c->aheadPositions[i], -1);
+        }
     }
 
     static std::string decodeFailure(int result) {
@@ -408,36 +486,51 @@ namespace spindleSteady {
     }
 
     static void run() {
+        std::vector<llama_seq_id> seqs;
+        std::vector<llama_pos> positions;
+        std::vector<llama_token> tokens;
         for (;;) {
             waitForStep();
             AddonContext* c = state.owner.load(std::memory_order_acquire);
             state.handed.store(false, std::memory_order_release);
             c->steadyStep->ExecuteThere();
             const llama_batch& batch = c->batch;
-            bool goOn = c->steadyArm && !c->steadyStep->failed && batch.n_tokens == 1 && batch.logits[0] && batch.n_seq_id[0] == 1;
-            llama_seq_id seq = goOn ? batch.seq_id[0][0] : 0;
-            llama_pos pos = goOn ? batch.pos[0] : 0;
-            llama_token token = 0;
-            goOn = goOn && greedyToken(c, token);
+            bool goOn = c->steadyArm && !c->steadyStep->failed && oneTokenEach(batch);
+            seqs.clear();
+            positions.clear();
+            if (goOn) {
+                for (int32_t i = 0; i < batch.n_tokens; i++) {
+                    seqs.push_back(batch.seq_id[i][0]);
+                    positions.push_back(batch.pos[i]);
+                }
+            }
+            goOn = goOn && greedyTokens(c, seqs.size(), tokens);
             // Each round: the step just decoded is settled for the JavaScript thread; then,
-            // where it was sampled here, the step after it is decoded ahead.
+            // where it was sampled here and no sequence reached its end, the step after it is
+            // decoded ahead.
             for (;;) {
                 {
                     std::lock_guard<std::mutex> lock(state.mutex);
                     c->aheadState = 0;
                     if (goOn) {
                         c->sampleCached = true;
-                        c->cachedSample = token;
+                        c->cachedSamples = tokens;
                     }
                     c->stepState = 2;
-                    goOn = goOn && !llama_vocab_is_eog(c->model->vocab, token);
+                    for (size_t i = 0; goOn && i < tokens.size(); i++) {
+                        goOn = !llama_vocab_is_eog(c->model->vocab, tokens[i]);
+                    }
                     if (goOn) {
                         c->aheadState = 1;
-                        c->aheadSeq = seq;
-                        c->aheadPos = pos + 1;
-                        c->aheadToken = token;
+                        c->aheadSeqs = seqs;
+                        c->aheadPositions = positions;
+                        for (llama_pos& position : c->aheadPositions) {
+                            position++;
+                        }
+                        c->aheadTokens = tokens;
                         c->aheadAdopted = false;
                         c->aheadArmed = false;
+                        c->aheadCancel.store(false, std::memory_order_relaxed);
                     } else {
                         state.owner.store(nullptr, std::memory_order_release);
                     }
@@ -449,6 +542,8 @@ namespace spindleSteady {
                 const int result = decodeAhead(c);
                 {
                     std::lock_guard<std::mutex> lock(state.mutex);
+                    // Set only while it ran (aheadState 1): no other decode may see it.
+                    c->aheadCancel.store(false, std::memory_order_relaxed);
                     goOn = result == 0 && c->aheadAdopted && c->aheadArmed;
                     if (!goOn) {
                         if (c->aheadAdopted) {
@@ -459,7 +554,7 @@ namespace spindleSteady {
                             c->aheadState = 2;
                         } else {
                             c->aheadState = 0;
-                            llama_memory_seq_rm(llama_get_memory(c->ctx), c->aheadSeq, c->aheadPos, -1);
+                            eraseAhead(c);
                         }
                         state.owner.store(nullptr, std::memory_order_release);
                     }
@@ -469,9 +564,9 @@ namespace spindleSteady {
                     break;
                 }
                 // Adopted and asked to run ahead again: sampled here like the first.
-                seq = c->aheadSeq;
-                pos = c->aheadPos;
-                goOn = greedyToken(c, token);
+                seqs = c->aheadSeqs;
+                positions = c->aheadPositions;
+                goOn = greedyTokens(c, seqs.size(), tokens);
             }
         }
     }
@@ -479,13 +574,15 @@ namespace spindleSteady {
 
 void AddonContext::spindleDropAhead() {
     std::unique_lock<std::mutex> lock(spindleSteady::state.mutex);
+    if (aheadState == 1 && !aheadAdopted) {
+        // Nobody will take it (this thread asked for something else): stop it where it is.
+        aheadCancel.store(true, std::memory_order_relaxed);
+    }
     spindleSteady::state.settled.wait(lock, [this] { return aheadState != 1; });
     sampleCached = false;
     if (aheadState == 2) {
         aheadState = 0;
-        if (ctx != nullptr) {
-            llama_memory_seq_rm(llama_get_memory(ctx), aheadSeq, aheadPos, -1);
-        }
+        spindleSteady::eraseAhead(this);
     }
 }
 
@@ -497,8 +594,12 @@ Napi::Value AddonContext::DecodeBatchBegin(const Napi::CallbackInfo& info) {
             Napi::Error::New(info.Env(), "A step of this context is still running").ThrowAsJavaScriptException();
             return info.Env().Undefined();
         }
-        if (aheadState != 0 && has_batch && batch.n_tokens == 1 && batch.logits[0] && batch.n_seq_id[0] == 1 &&
-            batch.seq_id[0][0] == aheadSeq && batch.pos[0] == aheadPos && batch.token[0] == aheadToken) {
+        bool same = aheadState != 0 && has_batch && static_cast<size_t>(batch.n_tokens) == aheadSeqs.size();
+        for (int32_t i = 0; same && i < batch.n_tokens; i++) {
+            same = batch.logits[i] && batch.n_seq_id[i] == 1 && batch.seq_id[i][0] == aheadSeqs[i] && batch.pos[i] == aheadPositions[i] &&
+                batch.token[i] == aheadTokens[i];
+        }
+        if (same) {
             sampleCached = false;
             if (aheadState == 1) {
                 aheadAdopted = true;
@@ -558,12 +659,14 @@ Napi::Value AddonContext::DecodeBatchEnd(const Napi::CallbackInfo& info) {
     return settled.Promise();
 }
 
-// The sample of a step sampled on the steady thread: the token kept, for a plain greedy
-// sampler only (the step after it already ran on that token).
-static Napi::Value spindleCachedSample(const Napi::CallbackInfo& info, llama_token token) {
+// The sample of a step sampled on the steady thread: the token kept for that output, for a
+// plain greedy sampler only (the step after it already ran on that token).
+static Napi::Value spindleCachedSample(const Napi::CallbackInfo& info, const std::vector<llama_token>& tokens) {
     Napi::Promise::Deferred settled = Napi::Promise::Deferred::New(info.Env());
     AddonSampler* sampler = Napi::ObjectWrap<AddonSampler>::Unwrap(info[1].As<Napi::Object>());
-    const bool plain = info[0].As<Napi::Number>().Int32Value() == 0 && info.Length() <= 2;
+    const int32_t index = info[0].As<Napi::Number>().Int32Value();
+    const bool plain = index >= 0 && static_cast<size_t>(index) < tokens.size() && info.Length() <= 2;
+    const llama_token token = plain ? tokens[index] : 0;
     try {
         sampler->rebuildChainIfNeeded();
         if (!plain || !sampler->isPlainGreedy()) {
@@ -591,8 +694,7 @@ Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
     {
         std::lock_guard<std::mutex> lock(spindleSteady::state.mutex);
         if (sampleCached) {
-            sampleCached = false;
-            return spindleCachedSample(info, cachedSample);
+            return spindleCachedSample(info, cachedSamples);
         }
         if (aheadState != 0) {
             Napi::Error::New(info.Env(), "A step was run ahead of this sample").ThrowAsJavaScriptException();
@@ -618,7 +720,7 @@ Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
   if (out === undefined) return undefined;
   out = once(out, '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n', '                InstanceMethod("decodeBatchNow", &AddonContext::DecodeBatchNow),\n                InstanceMethod("decodeBatchBegin", &AddonContext::DecodeBatchBegin),\n                InstanceMethod("decodeBatchEnd", &AddonContext::DecodeBatchEnd),\n');
   if (out === undefined) return undefined;
-  out = once(out, "#include <thread>\n", "#include <thread>\n#include <atomic>\n#include <chrono>\n#include <condition_variable>\n#include <mutex>\n#include <string>\n#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)\n#include <immintrin.h>\n#endif\n");
+  out = once(out, "#include <thread>\n", "#include <thread>\n#include <atomic>\n#include <chrono>\n#include <condition_variable>\n#include <mutex>\n#include <string>\n#include <vector>\n#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)\n#include <immintrin.h>\n#endif\n");
   let header = once(
     h,
     "        Napi::Value SampleTokenNow(const Napi::CallbackInfo& info);\n",
@@ -638,16 +740,20 @@ Napi::Value AddonContext::DecodeBatchNow(const Napi::CallbackInfo& info) {
         AddonContextDecodeBatchWorker* steadyStep = nullptr;
         bool steadyArm = false;
         std::string stepFailure;
-        // The step run ahead: 0 none, 1 running, 2 done and nobody's.
+        // The step run ahead (one token of each of its sequences): 0 none, 1 running, 2 done
+        // and nobody's.
         int aheadState = 0;
-        llama_seq_id aheadSeq = 0;
-        llama_pos aheadPos = 0;
-        llama_token aheadToken = 0;
+        std::vector<llama_seq_id> aheadSeqs;
+        std::vector<llama_pos> aheadPositions;
+        std::vector<llama_token> aheadTokens;
         bool aheadAdopted = false;
         bool aheadArmed = false;
-        // A step sampled there: the token its sample gives.
+        // Set to stop a step running ahead that nobody will adopt (spindleDropAhead).
+        std::atomic<bool> aheadCancel{false};
+        bool aheadAbortHooked = false;
+        // The last step begun was sampled there: the token each of its outputs gives.
         bool sampleCached = false;
-        llama_token cachedSample = 0;
+        std::vector<llama_token> cachedSamples;
         void spindleDropAhead();
 `,
     );

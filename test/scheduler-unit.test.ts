@@ -9,7 +9,7 @@ import { StepTracker } from "../src/scheduler/step-tracker.js";
 import type { GenerationRequest, GenerationResult, TokenSink } from "../src/scheduler/types.js";
 import { WaitingQueue } from "../src/scheduler/waiting-queue.js";
 import { decodingSequencesQueuedIn, sequenceOf, StepGate, taggedPriority } from "../src/engine/batch-strategy.js";
-import { GREEDY_SAMPLING, type Token } from "../src/engine/types.js";
+import { GREEDY_SAMPLING, type GenerateOptions, type Token } from "../src/engine/types.js";
 
 /** Token ids are branded numbers in node-llama-cpp; the fake uses plain ones. */
 const tok = (xs: number[]) => xs as Token[];
@@ -35,9 +35,12 @@ class FakeSequence implements SlotSequence {
     this.held.push(...tokens);
     return tokens.map(() => undefined);
   }
-  async *generate(tokens: Token[]): AsyncGenerator<Token, void, void> {
+  /** What the loop said, as each step was formed: tokens it had, and whether it wanted the step after (GenerateOptions.moreWanted). */
+  readonly wantReadings: Array<{ had: number; more: boolean }> = [];
+  async *generate(tokens: Token[], _sampling?: unknown, _generated?: Token[], extras?: GenerateOptions): AsyncGenerator<Token, void, void> {
     this.held.push(...tokens);
     for (let i = 0; ; i++) {
+      if (extras?.moreWanted !== undefined) this.wantReadings.push({ had: i, more: extras.moreWanted() });
       await new Promise((r) => setTimeout(r, this.stepMs));
       const t = (i % 26) as Token;
       yield t;
@@ -335,9 +338,9 @@ describe("sequence contiguity", () => {
     expect(out.map((p) => sequenceOf(p.item))).toEqual([0, 2, 5, 7]);
     expect(Math.floor(items[1]!.evaluationPriority)).toBe(1);
     // Which sequence a lone step is for (what a step run ahead is checked against): none here, 5 alone.
-    expect(gate.stepSequence).toBe(-1);
+    expect(gate.stepSequenceIds.slice(0, gate.stepSequences)).toEqual([0, 2, 5, 7]);
     gate.strategy({ items: [items[2]!] as never, size: 512 });
-    expect([gate.stepSequence, gate.stepTokens]).toEqual([5, 1]);
+    expect([gate.stepSequenceIds.slice(0, gate.stepSequences), gate.stepTokens]).toEqual([[5], 1]);
   });
 });
 
@@ -437,6 +440,41 @@ describe("arrivals at an idle model (the scheduler delay factor)", () => {
     await again;
     expect(t.arrivalGate(1)).toBeUndefined(); // that one gathered no one: a request alone starts at once again
     expect(StepTracker.MAX_ARRIVAL_WAIT_MS).toBe(5);
+  });
+});
+
+describe("steps run ahead: when a loop says it wants the step after", () => {
+  it("StepTracker.quietFor: not while a loop is starting, nor while an ended stream's client is expected", () => {
+    const t = new StepTracker(undefined);
+    t.noteStepTime(0, 40);
+    expect(t.quietFor(0, 0)).toBe(true);
+    t.unsettle(0, 1);
+    expect(t.quietFor(0, 0)).toBe(false);
+    t.unsettle(0, -1);
+    t.loopEnded(0, undefined, 100);
+    expect(t.quietFor(0, 101)).toBe(false);
+    t.arrived(105);
+    expect(t.quietFor(0, 106)).toBe(true);
+    // Not back within a step (40 ms): no longer expected.
+    t.loopEnded(0, undefined, 200);
+    expect(t.quietFor(0, 241)).toBe(true);
+  });
+
+  it("a running loop wants more until its last step, except while another request starts or ends", async () => {
+    const { s, model } = scheduler(2, 4, 3);
+    const a = model.sequences[0]!;
+    const long = run(s, request({ maxTokens: 30 }));
+    while (a.wantReadings.length < 5) await new Promise((r) => setTimeout(r, 1));
+    const before = a.wantReadings.length;
+    await run(s, request({ maxTokens: 2 }));
+    await long;
+    const r = a.wantReadings;
+    // Alone: every step but the first (its own start: a prompt's step never runs ahead) and the last wants the one after it.
+    expect(r[0]!.more).toBe(false);
+    expect(r.slice(1, before).every((x) => x.more)).toBe(true);
+    expect(r.at(-1)).toEqual({ had: 29, more: false });
+    // The other request's start and end (its client may come back) said no in between.
+    expect(r.slice(before, -1).some((x) => !x.more)).toBe(true);
   });
 });
 

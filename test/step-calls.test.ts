@@ -125,6 +125,26 @@ describe("step calls", () => {
     expect([stepsTaken.steadyThread - before.steadyThread, stepsTaken.ranAhead - before.ranAhead]).toEqual([3, 2]);
   });
 
+  it("a step of several sequences goes to the steady thread only to run ahead, and to jobs where that thread is busy", async () => {
+    const f = fakeContext();
+    let answer = 1;
+    Object.defineProperty(f.addon, "decodeBatchBegin", { value: (runAhead: unknown) => (f.log.push(`begin ${runAhead}`), answer) });
+    Object.defineProperty(f.addon, "decodeBatchEnd", { value: () => (f.log.push("end"), Promise.resolve()) });
+    let ahead = true;
+    routeStepCalls(f.context, { mayReorder: () => false, stepHere: () => false, steadyThread: true, runAhead: () => ahead });
+    await f.addon.decodeBatch();
+    await Promise.all([0, 1].map((i) => f.addon.sampleToken(i)));
+    expect(f.log).toEqual(["begin true", "end", "now 0", "now 1"]);
+    f.reset();
+    answer = 0;
+    await f.addon.decodeBatch();
+    expect(f.log).toEqual(["begin true", "decode"]);
+    f.reset();
+    ahead = false;
+    await f.addon.decodeBatch();
+    expect(f.log).toEqual(["decode"]);
+  });
+
   it("without steadyThread the steady thread is never asked", async () => {
     const f = fakeContext();
     Object.defineProperty(f.addon, "decodeBatchBegin", { value: () => (f.log.push("begin"), 1) });

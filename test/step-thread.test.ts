@@ -54,20 +54,22 @@ describe("where a step runs", () => {
     expect(loneStepPlace(none, "auto")).toBe("jobs");
   });
 
-  it("a sequence's lone steps may run ahead only while its sampling is plain greedy and its loop wants the step after", () => {
+  it("a step may run ahead only while every one of its sequences samples plainly greedily and its loop wants the step after", () => {
     const greedy = { temperature: 0, presencePenalty: 0, frequencyPenalty: 0, repeatPenalty: 1 };
     expect(plainGreedy(greedy, {})).toBe(true);
     expect([{ temperature: 0.7 }, { presencePenalty: 0.5 }, { frequencyPenalty: 0.5 }, { repeatPenalty: 1.1 }].map((d) => plainGreedy({ ...greedy, ...d }, {}))).toEqual([false, false, false, false]);
     expect([{ grammar: {} }, { tokenBias: () => undefined }, { probe: {} }].map((e) => plainGreedy(greedy, e))).toEqual([false, false, false]);
+    // A step may run ahead only where every one of its sequences wants the step after it.
     const marks = new RunAheadMarks();
     let more = true;
     marks.set(2, () => more);
-    expect([marks.wanted(0), marks.wanted(2)]).toEqual([false, true]);
+    marks.set(3, () => true);
+    expect([marks.allWanted([0], 1), marks.allWanted([2], 1), marks.allWanted([2, 3], 2), marks.allWanted([0, 2, 3], 3), marks.allWanted([2, 0], 1), marks.allWanted([], 0)]).toEqual([false, true, true, false, true, false]);
     more = false;
-    expect(marks.wanted(2)).toBe(false);
+    expect(marks.allWanted([2, 3], 2)).toBe(false);
     marks.set(2, undefined);
     more = true;
-    expect(marks.wanted(2)).toBe(false);
+    expect(marks.allWanted([2], 1)).toBe(false);
   });
 
   it("the prebuilt binary runs every step in jobs, and the log says so", async () => {
@@ -136,6 +138,25 @@ describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript 
       // the abort
     }
     out.push((await client.completions.create({ model: "stories260K", prompt: "The little dog", max_tokens: 32, temperature: 0 })).choices[0]!.text);
+    // The same with steps of three sequences run ahead: one stops on a string while the
+    // others go on, and one's client goes.
+    const cut = new AbortController();
+    const three = await Promise.all([
+      client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 48, temperature: 0, stop: [stop] }).then((r) => r.choices[0]!.text),
+      client.completions.create({ model: "stories260K", prompt: "One day, Lily", max_tokens: 32, temperature: 0 }).then((r) => r.choices[0]!.text),
+      (async () => {
+        const s = await client.completions.create({ model: "stories260K", prompt: "Tom and Sue", max_tokens: 200, temperature: 0, stream: true }, { signal: cut.signal });
+        let n = 0;
+        try {
+          for await (const _ of s) if (++n === 8) cut.abort();
+        } catch {
+          // the abort
+        }
+        return "";
+      })(),
+    ]);
+    out.push(three);
+    out.push((await client.completions.create({ model: "stories260K", prompt: "One day, Lily", max_tokens: 32, temperature: 0 })).choices[0]!.text);
     return out;
   }
 
@@ -171,7 +192,7 @@ describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript 
     expect(stepsTaken.jsThread - before.jsThread).toBeGreaterThan(0);
   }, 60_000);
 
-  it("a request alone steps on the steady thread; four at once step in jobs", async () => {
+  it("a request alone steps on the steady thread; four greedy at once run ahead there; four sampled at once step in jobs", async () => {
     const client = openaiClient(auto);
     const took = () => ({ steps: { ...stepsTaken }, samples: { ...samplesTaken } });
     let before = took();
@@ -181,8 +202,14 @@ describe.runIf(await localBuildStepsHere())("steps beside and on the JavaScript 
     expect(samplesTaken.jobs).toBe(before.samples.jobs);
     before = took();
     await Promise.all([0, 1, 2, 3].map(() => client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0, ignore_eos: true } as never)));
+    expect(stepsTaken.steadyThread - before.steps.steadyThread).toBeGreaterThan(16);
+    expect(stepsTaken.ranAhead - before.steps.ranAhead).toBeGreaterThan(4);
+    expect(samplesTaken.jsThread - before.samples.jsThread).toBeGreaterThan(100);
+    before = took();
+    await Promise.all([0, 1, 2, 3].map(() => client.completions.create({ model: "stories260K", prompt: "Once upon a time", max_tokens: 32, temperature: 0.8, seed: 1, ignore_eos: true } as never)));
     expect(stepsTaken.jobs - before.steps.jobs).toBeGreaterThan(16);
     expect(samplesTaken.jobs - before.samples.jobs).toBeGreaterThan(100);
+    expect(stepsTaken.ranAhead).toBe(before.steps.ranAhead);
   }, 60_000);
 
   it("the greedy scan of the logits picks what the whole sampler chain picks (a request with logprobs takes the chain)", async () => {

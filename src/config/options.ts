@@ -243,7 +243,7 @@ export const OPTIONS = [
   }),
   option({
     flag: "step-thread", env: "SPINDLE_STEP_THREAD", arg: STEP_THREADS.join("|"), field: "stepThread", defaultText: "`auto`",
-    help: "where a decode step and its sampling run: `auto` runs a step of one sequence and a few tokens on a steady thread beside the JavaScript thread, which samples it and writes the last token meanwhile (a greedy request's step is sampled there too and its next step run ahead), where the llama.cpp binary can (a local build: `npm run engine:build`), and every other step in libuv jobs; `steady` the same without running steps ahead; `js` runs such a step on the JavaScript thread itself; `pool` runs every step in libuv jobs, node-llama-cpp's way (README, \"Engine builds\")",
+    help: "where a decode step and its sampling run: `auto` runs a step of one sequence and a few tokens on a steady thread beside the JavaScript thread, which samples it and writes the last token meanwhile (where every request in a step is greedy, the step is sampled there too and the next one run ahead, for one sequence or several), where the llama.cpp binary can (a local build: `npm run engine:build`), and every other step in libuv jobs; `steady` the same without running steps ahead; `js` runs such a step on the JavaScript thread itself; `pool` runs every step in libuv jobs, node-llama-cpp's way (README, \"Engine builds\")",
     read: (r) => choice("step-thread", last(r), STEP_THREADS), fallback: () => "auto" as const,
   }),
   option({

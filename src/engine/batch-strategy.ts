@@ -22,8 +22,8 @@ export class StepGate {
   /** How many sequences and tokens the last batch formed carries. */
   stepSequences = 0;
   stepTokens = 0;
-  /** The sequence (its id in the context) of the last batch formed where it carries one; -1 otherwise. */
-  stepSequence = -1;
+  /** The sequences (their ids in the context) of the last batch formed, in its order: its first `stepSequences`. */
+  readonly stepSequenceIds: number[] = [];
 
   /** The last batch formed had an item of several tokens: llama.cpp may return its outputs out of order (step-calls.ts). */
   get mixedStep(): boolean {
@@ -76,7 +76,7 @@ export class StepGate {
     const tokens = tokensIn(batch);
     this.stepSequences = batch.length;
     this.stepTokens = tokens;
-    this.stepSequence = batch.length === 1 ? sequenceOf(batch[0]!.item) : -1;
+    for (let i = 0; i < batch.length; i++) this.stepSequenceIds[i] = sequenceOf(batch[i]!.item);
     this.observer.onStep(this.slotClass, batch.length, tokens);
     return batch;
   };

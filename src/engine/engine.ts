@@ -62,7 +62,7 @@ export class Engine {
     readonly llama: Llama,
     /** Where steps of one sequence run (step-thread.ts). */
     readonly loneSteps: LoneStepPlace,
-    /** Whether greedy lone steps run ahead there (run-ahead.ts). */
+    /** Whether greedy steps run ahead on the steady thread (run-ahead.ts). */
     readonly runsAhead: boolean,
   ) {}
 
@@ -226,7 +226,7 @@ export class Engine {
           mayReorder: () => stepGate.mixedStep,
           stepHere: () => js && stepsOnJsThread(stepGate.stepSequences, stepGate.stepTokens),
           steadyThread: this.loneSteps === "steady-thread",
-          runAhead: () => runsAhead && stepGate.stepTokens === 1 && stepGate.stepSequence >= 0 && aheadMarks.wanted(stepGate.stepSequence),
+          runAhead: () => runsAhead && stepGate.stepTokens === stepGate.stepSequences && aheadMarks.allWanted(stepGate.stepSequenceIds, stepGate.stepSequences),
           slowStepMs: faults && (() => faults.slowStepMs),
         });
         contexts.push({ context, ctxSize: contextSize });

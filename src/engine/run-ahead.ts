@@ -1,13 +1,15 @@
 /**
  * Which sequences may have their next step run ahead (a local build's steady thread:
- * scripts/patch-node-llama-cpp.mjs, mend 4). The steady thread samples such a sequence's
- * lone step itself, greedily, and decodes the token it gives as the step after it at
- * once, so that step no longer waits for the JavaScript thread to take the token and ask
- * for the next one. The thread trusts what it is told: a sequence is marked only while
- * its sampler is plain greedy (temperature 0 and nothing else in the chain, nothing read
- * but the token) and only while its token loop will ask for the step after this one.
- * A step run ahead that nobody asks for (a stop string, a cancel) is erased by the
- * context's next call.
+ * scripts/patch-node-llama-cpp.mjs, mend 4). Where every sequence of a step of one token
+ * each is marked, the steady thread samples the step itself, greedily, and decodes the
+ * tokens it gives as the step after it at once, so that step no longer waits for the
+ * JavaScript thread to take the tokens and ask for the next one. The thread trusts what
+ * it is told: a sequence is marked only while its sampler is plain greedy (temperature 0
+ * and nothing else in the chain, nothing read but the token) and only while its token
+ * loop will ask for the step after this one (the scheduler also says no while a request
+ * is starting or expected: StepTracker.quietFor). A step run ahead that nobody asks for
+ * (a stop string, a cancel, a new request's prefill joining) is stopped where it is and
+ * erased by the context's next call.
  */
 import type { LlamaContext } from "node-llama-cpp";
 
@@ -19,10 +21,14 @@ export class RunAheadMarks {
     this.wants[sequence] = moreWanted;
   }
 
-  /** Read as a lone step of `sequence` is begun. */
-  wanted(sequence: number): boolean {
-    const more = this.wants[sequence];
-    return more !== undefined && more();
+  /** Read as a step of one token of each of these sequences is begun (the first `n` of `sequences`). */
+  allWanted(sequences: readonly number[], n: number): boolean {
+    if (n === 0) return false;
+    for (let i = 0; i < n; i++) {
+      const more = this.wants[sequences[i]!];
+      if (more === undefined || !more()) return false;
+    }
+    return true;
   }
 }
 

@@ -115,7 +115,7 @@ export class EngineSequence {
     return out.map((o) => o?.next?.probabilities);
   }
 
-  /** Whether this sequence's lone steps may run ahead from now on (run-ahead.ts). */
+  /** Whether this sequence's steps may run ahead from now on (run-ahead.ts). */
   private markRunAhead(moreWanted: (() => boolean) | undefined): void {
     runAheadMarksOf(this.seq.context).set(this.localIndex, moreWanted);
   }

@@ -83,15 +83,20 @@ export function routeStepCalls(context: LlamaContext, { mayReorder = () => true,
   /** The step just decoded ran on this thread: so do its samples. */
   let here = false;
   const decodeStep = (): Promise<void> => {
-    if (canRunHere && stepHere()) {
+    const lone = canRunHere && stepHere();
+    // A step of several sequences goes to the steady thread only to run ahead, and to jobs
+    // where that thread is busy.
+    const ahead = begin !== undefined && canRunHere && runAhead();
+    // A build from before steps ran ahead answers true or false.
+    const begun = (lone || ahead) && begin !== undefined ? Number(begin(ahead)) : 0;
+    if (begun !== 0) {
       here = true;
-      // A build from before steps ran ahead answers true or false.
-      const begun = begin === undefined ? 0 : Number(begin(runAhead()));
-      if (begun !== 0) {
-        stepsTaken.steadyThread++;
-        if (begun === 2) stepsTaken.ranAhead++;
-        return endAfterATurn();
-      }
+      stepsTaken.steadyThread++;
+      if (begun === 2) stepsTaken.ranAhead++;
+      return endAfterATurn();
+    }
+    if (lone) {
+      here = true;
       stepsTaken.jsThread++;
       // Then one turn of the event loop (I/O, timers, other requests) before the step
       // counts as done: steps that settle at once would otherwise chain a whole

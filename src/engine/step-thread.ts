@@ -82,7 +82,7 @@ export function loneStepPlace(llama: Llama, stepThread: StepThread): LoneStepPla
   return (stepThread === "auto" || stepThread === "steady") && canStepOnSteadyThread(llama) ? "steady-thread" : "js-thread";
 }
 
-/** Whether greedy lone steps run ahead on the steady thread (run-ahead.ts): `auto` only, where they run there. */
+/** Whether greedy steps run ahead on the steady thread (run-ahead.ts): `auto` only, where lone steps run there. */
 export function stepsRunAhead(stepThread: StepThread, place: LoneStepPlace): boolean {
   return stepThread === "auto" && place === "steady-thread";
 }

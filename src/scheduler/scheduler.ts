@@ -572,8 +572,9 @@ export class Scheduler {
       const pending: TokenLogprob[] | undefined = req.logprobs !== undefined ? [] : undefined;
       const stopIds = req.stopTokenIds;
       const minTokens = req.minTokens ?? 0;
-      // Read as each step is formed, once this loop has the tokens before it: whether it will ask for one more.
-      const moreWanted = () => stillRunning && generated.length + 1 < maxTokens && this.resumeGate === null;
+      // Read as each step is formed, once this loop has the tokens before it: whether it will
+      // ask for one more, and nothing is about to join the step after (StepTracker.quietFor).
+      const moreWanted = () => stillRunning && generated.length + 1 < maxTokens && this.resumeGate === null && steps.quietFor(slotClass, performance.now());
       const iter = seq.generate(rest, req.sampling, generated, { grammar: req.grammar, tokenBias: this.tokenBiasFor(req, generated), probe, moreWanted });
       let finish: FinishReason | ApiError = "length";
       let hitStopString = false;

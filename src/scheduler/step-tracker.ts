@@ -129,6 +129,17 @@ export class StepTracker implements StepObserver {
     this.returns.ended(now, this.returnWindowMs());
   }
 
+  /**
+   * Whether a step of this class may be decoded before its token loops ask for it (steps
+   * run ahead, run-ahead.ts): not while a loop is starting or paused (its prefill would
+   * join that step, which would then be run again without the one run ahead), nor while
+   * an ended stream's client is expected back (the same, a moment later). A step run
+   * ahead that nobody takes delays the next one by a whole step.
+   */
+  quietFor(slotClass: number, now: number): boolean {
+    return (this.unsettledIn[slotClass] ?? 0) === 0 && this.expectedReturns(slotClass, now) === 0;
+  }
+
   /** A request arrived at `now`. */
   arrived(now: number): void {
     this.returns.arrived(now, this.returnWindowMs());
