@@ -419,7 +419,7 @@ namespace spindleSteady {
         return static_cast<std::atomic<bool>*>(data)->load(std::memory_order_relaxed);
     }
 
-    // llama.cpp logs a stopped decode as two errors: not for a step run ahead that was
+    // llama.cpp logs a stopped decode as three errors: not for a step run ahead that was
     // stopped on purpose (on this thread, while its context's cancel is set).
     static std::atomic<ggml_log_callback> logPassOn{nullptr};
     static std::atomic<void*> logPassOnData{nullptr};
@@ -530,7 +530,6 @@ namespace spindleSteady {
                         c->aheadTokens = tokens;
                         c->aheadAdopted = false;
                         c->aheadArmed = false;
-                        c->aheadCancel.store(false, std::memory_order_relaxed);
                     } else {
                         state.owner.store(nullptr, std::memory_order_release);
                     }
@@ -542,7 +541,7 @@ namespace spindleSteady {
                 const int result = decodeAhead(c);
                 {
                     std::lock_guard<std::mutex> lock(state.mutex);
-                    // Set only while it ran (aheadState 1): no other decode may see it.
+                    // Set only while it ran (aheadState 1), cleared here: no other decode may see it.
                     c->aheadCancel.store(false, std::memory_order_relaxed);
                     goOn = result == 0 && c->aheadAdopted && c->aheadArmed;
                     if (!goOn) {

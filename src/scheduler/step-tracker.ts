@@ -132,9 +132,9 @@ export class StepTracker implements StepObserver {
   /**
    * Whether a step of this class may be decoded before its token loops ask for it (steps
    * run ahead, run-ahead.ts): not while a loop is starting or paused (its prefill would
-   * join that step, which would then be run again without the one run ahead), nor while
-   * an ended stream's client is expected back (the same, a moment later). A step run
-   * ahead that nobody takes delays the next one by a whole step.
+   * join that step, so the one run ahead would not be taken), nor while an ended stream's
+   * client is expected back (the same, a moment later). A step run ahead that nobody
+   * takes is stopped part-way, and the step after waits for the part it ran.
    */
   quietFor(slotClass: number, now: number): boolean {
     return (this.unsettledIn[slotClass] ?? 0) === 0 && this.expectedReturns(slotClass, now) === 0;
