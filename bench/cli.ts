@@ -429,7 +429,7 @@ of their tokens, as trained ones are. The three models are synthesized once into
     summary: "a sizing table (replicas and memory for N streams) from a W1/W2 report",
     help: "--report FILE (default: the newest w2, else w1, report in .bench/results) --model-path FILE (default: the report's model) --target NAME (default: the report's first) --streams N (default 100) --ctx-size N (default 512)",
   },
-  micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)] [--engine-build auto|prebuilt|local (flash-attention)]; step-thread needs a local build of the mended addon, and runs as the server does on 2 cores with UV_THREADPOOL_SIZE=1` },
+  micro: { summary: "small measurements behind README figures", help: `micro ${MICRO_COMMANDS.join("|")} [--rounds N (default 5)] [--engine-build auto|prebuilt|local (flash-attention, sampler)]; step-thread needs a local build of the mended addon, and runs as the server does on 2 cores with UV_THREADPOOL_SIZE=1` },
 };
 
 function usage(): string {
@@ -653,7 +653,7 @@ async function run(command: string, rest: string[]): Promise<void> {
     const { values: v } = parseArgs({ args: more, options: { rounds: { type: "string", default: "5" }, "engine-build": { type: "string", default: "auto" } } });
     const engineBuild = v["engine-build"] as EngineBinary;
     if (!ENGINE_BINARIES.includes(engineBuild)) throw new BenchError(`--engine-build: ${ENGINE_BINARIES.join(", ")}; got "${engineBuild}"`);
-    const w2Path = what === "flash-attention" || what === "step-thread" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : undefined;
+    const w2Path = what === "flash-attention" || what === "step-thread" || what === "sampler" ? await synthesize("25m", "q8_0", 1, undefined, undefined) : undefined;
     process.stdout.write(`${await micro(what as MicroCommand, Number(v.rounds), { w2Path, engineBuild })}\n`);
     return;
   }

@@ -8,6 +8,8 @@
  *   top-k            engine decode ms/token at temperature 1 with top-k 40 vs off, on the 32k vocabulary
  *   flash-attention  prefill and decode with llama.cpp's flash attention on vs off (CPU), per binary
  *                    (--engine-build prebuilt|local), on stories260K and the W2 synthetic model
+ *   sampler          ms to make the sampler node-llama-cpp makes for every evaluation (every request),
+ *                    per binary (--engine-build prebuilt|local), on the W2 model's 32k vocabulary
  *   step-thread      decode tok/s with steps and samples in libuv jobs vs on the JavaScript thread
  *                    (a local build of the mended addon), one and eight sequences, W2; where a
  *                    token's time goes in jobs; and one greedy sample: the whole sampler chain vs
@@ -27,7 +29,7 @@ import type { EngineBinary } from "../src/engine/types.js";
 
 const SHARED = join(ROOT, "..", "shared", "models");
 
-export const MICRO_COMMANDS = ["startup", "histogram", "threads", "top-k", "flash-attention", "step-thread"] as const;
+export const MICRO_COMMANDS = ["startup", "histogram", "threads", "top-k", "flash-attention", "sampler", "step-thread"] as const;
 export type MicroCommand = (typeof MICRO_COMMANDS)[number];
 
 function median(xs: number[]): number {
@@ -189,6 +191,39 @@ async function flashAttention(rounds: number, w2Path: string, binary: EngineBina
   return `| binary | model | what | flash attention off | on | on ÷ off |\n|---|---|---|---|---|---|\n${rows.join("\n")}`;
 }
 
+/**
+ * The sampler node-llama-cpp makes on the JavaScript thread at the start of every
+ * evaluation (LlamaContextSequence._evaluate: one per request) and disposes at its end, as
+ * it does: made, disposed, dropped, the next made. The addon's constructor sizes a
+ * candidate array to the whole vocabulary; the local build's mend 5
+ * (scripts/patch-node-llama-cpp.mjs) hands a disposed sampler's array to the next.
+ * Each round times 50 samplers, after 5 not timed.
+ */
+async function samplerCost(rounds: number, w2Path: string, binary: EngineBinary): Promise<string> {
+  const llama = await getLlama({ gpu: false, build: "never", maxThreads: 0, logLevel: LlamaLogLevel.error, ...binaryOptions(binary) });
+  const kind = llama.buildType === "localBuild" ? "local build" : "prebuilt";
+  try {
+    const model = await llama.loadModel({ modelPath: w2Path });
+    const bindings = (llama as unknown as { _bindings: { AddonSampler: new (m: unknown) => { dispose(): void } } })._bindings;
+    const addonModel = (model as unknown as { _model: unknown })._model;
+    const round = () => {
+      const times: number[] = [];
+      for (let i = 0; i < 55; i++) {
+        const t0 = performance.now();
+        const sampler = new bindings.AddonSampler(addonModel);
+        if (i >= 5) times.push(performance.now() - t0);
+        sampler.dispose();
+      }
+      return median(times);
+    };
+    const r = await alternate(rounds, { make: round });
+    await model.dispose();
+    return `| ${kind} | W2 25m (a 32k vocabulary) | ${fmt(r.make, 3)} ms |`;
+  } finally {
+    await llama.dispose();
+  }
+}
+
 interface AddonContextCalls {
   decodeBatch(): Promise<void>;
   sampleToken(...args: unknown[]): Promise<unknown>;
@@ -326,6 +361,8 @@ export async function micro(command: MicroCommand, rounds: number, opts: { w2Pat
       return header + (await topK(rounds));
     case "flash-attention":
       return flashAttention(rounds, opts.w2Path!, opts.engineBuild ?? "auto");
+    case "sampler":
+      return `| binary | model | one sampler made (median of 50, per round) |\n|---|---|---|\n${await samplerCost(rounds, opts.w2Path!, opts.engineBuild ?? "auto")}`;
     case "step-thread":
       return stepThread(rounds, opts.w2Path!);
   }

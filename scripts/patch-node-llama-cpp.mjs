@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * Mends node-llama-cpp 3.21.1 after every install (npm's postinstall). Four mends:
+ * Mends node-llama-cpp 3.21.1 after every install (npm's postinstall). Five mends:
  *
  * 1. Its JavaScript (used by every binary). Its speculative evaluation
  *    (LlamaContextSequence._speculativeEvaluate) checks each predicted token against the
@@ -34,6 +34,11 @@
  *    begun with `runAhead` is also sampled there and the step after it decoded at once,
  *    before the JavaScript thread asks for it (src/engine/run-ahead.ts); a step of several
  *    sequences goes there only to run ahead. Needs mends 2 and 3.
+ *
+ * 5. Candidate arrays (the same C++ source, local builds only). Each request's sampler
+ *    sized a fresh candidate array of the whole vocabulary on the JavaScript thread, and
+ *    the kernel's page faults on it cost 1.0-1.3 ms per request on the W2 model, while no
+ *    token loop could ask for its step. A disposed sampler's array now goes to the next one.
  *
  * Idempotent; anything but the exact 3.21.1 text is left alone and said.
  */
@@ -122,6 +127,15 @@ mendAddonClass(
   "added decodeBatchBegin and decodeBatchEnd, with steps run ahead",
 );
 
+// 5. Candidate arrays kept for the next sampler.
+mendAddonClass(
+  "AddonSampler",
+  "/* spindle: candidate arrays reused (scripts/patch-node-llama-cpp.mjs) */",
+  mendCandidates,
+  "each new sampler allocates and zeroes a candidate array of the whole vocabulary",
+  "added the reuse of candidate arrays",
+);
+
 function mendGreedy(cpp, h, mark) {
   const samplerCpp = once(
     cpp,
@@ -184,6 +198,90 @@ void AddonSampler::sample(struct llama_context* llamaContext, int32_t batchLogit
   );
   if (samplerCpp === undefined || samplerH === undefined) return undefined;
   return { cpp: samplerCpp, h: samplerH };
+}
+
+/**
+ * Every evaluation node-llama-cpp starts (every request) makes a new sampler, whose
+ * constructor sizes a candidate array to the whole vocabulary (384 KiB for 32,000 tokens)
+ * on the JavaScript thread. That memory is fresh every time (the array is freed only when
+ * V8 finalizes the sampler), so each page of it faults on first touch: 1.0-1.3 ms per
+ * request on this VM, during which no token loop can ask for its next step. Measured with
+ * perf: the time is the kernel's page faults under std::vector::resize. The mend hands a
+ * disposed sampler's array to the next sampler made (a spare list, bounded), so only the
+ * first few samplers of a process pay. Arrays keep their size: every reader takes the
+ * candidate count from the sample (curP.size), never from the array.
+ */
+function mendCandidates(cpp, h, mark) {
+  let out = once(
+    cpp,
+    "    tokenCandidates.resize(llama_vocab_n_tokens(model->vocab));\n    tokenCandidates.reserve(llama_vocab_n_tokens(model->vocab));\n}\n",
+    `    spindleTakeCandidates(tokenCandidates, llama_vocab_n_tokens(model->vocab));
+}
+`,
+  );
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "    disposed = true;\n\n    model->Unref();\n",
+    `    disposed = true;
+
+    spindleGiveCandidates(tokenCandidates);
+    model->Unref();
+`,
+  );
+  if (out === undefined) return undefined;
+  out = once(
+    out,
+    "AddonSampler::AddonSampler(const Napi::CallbackInfo& info)",
+    `${mark}
+// Never destroyed: samplers finalized at exit may still give theirs back.
+static std::mutex& spindleSpareMutex() {
+    static std::mutex* mutex = new std::mutex();
+    return *mutex;
+}
+static std::vector<std::vector<llama_token_data>>& spindleSpareCandidates() {
+    static auto* spare = new std::vector<std::vector<llama_token_data>>();
+    return *spare;
+}
+static size_t spindleSpareBytes = 0;
+static const size_t spindleSpareMaxBytes = size_t(64) << 20;
+
+// A spare array of at least \`size\` entries, else a new one.
+static void spindleTakeCandidates(std::vector<llama_token_data>& into, size_t size) {
+    {
+        std::lock_guard<std::mutex> lock(spindleSpareMutex());
+        auto& spare = spindleSpareCandidates();
+        for (size_t i = spare.size(); i-- > 0;) {
+            if (spare[i].size() >= size) {
+                spindleSpareBytes -= spare[i].capacity() * sizeof(llama_token_data);
+                into.swap(spare[i]);
+                spare.erase(spare.begin() + i);
+                return;
+            }
+        }
+    }
+    into.resize(size);
+}
+
+// Keeps the array for the next sampler, up to spindleSpareMaxBytes in all; \`from\` is left empty.
+static void spindleGiveCandidates(std::vector<llama_token_data>& from) {
+    const size_t bytes = from.capacity() * sizeof(llama_token_data);
+    if (bytes > 0) {
+        std::lock_guard<std::mutex> lock(spindleSpareMutex());
+        if (spindleSpareBytes + bytes <= spindleSpareMaxBytes) {
+            spindleSpareBytes += bytes;
+            spindleSpareCandidates().push_back(std::move(from));
+        }
+    }
+    std::vector<llama_token_data>().swap(from);
+}
+
+AddonSampler::AddonSampler(const Napi::CallbackInfo& info)`,
+  );
+  if (out === undefined) return undefined;
+  out = out.includes("#include <mutex>") ? out : once(out, "#include <cmath>\n", "#include <cmath>\n#include <mutex>\n");
+  if (out === undefined) return undefined;
+  return { cpp: out, h };
 }
 
 /** Gives a worker class RunHere(): its job run on the calling thread, its promise settled (errors kept where that thread reads them). */

@@ -441,6 +441,71 @@ describe("arrivals at an idle model (the scheduler delay factor)", () => {
     expect(t.arrivalGate(1)).toBeUndefined(); // that one gathered no one: a request alone starts at once again
     expect(StepTracker.MAX_ARRIVAL_WAIT_MS).toBe(5);
   });
+
+  it("a class whose loops are paused (another request's KV trim) is not idle: an arrival then starts at once", () => {
+    const t = new StepTracker(undefined, 0.5);
+    t.noteStepTime(0, 20);
+    // Learn that arrivals come in bursts: one right after an idle start.
+    expect(t.arrivalGate(0)).toBeUndefined();
+    t.add(0, 1);
+    expect(t.arrivalGate(0)).toBeUndefined();
+    t.add(0, 1);
+    // Both loops pause before their next step: none running, two paused, both unsettled.
+    t.paused(0, 1);
+    t.paused(0, 1);
+    expect([t.expectedItems(0), t.unsettledLoops(0)]).toEqual([0, 2]);
+    // Without the paused count this arrival waited out a gate, and missed the step the
+    // trim's own request started in (1.5 ms, then a whole step, on the W2 model at c=8).
+    expect(t.arrivalGate(0)).toBeUndefined();
+    t.paused(0, -1);
+    t.paused(0, -1);
+    expect([t.expectedItems(0), t.unsettledLoops(0)]).toEqual([2, 0]);
+    // Truly idle again: it waits.
+    t.add(0, -2);
+    expect(t.arrivalGate(0)).toBeDefined();
+  });
+
+  it("the scheduler counts loops held by a KV trim as paused: a request arriving meanwhile starts without the arrival wait", async () => {
+    const model = fakeModel(4, 20);
+    const t = new StepTracker(undefined, 0.5);
+    // A 20 ms step (a 5 ms arrival wait), and arrivals known to come in bursts.
+    t.noteStepTime(0, 20);
+    t.arrivalGate(0);
+    t.add(0, 1);
+    t.arrivalGate(0);
+    t.add(0, -1);
+    const waits: Array<Promise<void> | undefined> = [];
+    const gate = t.arrivalGate.bind(t);
+    t.arrivalGate = (c: number) => {
+      const w = gate(c);
+      waits.push(w);
+      return w;
+    };
+    const s = new Scheduler(model, t, { maxQueue: 8 });
+    // Two arrivals share a wait (so arrivals still come in bursts); a runs on, the other ends.
+    const a = recorder("a");
+    const runningA = run(s, request({ maxTokens: 10 }), a);
+    await run(s, request({ maxTokens: 1 }));
+    expect(waits.filter((w) => w !== undefined).length).toBe(2);
+    while (a.r.text.length === 0) await new Promise((r) => setImmediate(r));
+    // A request for the ended one's slot, whose KV must be trimmed first; the trim is held until released.
+    const ended = model.sequences[1]!;
+    expect(ended.held.length).toBeGreaterThan(0);
+    let release!: () => void;
+    const trimHeld = new Promise<void>((r) => (release = r));
+    ended.truncate = () => trimHeld;
+    const trimming = run(s, request({ promptTokens: tok([7, 7, 7]) }));
+    // Loop a pauses before its next step: not running, unsettled.
+    while (!(t.expectedItems(0) === 0 && t.unsettledLoops(0) === 1)) await new Promise((r) => setImmediate(r));
+    const before = waits.length;
+    const arriving = run(s, request());
+    await new Promise((r) => setImmediate(r));
+    // Without the paused count the class looked idle, and this arrival waited out a gate.
+    expect(waits.length).toBe(before + 1);
+    expect(waits[before]).toBeUndefined();
+    release();
+    await Promise.all([runningA, trimming, arriving]);
+  });
 });
 
 describe("steps run ahead: when a loop says it wants the step after", () => {

@@ -386,11 +386,9 @@ export class Scheduler {
 
   private async waitIfPaused(slotClass: number): Promise<void> {
     while (this.resumeGate !== null) {
-      this.steps.add(slotClass, -1);
-      this.steps.unsettle(slotClass, 1);
+      this.steps.paused(slotClass, 1);
       await this.resumeGate;
-      this.steps.unsettle(slotClass, -1);
-      this.steps.add(slotClass, 1);
+      this.steps.paused(slotClass, -1);
     }
   }
 

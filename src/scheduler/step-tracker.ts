@@ -22,6 +22,8 @@ export class StepTracker implements StepObserver {
   private readonly runningIn: number[] = [0];
   /** Loops before their first token or paused before a step, by class (unsettledLoops). */
   private readonly unsettledIn: number[] = [0];
+  /** Loops paused before a step (a hold, a KV trim), by class: not running, but the class is not idle. */
+  private readonly pausedIn: number[] = [0];
   readonly stats: StepStats = { steps: 0, items: 0, expected: 0, tokens: 0 };
   /** A recent decode step's time per class, ms: an exponential average of the token loops' inter-token times. */
   private readonly stepMs: number[] = [];
@@ -79,7 +81,9 @@ export class StepTracker implements StepObserver {
     const wait = Math.min(StepTracker.MAX_ARRIVAL_WAIT_MS, this.delayFactor * (this.stepMs[slotClass] ?? 0));
     if (wait < StepTracker.MIN_ARRIVAL_WAIT_MS) return undefined;
     const steps = this.stepsIn[slotClass] ?? 0;
-    if ((this.runningIn[slotClass] ?? 0) > 0) {
+    // Paused loops count: an arrival during another's KV trim is not an idle start, and
+    // waiting there made it miss the step the trim's request started in.
+    if ((this.runningIn[slotClass] ?? 0) + (this.pausedIn[slotClass] ?? 0) > 0) {
       if (steps - (this.idleStartStep[slotClass] ?? -Infinity) <= 1) this.bursty[slotClass] = true;
       return undefined;
     }
@@ -216,6 +220,13 @@ export class StepTracker implements StepObserver {
 
   expectedItems(slotClass: number): number {
     return this.runningIn[slotClass] ?? 0;
+  }
+
+  /** A running loop of this class pauses before its next step (+1), or resumes (-1): unsettled, and not running, meanwhile. */
+  paused(slotClass: number, delta: 1 | -1): void {
+    this.pausedIn[slotClass] = (this.pausedIn[slotClass] ?? 0) + delta;
+    this.add(slotClass, -delta);
+    this.unsettle(slotClass, delta);
   }
 
   /** A loop of this class becomes unsettled (+1: it starts, or pauses) or settles (-1: its first token came, or it resumed). */
