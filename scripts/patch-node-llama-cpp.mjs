@@ -171,6 +171,7 @@ ${fragment("greedy-sample.cpp")}void AddonSampler::sample(struct llama_context* 
         ${mark}
         bool isPlainGreedy() const;
         bool sampleGreedy(struct llama_context* llamaContext, int32_t batchLogitIndex, llama_token_data_array& curP);
+        static bool firstMaxToken(struct llama_context* llamaContext, const llama_vocab* vocab, int32_t i, llama_token& token, float& logit);
 `,
   );
   if (samplerCpp === undefined || samplerH === undefined) return undefined;

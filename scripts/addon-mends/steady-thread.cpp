@@ -40,27 +40,10 @@ namespace spindleSteady {
         state.wake.wait(lock, [] { return state.handed.load(std::memory_order_acquire); });
     }
 
-    // What a plain greedy sampler picks from output `i` of the step just decoded (the first of
-    // the highest logits: AddonSampler::sampleGreedy); false where there are no plain logits.
+    // What a plain greedy sampler picks from output `i` of the step just decoded (mend 3's rule).
     static bool greedyToken(AddonContext* c, int32_t i, llama_token& token) {
-        if (llama_get_sampled_probs_ith(c->ctx, i) != nullptr || llama_get_sampled_logits_ith(c->ctx, i) != nullptr) {
-            return false;
-        }
-        const float* logits = llama_get_logits_ith(c->ctx, i);
-        const int32_t vocabLength = llama_vocab_n_tokens(c->model->vocab);
-        if (logits == nullptr || vocabLength <= 0) {
-            return false;
-        }
-        llama_token best = 0;
-        float bestLogit = logits[0];
-        for (llama_token tokenId = 1; tokenId < vocabLength; tokenId++) {
-            if (logits[tokenId] > bestLogit) {
-                bestLogit = logits[tokenId];
-                best = tokenId;
-            }
-        }
-        token = best;
-        return true;
+        float logit;
+        return AddonSampler::firstMaxToken(c->ctx, c->model->vocab, i, token, logit);
     }
 
     static bool greedyTokens(AddonContext* c, size_t n, std::vector<llama_token>& tokens) {

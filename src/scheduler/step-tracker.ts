@@ -229,7 +229,7 @@ export class StepTracker implements StepObserver {
     this.unsettle(slotClass, delta);
   }
 
-  /** A loop of this class becomes unsettled (+1: it starts, or pauses) or settles (-1: its first token came, or it resumed). */
+  /** A loop of this class becomes unsettled (+1: it starts) or settles (-1: its first token came); pauses go through paused(). */
   unsettle(slotClass: number, delta: 1 | -1): void {
     this.unsettledIn[slotClass] = (this.unsettledIn[slotClass] ?? 0) + delta;
   }
